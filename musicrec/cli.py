@@ -47,8 +47,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     settings = _settings(args)
     out = args.out or settings.data_dir
     stats = generate(settings.preset, out, seed=settings.seed)
-    print(f"wrote {out}: {stats['users']:,} users, {stats['tracks']:,} tracks, "
-          f"{stats['events']:,} events")
+    print(
+        f"wrote {out}: {stats['users']:,} users, {stats['tracks']:,} tracks, "
+        f"{stats['events']:,} events"
+    )
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -74,8 +76,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     summary = prepare_files(settings.data_dir, settings.parquet_dir)
-    print(f"wrote {settings.parquet_dir}: {summary['tracks']:,} items, "
-          f"{summary['events']:,} events of {summary['users']:,} users")
+    print(
+        f"wrote {settings.parquet_dir}: {summary['tracks']:,} items, "
+        f"{summary['events']:,} events of {summary['users']:,} users"
+    )
 
 
 def cmd_check_data(args: argparse.Namespace) -> None:

@@ -80,6 +80,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o644)  # mkstemp makes it private; artefacts are for every reader
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -88,7 +89,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_table(table: pa.Table | pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> Path:
+def write_table(
+    table: pa.Table | pd.DataFrame, path: Path, schema: pa.Schema | None = None
+) -> Path:
     """Write a table as parquet atomically, cast to ``schema`` when one is given."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)

@@ -1,0 +1,746 @@
+"""Built-in data generator: the three input files with the real data's exact schema and shape.
+
+The real listening log cannot be downloaded on every machine, so this writes
+``tracks.parquet``, ``catalog_names.parquet`` and ``interactions.parquet`` with the same column
+names, dtypes and quirks (DATA.md), and with learnable structure:
+
+* a catalogue hierarchy genre -> artist -> album -> track with skewed sizes and a long-tail
+  track popularity; a share of tracks is released during the year and is hot for a while;
+* every user has tastes (favourite genres and artists) that drift from an early to a late
+  profile over the year, and a personal mix of mainstream, genre and artist listening, so
+  collaborative filtering has signal and popularity alone does not explain everything;
+* heavy-tailed events per user (median about a third of the mean), users who join and leave
+  during the year, and monthly volume that grows as in the real log.
+
+Everything is vectorised with numpy and streamed to parquet a chunk of users at a time, so the
+full preset (1.37 M users, 1 M tracks, 222 M events) never holds Python objects per event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from musicrec import io
+from musicrec.columns import Columns as C
+
+log = logging.getLogger(__name__)
+
+YEAR_START = np.datetime64("2022-01-01", "D")
+N_DAYS = 365
+N_MONTHS = 12
+# Events per month in the real log (millions): January and November/December are published,
+# the months between grow about linearly (DATA.md); only the shape matters here.
+MONTH_VOLUME = np.array(
+    [2.29, 5.35, 8.41, 11.47, 14.53, 17.59, 20.65, 23.71, 26.77, 29.83, 32.9, 30.2]
+)
+
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        (C.user, pa.int32()),
+        (C.track, pa.int32()),
+        (C.seq, pa.int16()),
+        (C.started_at, pa.timestamp("ns")),
+    ]
+)
+TRACKS_SCHEMA = pa.schema(
+    [
+        (C.track, pa.int64()),
+        ("albums", pa.list_(pa.int64())),
+        ("artists", pa.list_(pa.int64())),
+        ("genres", pa.list_(pa.int64())),
+    ]
+)
+CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("type", pa.string()), ("name", pa.string())])
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one generated data set."""
+
+    users: int
+    max_user_id: int
+    tracks: int
+    max_track_id: int
+    albums: int
+    artists: int
+    genres: int  # genres with a name in the catalogue
+    missing_genres: int  # genre ids used by tracks but absent from the catalogue
+    median_events: float
+    max_events: int
+    chunk_users: int
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        users=1_200,
+        max_user_id=1_250,
+        tracks=3_000,
+        max_track_id=400_000,
+        albums=2_000,
+        artists=460,
+        genres=24,
+        missing_genres=4,
+        median_events=22,
+        max_events=600,
+        chunk_users=1_200,
+    ),
+    "small": Preset(
+        users=20_000,
+        max_user_id=20_400,
+        tracks=30_000,
+        max_track_id=3_000_000,
+        albums=19_800,
+        artists=4_600,
+        genres=80,
+        missing_genres=12,
+        median_events=40,
+        max_events=2_500,
+        chunk_users=20_000,
+    ),
+    "full": Preset(
+        users=1_373_221,
+        max_user_id=1_374_582,
+        tracks=1_000_000,
+        max_track_id=101_521_819,
+        albums=658_724,
+        artists=153_581,
+        genres=166,
+        missing_genres=30,
+        median_events=54,
+        max_events=16_600,
+        chunk_users=60_000,
+    ),
+}
+# The real mean is about 3x the median: lognormal sigma = sqrt(2 ln 3).
+EVENTS_SIGMA = float(np.sqrt(2 * np.log(3.0)))
+
+GENRE_NAMES = [
+    "pop",
+    "rock",
+    "rusrap",
+    "rap",
+    "electronics",
+    "dance",
+    "alternative",
+    "metal",
+    "indie",
+    "rusrock",
+    "jazz",
+    "classical",
+    "folk",
+    "soundtrack",
+    "hiphop",
+    "rnb",
+    "punk",
+    "techno",
+    "house",
+    "trance",
+    "dubstep",
+    "ambient",
+    "blues",
+    "country",
+    "reggae",
+    "latin",
+    "soul",
+    "funk",
+    "disco",
+    "lounge",
+    "chanson",
+    "estrada",
+    "kpop",
+    "jpop",
+    "anime",
+    "films",
+    "children",
+    "podcasts",
+    "audiobooks",
+    "spoken",
+    "local",
+    "relax",
+    "meditation",
+]
+WORDS_A = [
+    "Midnight",
+    "Golden",
+    "Silent",
+    "Electric",
+    "Broken",
+    "Wild",
+    "Neon",
+    "Lonely",
+    "Burning",
+    "Frozen",
+    "Hidden",
+    "Endless",
+    "Crystal",
+    "Velvet",
+    "Distant",
+    "Sweet",
+    "Bitter",
+    "Northern",
+    "Summer",
+    "Winter",
+    "Little",
+    "Crazy",
+    "Lost",
+    "Secret",
+    "Falling",
+    "Rising",
+    "Open",
+    "Empty",
+    "Blue",
+    "Red",
+    "Black",
+    "White",
+    "Silver",
+    "Paper",
+    "Glass",
+    "Stone",
+    "Ocean",
+    "Desert",
+]
+WORDS_B = [
+    "River",
+    "Heart",
+    "Dream",
+    "Road",
+    "Night",
+    "Fire",
+    "Rain",
+    "Light",
+    "Shadow",
+    "City",
+    "Sky",
+    "Moon",
+    "Sun",
+    "Star",
+    "Wave",
+    "Storm",
+    "Garden",
+    "Mirror",
+    "Echo",
+    "Window",
+    "Train",
+    "Letter",
+    "Song",
+    "Dance",
+    "Story",
+    "Island",
+    "Forest",
+    "Memory",
+    "Signal",
+    "Horizon",
+    "Engine",
+    "Ghost",
+    "Machine",
+    "Kingdom",
+    "Harbor",
+    "Avenue",
+    "Bridge",
+    "Circle",
+    "Season",
+]
+FIRST = [
+    "Anna",
+    "Max",
+    "Lena",
+    "Ivan",
+    "Maria",
+    "Alex",
+    "Nina",
+    "Oleg",
+    "Sara",
+    "Tom",
+    "Eva",
+    "Leo",
+    "Vera",
+    "Mark",
+    "Zoe",
+    "Ilya",
+    "Kate",
+    "Dan",
+    "Olga",
+    "Paul",
+    "Rita",
+    "Yuri",
+    "Mila",
+    "Sam",
+]
+LAST = [
+    "Volkov",
+    "Stone",
+    "Petrova",
+    "Reed",
+    "Orlov",
+    "Blake",
+    "Sokolova",
+    "Gray",
+    "Morozov",
+    "Lane",
+    "Kuznetsova",
+    "Hart",
+    "Novak",
+    "Frost",
+    "Belova",
+    "Wolfe",
+    "Lebedev",
+    "Cross",
+    "Pavlova",
+    "Quinn",
+]
+
+
+def _names(
+    rng: np.random.Generator, n: int, left: list[str], right: list[str], prefix: str = ""
+) -> pa.Array:
+    """``n`` readable names "Left Right" (numbered when they repeat), built by arrow compute."""
+    a = pa.array(left).take(pa.array(rng.integers(0, len(left), n)))
+    b = pa.array(right).take(pa.array(rng.integers(0, len(right), n)))
+    names = pc.binary_join_element_wise(a, b, " ")
+    if prefix:
+        names = pc.binary_join_element_wise(pa.array([prefix] * n), names, "")
+    # a suffix keeps names from colliding too often in a large catalogue
+    suffix = pc.cast(pa.array(rng.integers(1, 1000, n)), pa.string())
+    with_suffix = pc.binary_join_element_wise(names, suffix, " ")
+    return pc.if_else(pa.array(rng.random(n) < 0.5), names, with_suffix)
+
+
+def _sparse_ids(rng: np.random.Generator, n: int, low: int, high: int) -> np.ndarray:
+    """``n`` distinct sorted ids in [low, high], both ends included (ids are sparse)."""
+    inner = rng.choice(high - low - 1, size=n - 2, replace=False) + low + 1
+    return np.sort(np.concatenate([[low, high], inner])).astype(np.int64)
+
+
+def _segment_cumsum(
+    weights: np.ndarray, order: np.ndarray, segment_of: np.ndarray, n_segments: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative weights of items sorted by segment, and each segment's start and total.
+
+    Drawing an item of segment ``s`` proportionally to its weight is then one
+    ``searchsorted(cum, start[s] + u * total[s])`` — vectorised over millions of draws.
+    """
+    w = weights[order]
+    cum = np.cumsum(w, dtype=np.float64)
+    total = np.bincount(segment_of[order], weights=w, minlength=n_segments)
+    start = np.concatenate([[0.0], np.cumsum(total)[:-1]])
+    return cum, start, total
+
+
+@dataclass
+class _Catalogue:
+    """The generated catalogue and the tables that make per-event draws vectorised."""
+
+    track_ids: np.ndarray
+    track_artist: np.ndarray
+    track_genre: np.ndarray
+    genre_pop: np.ndarray
+    artist_genre: np.ndarray
+    artist_pop: np.ndarray
+    # per month: cumulative track weights in three orders (global, by genre, by artist)
+    global_cum: list[np.ndarray]
+    genre_order: np.ndarray
+    genre_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    artist_order: np.ndarray
+    artist_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    # artists by genre for drawing favourite artists
+    artist_by_genre: tuple[np.ndarray, np.ndarray, np.ndarray]
+    artist_by_genre_order: np.ndarray
+
+
+def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, pa.Table, pa.Table]:
+    n_genres = p.genres + p.missing_genres
+    # genres: a few huge ones, many small ones; the podcast genre is mid-sized
+    genre_pop = 1.0 / np.arange(1, n_genres + 1) ** 1.1
+    genre_pop /= genre_pop.sum()
+    podcast_genre = min(12, p.genres - 1)
+
+    # artists: primary genre by genre size, popularity lognormal
+    artist_genre = rng.choice(n_genres, size=p.artists, p=genre_pop)
+    artist_pop = rng.lognormal(0.0, 1.0, p.artists)
+    artist_size = rng.lognormal(0.0, 1.1, p.artists)
+
+    # tracks: artist by artist size; genre = artist's genre; popularity lognormal x artist's
+    track_artist = rng.choice(p.artists, size=p.tracks, p=artist_size / artist_size.sum())
+    track_artist[: p.artists] = np.arange(p.artists)[: p.tracks]  # every artist has a track
+    rng.shuffle(track_artist)
+    track_genre = artist_genre[track_artist]
+    base_pop = rng.lognormal(0.0, 1.6, p.tracks) * artist_pop[track_artist]
+    # a quarter of the tracks are released during the year and are hot for a few months
+    release_month = np.where(rng.random(p.tracks) < 0.25, rng.integers(0, N_MONTHS, p.tracks), -1)
+    months = np.arange(N_MONTHS)[:, None]
+    age = months - release_month[None, :]
+    monthly = np.where(
+        release_month[None, :] < 0,
+        base_pop[None, :],
+        np.where(
+            age < 0, 0.0, base_pop[None, :] * (1.0 + 5.0 * np.exp(-np.clip(age, 0, None) / 1.5))
+        ),
+    )
+
+    genre_order = np.argsort(track_genre, kind="stable")
+    artist_order = np.argsort(track_artist, kind="stable")
+    global_cum = [np.cumsum(monthly[m]) for m in range(N_MONTHS)]
+    genre_tables = [
+        _segment_cumsum(monthly[m], genre_order, track_genre, n_genres) for m in range(N_MONTHS)
+    ]
+    artist_tables = [
+        _segment_cumsum(monthly[m], artist_order, track_artist, p.artists) for m in range(N_MONTHS)
+    ]
+    by_genre_order = np.argsort(artist_genre, kind="stable")
+    artist_by_genre = _segment_cumsum(artist_pop, by_genre_order, artist_genre, n_genres)
+    del monthly
+
+    track_ids = _sparse_ids(rng, p.tracks, 26, p.max_track_id)
+    tracks, catalog = _catalogue_tables(
+        p, rng, track_ids, track_artist, track_genre, genre_pop, podcast_genre
+    )
+    cat = _Catalogue(
+        track_ids=track_ids,
+        track_artist=track_artist,
+        track_genre=track_genre,
+        genre_pop=genre_pop,
+        artist_genre=artist_genre,
+        artist_pop=artist_pop,
+        global_cum=global_cum,
+        genre_order=genre_order,
+        genre_tables=genre_tables,
+        artist_order=artist_order,
+        artist_tables=artist_tables,
+        artist_by_genre=artist_by_genre,
+        artist_by_genre_order=by_genre_order,
+    )
+    return cat, tracks, catalog
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int64()))
+
+
+def _catalogue_tables(
+    p: Preset,
+    rng: np.random.Generator,
+    track_ids: np.ndarray,
+    track_artist: np.ndarray,
+    track_genre: np.ndarray,
+    genre_pop: np.ndarray,
+    podcast_genre: int,
+) -> tuple[pa.Table, pa.Table]:
+    """tracks.parquet and catalog_names.parquet with the real data's quirks."""
+    n_genres = p.genres + p.missing_genres
+    scale = p.tracks / 1_000_000
+    genre_ids = _sparse_ids(rng, n_genres, 0, max(n_genres * 5, 300))
+    # the least popular ids are the ones missing from the catalogue
+    named = np.ones(n_genres, bool)
+    named[-p.missing_genres :] = False
+    artist_ids = _sparse_ids(rng, p.artists, 1, p.artists * 40)
+    album_ids = _sparse_ids(rng, p.albums, 1, p.albums * 40)
+
+    # albums: tracks of one artist fill consecutive albums; a few tracks also sit on a second
+    # album (a compilation); some albums stay unused, as in any catalogue
+    order = np.argsort(track_artist, kind="stable")
+    album_of = np.empty(p.tracks, np.int64)
+    album_of[order] = np.minimum(np.arange(p.tracks) * p.albums // p.tracks, p.albums - 1)
+    n_album = np.where(rng.random(p.tracks) < 0.3, 2, 1)
+    n_album[rng.choice(p.tracks, max(1, round(18 * scale)), replace=False)] = 0
+    second = rng.integers(0, p.albums, p.tracks)
+    album_vals = np.stack([album_of, second], 1)[np.arange(2)[None, :] < n_album[:, None]]
+
+    # artists: usually one; podcasts have none, and a few other tracks neither
+    n_artist = np.where(rng.random(p.tracks) < 0.06, 2, 1)
+    no_artist = track_genre == podcast_genre
+    extra = max(1, round(415 * scale))
+    no_artist[rng.choice(p.tracks, extra, replace=False)] = True
+    n_artist[no_artist] = 0
+    artist_vals = np.stack([track_artist, rng.integers(0, p.artists, p.tracks)], 1)[
+        np.arange(2)[None, :] < n_artist[:, None]
+    ]
+
+    # genres: 97 % have one or two; a few have none
+    n_genre = rng.choice([1, 2, 3], size=p.tracks, p=[0.70, 0.274, 0.026])
+    n_genre[rng.choice(p.tracks, max(1, round(3_687 * scale)), replace=False)] = 0
+    second_genre = rng.choice(n_genres, size=(p.tracks, 2), p=genre_pop)
+    genre_vals = np.column_stack([track_genre, second_genre])[
+        np.arange(3)[None, :] < n_genre[:, None]
+    ]
+
+    def offsets(counts: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(counts)])
+
+    tracks = pa.table(
+        {
+            C.track: pa.array(track_ids, pa.int64()),
+            "albums": _list_array(offsets(n_album), album_ids[album_vals]),
+            "artists": _list_array(offsets(n_artist), artist_ids[artist_vals]),
+            "genres": _list_array(offsets(n_genre), genre_ids[genre_vals]),
+        },
+        schema=TRACKS_SCHEMA,
+    )
+
+    genre_names = [
+        GENRE_NAMES[i] if i < len(GENRE_NAMES) else f"{GENRE_NAMES[i % 20]}-{i}"
+        for i in range(n_genres)
+    ]
+    genre_names[podcast_genre] = "podcasts"
+    parts = [
+        ("track", track_ids, _names(rng, p.tracks, WORDS_A, WORDS_B)),
+        ("album", album_ids, _names(rng, p.albums, WORDS_B, WORDS_A)),
+        ("artist", artist_ids, _names(rng, p.artists, FIRST, LAST)),
+        ("genre", genre_ids[named], pa.array(np.array(genre_names)[named].tolist())),
+    ]
+    catalog = pa.concat_tables(
+        [
+            pa.table(
+                {
+                    "id": pa.array(ids, pa.int64()),
+                    "type": pa.array([kind] * len(ids)),
+                    "name": names,
+                },
+                schema=CATALOG_SCHEMA,
+            )
+            for kind, ids, names in parts
+        ]
+    )
+    return tracks, catalog
+
+
+def _user_windows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last active day of each user: many join late, some leave."""
+    start = np.searchsorted(_DAY_CDF, rng.random(n) ** 1.6 * 0.97, side="right")
+    stays = rng.random(n) < 0.62
+    end = np.where(stays, N_DAYS - 1, start + rng.exponential(80.0, n).astype(np.int64))
+    return start, np.minimum(end, N_DAYS - 1)
+
+
+_MONTH_OF_DAY = (YEAR_START + np.arange(N_DAYS).astype("timedelta64[D]")).astype(
+    "datetime64[M]"
+).astype(np.int64) - YEAR_START.astype("datetime64[M]").astype(np.int64)
+
+
+def _day_cdf() -> np.ndarray:
+    """Share of the year's volume up to and including each day (monthly growth as DATA.md)."""
+    days_in_month = np.bincount(_MONTH_OF_DAY, minlength=N_MONTHS)
+    daily = (MONTH_VOLUME / days_in_month)[_MONTH_OF_DAY]
+    return np.cumsum(daily) / daily.sum()
+
+
+_DAY_CDF = _day_cdf()
+
+
+def _draw_segment(
+    tables: tuple[np.ndarray, np.ndarray, np.ndarray],
+    order: np.ndarray,
+    segment: np.ndarray,
+    u: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one item of each given segment by weight; also say which draws were possible."""
+    cum, start, total = tables
+    ok = total[segment] > 0
+    pos = np.searchsorted(cum, start[segment] + u * total[segment], side="right")
+    return order[np.minimum(pos, len(order) - 1)], ok
+
+
+def _chunk_events(
+    p: Preset, cat: _Catalogue, user_ids: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Events of one chunk of users: (user_id, track index, day) arrays, unique pairs."""
+    n_users = len(user_ids)
+    n_genres = len(cat.genre_pop)
+    n_events = np.clip(
+        np.round(rng.lognormal(np.log(p.median_events), EVENTS_SIGMA, n_users)), 1, p.max_events
+    ).astype(np.int64)
+    start, end = _user_windows(rng, n_users)
+
+    # tastes: 1-4 favourite genres per profile (early, late), drawn with a flattened
+    # popularity so that niche genres have fans; favourite artists inside those genres
+    k_genres = 4
+    genre_p = cat.genre_pop**0.6 / (cat.genre_pop**0.6).sum()
+    early = rng.choice(n_genres, size=(n_users, k_genres), p=genre_p)
+    late = early.copy()
+    drift = rng.random((n_users, k_genres)) < 0.3
+    late[drift] = rng.choice(n_genres, size=int(drift.sum()), p=genre_p)
+    genre_w = rng.dirichlet(np.full(k_genres, 0.5), n_users).cumsum(1)
+    k_artists = 8
+    fav_genre = np.where(
+        rng.random((n_users, k_artists)) < 0.5,
+        early[:, :1],
+        early[np.arange(n_users)[:, None], rng.integers(0, k_genres, (n_users, k_artists))],
+    )
+    fav_artist, _ = _draw_segment(
+        cat.artist_by_genre,
+        cat.artist_by_genre_order,
+        fav_genre.ravel(),
+        rng.random(fav_genre.size),
+    )
+    fav_artist = fav_artist.reshape(n_users, k_artists)
+    # listening mix: mainstream (popularity), genre, favourite artists
+    mix = rng.dirichlet([1.5, 4.0, 3.0], n_users).cumsum(1)
+
+    # oversample draws, keep the first unique (user, track) pairs
+    n_draws = np.ceil(n_events * 1.4 + 5).astype(np.int64)
+    user = np.repeat(np.arange(n_users), n_draws)
+    lo, hi = _day_cdf_at(start), _day_cdf_at(end + 1)
+    v = lo[user] + rng.random(len(user)) * (hi[user] - lo[user])
+    day = np.minimum(np.searchsorted(_DAY_CDF, v, side="right"), N_DAYS - 1)
+    month = _MONTH_OF_DAY[day]
+    span = np.maximum(end - start, 1)[user]
+    is_late = rng.random(len(user)) < (day - start[user]) / span
+    pick = rng.random(len(user))
+    source = (pick[:, None] > mix[user]).sum(1)  # 0 popular, 1 genre, 2 artist
+
+    track = np.empty(len(user), np.int64)
+    u = rng.random(len(user))
+    for m in range(N_MONTHS):
+        in_month = month == m
+        # popular
+        sel = in_month & (source == 0)
+        cum = cat.global_cum[m]
+        track[sel] = np.searchsorted(cum, u[sel] * cum[-1], side="right")
+        # genre
+        sel = np.flatnonzero(in_month & (source == 1))
+        slot = (rng.random(len(sel))[:, None] > genre_w[user[sel]]).sum(1).clip(0, k_genres - 1)
+        genres = np.where(is_late[sel], late[user[sel], slot], early[user[sel], slot])
+        drawn, ok = _draw_segment(cat.genre_tables[m], cat.genre_order, genres, u[sel])
+        track[sel] = np.where(ok, drawn, np.searchsorted(cum, u[sel] * cum[-1], side="right"))
+        # artist
+        sel = np.flatnonzero(in_month & (source == 2))
+        artists = fav_artist[user[sel], rng.integers(0, k_artists, len(sel))]
+        drawn, ok = _draw_segment(cat.artist_tables[m], cat.artist_order, artists, u[sel])
+        track[sel] = np.where(ok, drawn, np.searchsorted(cum, u[sel] * cum[-1], side="right"))
+    track = np.minimum(track, len(cat.track_ids) - 1)
+
+    # unique pairs, then a random subset of each user's pairs of the wanted size
+    key = user * len(cat.track_ids) + track
+    _, first = np.unique(key, return_index=True)
+    user, track, day = user[first], track[first], day[first]
+    priority = rng.random(len(user))
+    order = np.lexsort((priority, user))
+    user, track, day = user[order], track[order], day[order]
+    group_start = np.searchsorted(user, np.arange(n_users))
+    rank = np.arange(len(user)) - group_start[user]
+    keep = rank < n_events[user]
+    return user[keep], track[keep], day[keep]
+
+
+def _day_cdf_at(day: np.ndarray) -> np.ndarray:
+    """Share of the year's volume before ``day`` (0 at day 0, 1 at day 365)."""
+    padded = np.concatenate([[0.0], _DAY_CDF])
+    return padded[np.clip(day, 0, N_DAYS)]
+
+
+def _events_table(
+    user_ids: np.ndarray,
+    user: np.ndarray,
+    track_ids: np.ndarray,
+    track: np.ndarray,
+    day: np.ndarray,
+    rng: np.random.Generator,
+) -> pa.Table:
+    """Sort a chunk by user and day and number each user's events (track_seq)."""
+    order = np.lexsort((rng.random(len(user)), day, user))
+    user, track, day = user[order], track[order], day[order]
+    group_start = np.searchsorted(user, user)
+    seq = np.arange(len(user)) - group_start + 1
+    started = (YEAR_START + day.astype("timedelta64[D]")).astype("datetime64[ns]")
+    return pa.table(
+        {
+            C.user: pa.array(user_ids[user].astype(np.int32)),
+            C.track: pa.array(track_ids[track].astype(np.int32)),
+            C.seq: pa.array(seq.astype(np.int16)),
+            C.started_at: pa.array(started),
+        },
+        schema=INTERACTIONS_SCHEMA,
+    )
+
+
+def generate(preset: str, out_dir: Path, seed: int = 42) -> dict[str, int]:
+    """Write the three input files of a preset into ``out_dir``; deterministic for a seed.
+
+    Returns the counts of users, tracks and events written.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    cat, tracks, catalog = _build_catalogue(p, rng)
+    io.write_table(tracks, out_dir / io.TRACKS)
+    io.write_table(catalog, out_dir / io.CATALOG_NAMES)
+    log.info(
+        "catalogue: %d tracks, %d names (%.1f s)",
+        tracks.num_rows,
+        catalog.num_rows,
+        time.perf_counter() - started,
+    )
+
+    user_ids = _sparse_ids(rng, p.users, 1, p.max_user_id)
+    seen = np.zeros(p.tracks, bool)
+    n_events = 0
+    chunks = range(0, p.users, p.chunk_users)
+    with (
+        io.atomic_path(out_dir / io.INTERACTIONS) as tmp,
+        pq.ParquetWriter(tmp, INTERACTIONS_SCHEMA, compression="zstd") as writer,
+    ):
+        for index, first in enumerate(
+            tqdm(chunks, desc="users", unit="chunk", disable=len(chunks) < 3)
+        ):
+            chunk_rng = np.random.default_rng([seed, index])
+            ids = user_ids[first : first + p.chunk_users]
+            user, track, day = _chunk_events(p, cat, ids, chunk_rng)
+            seen[track] = True
+            if first + p.chunk_users >= p.users:
+                user, track, day = _cover_unseen(seen, user, track, day, len(ids), chunk_rng)
+            table = _events_table(ids, user, cat.track_ids, track, day, chunk_rng)
+            writer.write_table(table, row_group_size=2_000_000)
+            n_events += table.num_rows
+    log.info(
+        "generated %s: %d users, %d tracks, %d events in %.1f s",
+        preset,
+        p.users,
+        p.tracks,
+        n_events,
+        time.perf_counter() - started,
+    )
+    return {"users": p.users, "tracks": p.tracks, "events": n_events}
+
+
+def _cover_unseen(
+    seen: np.ndarray,
+    user: np.ndarray,
+    track: np.ndarray,
+    day: np.ndarray,
+    n_users: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give every track nobody drew one listener, so each track appears at least once.
+
+    The real log has this property (its catalogue is the set of tracks listened to).
+    """
+    unseen = np.flatnonzero(~seen)
+    seen[unseen] = True
+    if len(unseen) == 0:
+        return user, track, day
+    extra_user = rng.integers(0, n_users, len(unseen))
+    # the day of a listener's existing event keeps the new event inside the user's window
+    first_of_user = np.searchsorted(user, extra_user)
+    has_events = first_of_user < len(user)
+    extra_day = np.where(
+        has_events,
+        day[np.minimum(first_of_user, len(day) - 1)],
+        rng.integers(0, N_DAYS, len(unseen)),
+    )
+    return (
+        np.concatenate([user, extra_user]),
+        np.concatenate([track, unseen]),
+        np.concatenate([day, extra_day]),
+    )
