@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     source_endpoint_url: str = "https://storage.yandexcloud.net"
     source_bucket: str = "mle-data"
     source_prefix: str = "ym"
+    source_region: str = Field("ru-central1", description="region used to sign source requests")
 
     # --- the user's own bucket for artefacts (s3 push / pull) ------------------------------
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None = AWS")
