@@ -61,6 +61,16 @@ class Settings(BaseSettings):
     n_similar: int = Field(50, ge=1, description="similar tracks kept per track")
     n_recommendations: int = Field(100, ge=1, description="final list length per user")
     ranker_negatives: int = Field(20, ge=1, description="negatives sampled per positive")
+    n_similar_candidates: int = Field(
+        50, ge=1, description="ranker candidates similar to the user's recent tracks"
+    )
+    n_popular_candidates: int = Field(30, ge=1, description="popular unheard ranker candidates")
+    ranker_recent_tracks: int = Field(
+        20, ge=1, description="last listened tracks that seed similar-track candidates"
+    )
+    ranker_train_users: int = Field(
+        200_000, ge=1, description="label-period users sampled to train the ranker"
+    )
     ranker_iterations: int = Field(300, ge=1)
     threads: int = Field(2, ge=1, description="worker threads for ALS and CatBoost")
     eval_k: tuple[int, ...] = (5, 10, 25)
