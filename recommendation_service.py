@@ -1,0 +1,896 @@
+"""The recommendation service: FastAPI app and the ``Recommendations`` class.
+
+Start it with ``uvicorn recommendation_service:app`` or ``python recommendation_service.py``
+(host, port and workers from ``MUSICREC_`` settings). The HTTP contract is docs/API.md.
+
+At start-up the lifespan loads the artefacts of the offline pipeline from
+``settings.parquet_dir`` (items, top_popular, similar, recommendations) into numpy arrays in
+CSR form — sorted unique keys, row offsets, values — so a request costs one binary search
+whatever the number of users, and opens the online history store (``settings.history_url``).
+A missing or unusable artefact stops the start-up with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from musicrec import io
+from musicrec.columns import Columns as C
+from musicrec.errors import DataError
+from musicrec.history import HistoryStore, HistoryStoreError, open_history_store
+from musicrec.settings import Settings
+
+log = logging.getLogger("recommendation_service")
+
+INT32_MAX = 2**31 - 1
+MAX_HISTORY_BATCH = 10_000
+BLEND_MODES = ("strict", "probability")
+KINDS = ("personal", "similar", "default")
+SOURCE_HEADER = "X-Recommendation-Source"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+BlendMode = Literal["strict", "probability"]
+
+
+# --- domain errors (mapped to HTTP codes in one place: ERROR_STATUS) ------------------------
+
+
+class ServiceError(Exception):
+    """An error whose message is meant for the client."""
+
+    def problems(self) -> list[dict[str, Any]]:
+        return [{"loc": [], "msg": str(self), "type": "service_error"}]
+
+
+class BadParameterError(ServiceError):
+    """A parameter outside what the service accepts (e.g. k above max_k)."""
+
+    def __init__(self, loc: Sequence[str | int], message: str) -> None:
+        super().__init__(message)
+        self.loc = list(loc)
+
+    def problems(self) -> list[dict[str, Any]]:
+        return [{"loc": self.loc, "msg": str(self), "type": "value_error"}]
+
+
+class UnknownTracksError(ServiceError):
+    """Track ids that are not in the catalogue; nothing of the request was done."""
+
+    def __init__(self, track_ids: Sequence[int], loc: Sequence[str | int] = ("body",)) -> None:
+        self.track_ids = [int(t) for t in track_ids]
+        shown = ", ".join(map(str, self.track_ids[:20]))
+        more = f" and {len(self.track_ids) - 20} more" if len(self.track_ids) > 20 else ""
+        super().__init__(f"track ids not in the catalogue: {shown}{more}")
+        self.loc = list(loc)
+
+    def problems(self) -> list[dict[str, Any]]:
+        return [{"loc": self.loc, "msg": str(self), "type": "unknown_track_ids"}]
+
+
+class NotReadyError(ServiceError):
+    """The artefacts are not loaded (yet)."""
+
+
+ERROR_STATUS: dict[type[Exception], int] = {
+    BadParameterError: 422,
+    UnknownTracksError: 422,
+    NotReadyError: 503,
+    HistoryStoreError: 503,
+}
+
+
+# --- artefacts in memory ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankedLists:
+    """A ranked list per key in CSR form: row ``i`` of ``keys[i]`` is
+    ``values[offsets[i]:offsets[i + 1]]`` (best first), with ``scores`` beside it."""
+
+    keys: np.ndarray  # sorted unique int32
+    offsets: np.ndarray  # int64, len(keys) + 1
+    values: np.ndarray  # int32
+    scores: np.ndarray | None = None  # float32, same length as values
+
+    @classmethod
+    def from_sorted(
+        cls, key_column: np.ndarray, values: np.ndarray, scores: np.ndarray | None = None
+    ) -> RankedLists:
+        """Build from rows already sorted by key (and rank within a key)."""
+        if key_column.size == 0:
+            return cls(np.empty(0, np.int32), np.zeros(1, np.int64), values[:0], scores)
+        starts = np.flatnonzero(key_column[1:] != key_column[:-1]) + 1
+        keys = key_column[np.concatenate(([0], starts))]
+        offsets = np.concatenate(([0], starts, [key_column.size])).astype(np.int64)
+        return cls(np.ascontiguousarray(keys), offsets, values, scores)
+
+    def __len__(self) -> int:
+        return int(self.keys.size)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.values.size)
+
+    def position(self, key: int) -> int:
+        """Row index of ``key``, or -1."""
+        if not 0 <= key <= INT32_MAX:
+            return -1
+        i = int(np.searchsorted(self.keys, key))
+        return i if i < self.keys.size and self.keys[i] == key else -1
+
+    def __contains__(self, key: int) -> bool:
+        return self.position(int(key)) >= 0
+
+    def row(self, key: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Values (and scores) of ``key``; empty when the key is absent."""
+        i = self.position(int(key))
+        if i < 0:
+            empty = self.values[:0]
+            return empty, None if self.scores is None else self.scores[:0]
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.values[lo:hi], None if self.scores is None else self.scores[lo:hi]
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    """Everything the service reads from the parquet folder, immutable once built, so a
+    reload can swap the whole set at once while requests in flight keep the old one."""
+
+    parquet_dir: Path
+    items: pa.Table  # track_id, name, artists, albums, genres
+    item_ids: np.ndarray  # sorted track ids of the catalogue (int32)
+    item_rows: np.ndarray  # row in ``items`` of each id of ``item_ids``
+    popular: np.ndarray  # track ids, most popular first
+    similar: RankedLists  # track -> similar tracks with scores
+    offline: RankedLists  # user -> offline recommendations (ranked)
+    built_at: str | None = None
+    run_id: str | None = None
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    load_seconds: float = 0.0
+
+    def unknown_tracks(self, track_ids: Sequence[int]) -> list[int]:
+        """Ids of ``track_ids`` not in the catalogue, each once, in order of appearance."""
+        ids = np.asarray(track_ids, dtype=np.int64)
+        if ids.size == 0:
+            return []
+        if self.item_ids.size == 0:
+            unknown = ids
+        else:
+            pos = np.minimum(np.searchsorted(self.item_ids, ids), self.item_ids.size - 1)
+            unknown = ids[self.item_ids[pos] != ids]
+        _, first = np.unique(unknown, return_index=True)
+        return [int(x) for x in unknown[np.sort(first)]]
+
+    def details(self, track_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """``{track_id, name, artists, albums, genres}`` for each id, in order."""
+        ids = np.asarray(track_ids, dtype=np.int64)
+        if ids.size == 0:
+            return []
+        pos = np.minimum(np.searchsorted(self.item_ids, ids), self.item_ids.size - 1)
+        found = self.item_ids[pos] == ids
+        rows = self.items.take(pa.array(self.item_rows[pos[found]])).to_pylist()
+        by_id = {row[C.track]: row for row in rows}
+        empty = {C.name: None, C.artists: [], C.albums: [], C.genres: []}
+        return [
+            {
+                C.track: int(t),
+                C.name: by_id.get(int(t), empty)[C.name],
+                C.artists: by_id.get(int(t), empty)[C.artists] or [],
+                C.albums: by_id.get(int(t), empty)[C.albums] or [],
+                C.genres: by_id.get(int(t), empty)[C.genres] or [],
+            }
+            for t in ids
+        ]
+
+
+def _read_columns(path: Path, columns: dict[str, pa.DataType]) -> dict[str, np.ndarray]:
+    """Read numeric columns of an artefact as numpy arrays of the given types, one column at
+    a time (peak memory about twice one column); any problem is a DataError naming the file."""
+    schema = _read_schema(path)
+    out: dict[str, np.ndarray] = {}
+    for name, dtype in columns.items():
+        index = schema.get_field_index(name)
+        if index < 0:
+            raise DataError(f"{path}: column {name!r} is missing (columns: {schema.names})")
+        source_type = schema.field(index).type
+        if not (pa.types.is_integer(source_type) or pa.types.is_floating(source_type)):
+            raise DataError(f"{path}: column {name!r} has type {source_type}, expected {dtype}")
+        try:
+            column = pq.read_table(path, columns=[name]).column(0)
+            if column.null_count:
+                raise DataError(f"{path}: column {name!r} has {column.null_count} empty values")
+            if column.type != dtype:
+                column = column.cast(dtype)  # safe cast: overflow raises
+            out[name] = column.to_numpy()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: cannot read column {name!r}: {exc}") from exc
+        del column
+    return out
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    if not path.exists():
+        raise DataError(
+            f"missing artefact {path}: run the pipeline (python -m musicrec run) "
+            "or point MUSICREC_PARQUET_DIR at a folder of artefacts"
+        )
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+
+
+def _check_sorted(path: Path, keys: np.ndarray, ranks: np.ndarray, key_name: str) -> None:
+    """The CSR form needs rows sorted by key, then rank; refuse a file that is not."""
+    if keys.size < 2:
+        return
+    same = keys[1:] == keys[:-1]
+    if np.any(keys[1:] < keys[:-1]) or np.any(ranks[1:][same] <= ranks[:-1][same]):
+        raise DataError(f"{path}: rows are not sorted by {key_name}, rank")
+
+
+def _load_ranked(path: Path, key: str, value: str, with_scores: bool) -> RankedLists:
+    wanted = {key: pa.int32(), value: pa.int32(), C.rank: pa.int32()}
+    if with_scores:
+        wanted[C.score] = pa.float32()
+    cols = _read_columns(path, wanted)
+    _check_sorted(path, cols[key], cols.pop(C.rank), key)
+    if value == C.similar and np.any(cols[key] == cols[value]):
+        raise DataError(f"{path}: a track is listed as similar to itself")
+    scores = cols.get(C.score)
+    if scores is not None and not np.all(np.isfinite(scores)):
+        raise DataError(f"{path}: column {C.score!r} has values that are not finite")
+    return RankedLists.from_sorted(cols.pop(key), cols.pop(value), scores)
+
+
+def _load_items(path: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    schema = _read_schema(path)
+    names = [C.track, C.name, C.artists, C.albums, C.genres]
+    missing = [n for n in names if n not in schema.names]
+    if missing:
+        raise DataError(f"{path}: columns missing: {missing} (columns: {schema.names})")
+    try:
+        table = pq.read_table(path, columns=names)
+        ids = table.column(C.track).cast(pa.int32()).to_numpy()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read: {exc}") from exc
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    if sorted_ids.size > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
+        raise DataError(f"{path}: track ids are not unique")
+    return table, sorted_ids, order
+
+
+def _load_popular(path: Path) -> np.ndarray:
+    cols = _read_columns(path, {C.track: pa.int32(), C.rank: pa.int32()})
+    return np.ascontiguousarray(cols[C.track][np.argsort(cols[C.rank], kind="stable")])
+
+
+def load_artefacts(parquet_dir: Path) -> Artefacts:
+    """Read and check the four artefacts the service needs; DataError names a bad file."""
+    started = time.perf_counter()
+    parquet_dir = Path(parquet_dir)
+    paths = {
+        name: parquet_dir / name
+        for name in (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
+    }
+    for path in paths.values():  # fail fast, before the long reads
+        if not path.exists():
+            _read_schema(path)
+
+    t = time.perf_counter()
+    items, item_ids, item_rows = _load_items(paths[io.ITEMS])
+    log.info("items: %d tracks in %.1f s", item_ids.size, time.perf_counter() - t)
+    t = time.perf_counter()
+    popular = _load_popular(paths[io.TOP_POPULAR])
+    log.info("top popular: %d tracks in %.1f s", popular.size, time.perf_counter() - t)
+    t = time.perf_counter()
+    similar = _load_ranked(paths[io.SIMILAR], C.track, C.similar, with_scores=True)
+    log.info("similar: %d tracks, %d pairs in %.1f s", len(similar), similar.n_pairs,
+             time.perf_counter() - t)
+    t = time.perf_counter()
+    offline = _load_ranked(paths[io.RECOMMENDATIONS], C.user, C.track, with_scores=False)
+    log.info("recommendations: %d users, %d rows in %.1f s", len(offline), offline.n_pairs,
+             time.perf_counter() - t)
+
+    built_at = run_id = None
+    manifest = parquet_dir / io.MANIFEST
+    if manifest.exists():
+        try:
+            info = io.read_json(manifest)
+            built_at, run_id = info.get("built_at"), info.get("run_id")
+        except (ValueError, OSError, AttributeError) as exc:
+            raise DataError(f"{manifest}: not a readable manifest: {exc}") from exc
+    if built_at is None:
+        mtime = paths[io.RECOMMENDATIONS].stat().st_mtime
+        built_at = datetime.fromtimestamp(mtime, UTC).isoformat()
+    seconds = time.perf_counter() - started
+    log.info("artefacts from %s loaded in %.1f s", parquet_dir, seconds)
+    return Artefacts(
+        parquet_dir=parquet_dir, items=items, item_ids=item_ids, item_rows=item_rows,
+        popular=popular, similar=similar, offline=offline, built_at=built_at, run_id=run_id,
+        load_seconds=round(seconds, 3),
+    )
+
+
+# --- the recommender ----------------------------------------------------------------------
+
+
+def blended_list(
+    online: Iterable[int],
+    offline: Iterable[int],
+    mode: str = "strict",
+    p: float = 0.5,
+    seed: int | Sequence[int] | None = None,
+) -> list[int]:
+    """Mix two ranked lists into one without duplicates (API.md, "Blend").
+
+    'strict': the online head, then the offline head, in turn; 'probability': each next
+    element comes from the online list with probability ``p``, else from the offline list,
+    drawn from ``numpy.random.default_rng(seed)``. A duplicate is skipped and the same list
+    gives its next element instead; when one list runs out the rest of the other follows.
+    """
+    if mode not in BLEND_MODES:
+        raise ValueError(f"unknown blend {mode!r}; expected one of {', '.join(BLEND_MODES)}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    lists = ([int(x) for x in online], [int(x) for x in offline])
+    heads = [0, 0]
+    draws = None
+    if mode == "probability":
+        draws = np.random.default_rng(seed).random(len(lists[0]) + len(lists[1])) < p
+    result: list[int] = []
+    seen: set[int] = set()
+    step = 0
+    while heads[0] < len(lists[0]) or heads[1] < len(lists[1]):
+        if heads[0] >= len(lists[0]):
+            side = 1
+        elif heads[1] >= len(lists[1]):
+            side = 0
+        elif draws is None:
+            side = step % 2
+        else:
+            side = 0 if draws[step] else 1
+        step += 1
+        source = lists[side]
+        while heads[side] < len(source):
+            item = source[heads[side]]
+            heads[side] += 1
+            if item not in seen:
+                seen.add(item)
+                result.append(item)
+                break
+    return result
+
+
+def request_seed(user_id: int, k: int, p: float) -> list[int]:
+    """The seed of a 'probability' blend: the same request always gives the same answer."""
+    return [int(user_id), int(k), int(round(p * 1_000_000))]
+
+
+@dataclass
+class Answer:
+    tracks: list[int]
+    kinds: tuple[str, ...]
+
+
+class Recommendations:
+    """Offline recommendations, similar tracks and online history, blended per request."""
+
+    def __init__(self, settings: Settings, store: HistoryStore | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self._artefacts: Artefacts | None = None
+        self._stats = dict.fromkeys(KINDS, 0)
+        self._stats_lock = threading.Lock()
+        self.started_at = datetime.now(UTC).isoformat()
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def load(self, parquet_dir: Path | None = None) -> Artefacts:
+        """Read the artefacts and switch to them at once (the old set serves until then)."""
+        artefacts = load_artefacts(Path(parquet_dir or self.settings.parquet_dir))
+        self._artefacts = artefacts
+        return artefacts
+
+    def open_store(self) -> HistoryStore:
+        if self.store is None:
+            self.store = open_history_store(self.settings.history_url)
+        return self.store
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    @property
+    def artefacts(self) -> Artefacts:
+        if self._artefacts is None:
+            raise NotReadyError("artefacts are not loaded")
+        return self._artefacts
+
+    @property
+    def history(self) -> HistoryStore:
+        if self.store is None:
+            raise HistoryStoreError("history store is not open")
+        return self.store
+
+    def ready(self) -> bool:
+        return self._artefacts is not None and self.store is not None and self.store.ping()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_k(self, k: int | None, loc: Sequence[str | int] = ("query", "k")) -> int:
+        k = self.settings.default_k if k is None else int(k)
+        if not 1 <= k <= self.settings.max_k:
+            raise BadParameterError(loc, f"k must be between 1 and {self.settings.max_k}, got {k}")
+        return k
+
+    def check_known(self, track_ids: Sequence[int], loc: Sequence[str | int] = ("body",)) -> None:
+        unknown = self.artefacts.unknown_tracks(track_ids)
+        if unknown:
+            raise UnknownTracksError(unknown, loc)
+
+    # -- the user's methods ------------------------------------------------------------------
+
+    def get_user_history(self, user_id: int) -> list[int]:
+        """The user's online history, oldest first."""
+        return self.history.get(user_id)
+
+    def update_user_events(self, user_id: int, track_ids: Sequence[int]) -> int:
+        """Append listening events (all or none); returns the new history length."""
+        if not track_ids:
+            raise BadParameterError(("body",), "at least one track id is required")
+        self.check_known(track_ids)
+        return self.history.add(user_id, track_ids)
+
+    def get_similar_items(
+        self, track_ids: Sequence[int], k: int | None = None, exclude: Iterable[int] = ()
+    ) -> list[int]:
+        """Up to k tracks most similar to the given ones (scores summed), none of them in it."""
+        k = self.check_k(k)
+        self.check_known(track_ids, ("query", C.track))
+        given = list(dict.fromkeys(int(t) for t in track_ids))
+        excluded = np.asarray([*given, *exclude], dtype=np.int64)
+        ranked = self._similar_ranked(self.artefacts, given, np.ones(len(given)), excluded)
+        return [int(t) for t in ranked[:k]]
+
+    def get(
+        self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5
+    ) -> list[int]:
+        """Exactly k recommendations for the user (see ``recommend`` for the source)."""
+        return self.recommend(user_id, k, blend, p).tracks
+
+    def recommend(
+        self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5
+    ) -> Answer:
+        """Recommendations and the kinds they count as (API.md, "Which recommendations")."""
+        k = self.check_k(k)
+        if blend not in BLEND_MODES:
+            raise BadParameterError(("query", "blend"), f"blend must be one of {BLEND_MODES}")
+        if not 0.0 <= p <= 1.0:
+            raise BadParameterError(("query", "p"), f"p must be in [0, 1], got {p}")
+        art = self.artefacts
+        history = self.history.get(user_id)
+        heard = np.unique(np.asarray(history, dtype=np.int64))
+        offline, _ = art.offline.row(user_id)
+        has_offline = user_id in art.offline
+        if heard.size and offline.size:
+            offline = offline[~np.isin(offline, heard)]
+        online = self._online_list(art, history, heard) if history else np.empty(0, np.int32)
+
+        if has_offline and history:
+            kinds: tuple[str, ...] = ("personal", "similar")
+            tracks = blended_list(online, offline, blend, p, request_seed(user_id, k, p))
+        elif history:
+            kinds, tracks = ("similar",), [int(t) for t in online]
+        elif has_offline:
+            kinds, tracks = ("personal",), [int(t) for t in offline]
+        else:
+            kinds, tracks = ("default",), []
+        tracks = self._fill(art, tracks[:k], heard, k)
+        with self._stats_lock:
+            for kind in kinds:
+                self._stats[kind] += 1
+        return Answer(tracks, kinds)
+
+    def top_popular(self, k: int | None = None) -> list[int]:
+        k = self.check_k(k)
+        return self._fill(self.artefacts, [], np.empty(0, np.int64), k)
+
+    def stats(self) -> dict[str, Any]:
+        """How often each kind was served by this worker process."""
+        with self._stats_lock:
+            counters = dict(self._stats)
+        return {**counters, "pid": os.getpid(), "since": self.started_at}
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _online_list(self, art: Artefacts, history: list[int], heard: np.ndarray) -> np.ndarray:
+        """Tracks similar to the most recent distinct online events; the latest weighs most
+        (weight 1 / (1 + age), age 0 = latest)."""
+        recent: list[int] = []
+        seen: set[int] = set()
+        for track in reversed(history):
+            if track not in seen:
+                seen.add(track)
+                recent.append(track)
+                if len(recent) == self.settings.online_history_window:
+                    break
+        weights = 1.0 / (1.0 + np.arange(len(recent)))
+        return self._similar_ranked(art, recent, weights, heard)
+
+    @staticmethod
+    def _similar_ranked(
+        art: Artefacts, track_ids: Sequence[int], weights: np.ndarray, exclude: np.ndarray
+    ) -> np.ndarray:
+        ids_parts, score_parts = [], []
+        for track, weight in zip(track_ids, weights, strict=True):
+            ids, scores = art.similar.row(track)
+            if ids.size:
+                ids_parts.append(ids)
+                score_parts.append(scores.astype(np.float64) * weight)
+        if not ids_parts:
+            return np.empty(0, np.int32)
+        uniq, inverse = np.unique(np.concatenate(ids_parts), return_inverse=True)
+        total = np.bincount(inverse, weights=np.concatenate(score_parts))
+        keep = ~np.isin(uniq, exclude)
+        uniq, total = uniq[keep], total[keep]
+        return uniq[np.lexsort((uniq, -total))]  # best score first, ties by id
+
+    @staticmethod
+    def _fill(art: Artefacts, tracks: list[int], exclude: np.ndarray, k: int) -> list[int]:
+        """Top up to k from the top popular tracks not yet in the list nor heard, then (when
+        the popular list runs dry) from the rest of the catalogue."""
+        if len(tracks) >= k:
+            return tracks[:k]
+        taken = np.concatenate([np.asarray(exclude, np.int64), np.asarray(tracks, np.int64)])
+        result = list(tracks)
+        for pool in (art.popular, art.item_ids):
+            chunk = max(4 * k, 1024)
+            for start in range(0, pool.size, chunk):
+                part = pool[start:start + chunk]
+                part = part[~np.isin(part, taken)]
+                need = k - len(result)
+                extra = part[:need]
+                result.extend(int(t) for t in extra)
+                taken = np.concatenate([taken, extra.astype(np.int64)])
+                if len(result) >= k:
+                    return result
+        return result
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+class JSONBytes(Response):
+    """JSON serialised by orjson (numpy-free plain lists and dicts)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+TrackId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+StrictTrackId = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+UserIdPath = Annotated[
+    int, PathParam(ge=0, le=INT32_MAX, description="user id of the input data", examples=[17])
+]
+KPath = Annotated[int, PathParam(ge=1, description="number of tracks, 1..max_k", examples=[10])]
+KQuery = Annotated[
+    int | None, Query(ge=1, description="number of tracks, 1..max_k (default 25)")
+]
+Details = Annotated[
+    bool, Query(description="objects with names instead of bare track ids")
+]
+
+
+class TrackDetails(BaseModel):
+    track_id: int
+    name: str | None
+    artists: list[str]
+    albums: list[str]
+    genres: list[str]
+
+
+TrackList = list[int] | list[TrackDetails]
+
+
+class RecommendationRequest(BaseModel):
+    """Body of POST /recommendations; same defaults as the GET form."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"user_id": 17, "k": 10, "blend": "strict", "p": 0.5}]
+        },
+    )
+    user_id: StrictTrackId = Field(description="user id of the input data")
+    k: Annotated[int, Field(strict=True, ge=1)] | None = Field(
+        None, description="number of tracks, 1..max_k (default 25)"
+    )
+    blend: BlendMode = Field("strict", description="how online and offline lists are mixed")
+    p: float = Field(
+        0.5, ge=0, le=1, allow_inf_nan=False, description="probability of the online list"
+    )
+
+
+class HistoryAdded(BaseModel):
+    user_id: int
+    added: int
+    history_length: int
+
+
+class Health(BaseModel):
+    status: str
+    artefacts_loaded: bool
+    history_store: bool
+
+
+def get_recs(request: Request) -> Recommendations:
+    recs = getattr(request.app.state, "recs", None)
+    if recs is None:
+        raise NotReadyError("the service is starting: artefacts are not loaded yet")
+    return recs
+
+
+Recs = Annotated[Recommendations, Depends(get_recs)]
+
+
+def _list_response(recs: Recommendations, tracks: list[int], details: bool, **headers: str
+                   ) -> JSONBytes:
+    body = recs.artefacts.details(tracks) if details else tracks
+    return JSONBytes(body, headers=headers or None)
+
+
+def _problem_response(status: int, problems: list[dict[str, Any]], **extra: Any) -> JSONBytes:
+    message = "; ".join(
+        (" ".join(str(part) for part in p["loc"]) + ": " if p["loc"] else "") + p["msg"]
+        for p in problems
+    )
+    return JSONBytes({"message": message, "detail": problems, **extra}, status_code=status)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every domain error and every validation error becomes a JSON answer with a readable
+    ``message``; ``detail`` keeps FastAPI's list form (loc, msg, type)."""
+
+    async def on_validation(_: Request, exc: RequestValidationError) -> JSONBytes:
+        problems = []
+        for err in exc.errors():
+            msg = err.get("msg", "invalid value")
+            if "input" in err and err.get("type") not in ("missing", "json_invalid"):
+                msg = f"{msg} (got {_short(err['input'])})"
+            problems.append({"loc": list(err.get("loc", [])), "msg": msg, "type": err["type"]})
+        return _problem_response(422, problems)
+
+    async def on_service_error(_: Request, exc: Exception) -> JSONBytes:
+        status = next(
+            (code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400
+        )
+        problems = (
+            exc.problems() if isinstance(exc, ServiceError)
+            else [{"loc": [], "msg": str(exc), "type": type(exc).__name__}]
+        )
+        if status >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc)
+        extra = {"unknown_track_ids": exc.track_ids} if isinstance(exc, UnknownTracksError) else {}
+        return _problem_response(status, problems, **extra)
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONBytes:
+        log.exception("unexpected error")
+        return _problem_response(
+            500, [{"loc": [], "msg": f"internal error: {type(exc).__name__}", "type": "internal"}]
+        )
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(HistoryStoreError, on_service_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def add_routes(app: FastAPI) -> None:
+    """The endpoints of API.md."""
+
+    @app.get("/", summary="what is loaded")
+    def root(recs: Recs) -> JSONBytes:
+        art = recs.artefacts
+        return JSONBytes({
+            "status": "ok",
+            "users_with_recommendations": len(art.offline),
+            "recommendation_rows": art.offline.n_pairs,
+            "tracks": int(art.item_ids.size),
+            "tracks_with_similar": len(art.similar),
+            "similar_pairs": art.similar.n_pairs,
+            "top_popular": int(art.popular.size),
+            "built_at": art.built_at,
+            "run_id": art.run_id,
+            "loaded_at": art.loaded_at,
+            "load_seconds": art.load_seconds,
+            "max_k": recs.settings.max_k,
+            "default_k": recs.settings.default_k,
+        })
+
+    @app.get("/top_popular", response_model=TrackList, summary="most popular tracks")
+    def top_popular_default(recs: Recs, details: Details = False) -> JSONBytes:
+        return _list_response(recs, recs.top_popular(None), details)
+
+    @app.get("/top_popular/{k}", response_model=TrackList, summary="k most popular tracks")
+    def top_popular(k: KPath, recs: Recs, details: Details = False) -> JSONBytes:
+        return _list_response(recs, recs.top_popular(recs.check_k(k, ("path", "k"))), details)
+
+    @app.get("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
+    def similar_get(
+        k: KPath,
+        recs: Recs,
+        track_id: Annotated[
+            list[TrackId],
+            Query(min_length=1, description="a given track id (repeatable)", examples=[[26]]),
+        ],
+        details: Details = False,
+    ) -> JSONBytes:
+        recs.check_k(k, ("path", "k"))
+        return _list_response(recs, recs.get_similar_items(track_id, k), details)
+
+    @app.post("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
+    def similar_post(
+        k: KPath,
+        recs: Recs,
+        track_ids: Annotated[
+            list[StrictTrackId],
+            Body(min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]]),
+        ],
+        details: Details = False,
+    ) -> JSONBytes:
+        recs.check_k(k, ("path", "k"))
+        return _list_response(recs, recs.get_similar_items(track_ids, k), details)
+
+    @app.get("/history/{user_id}", response_model=TrackList, summary="online history")
+    def history_get(user_id: UserIdPath, recs: Recs, details: Details = False) -> JSONBytes:
+        return _list_response(recs, recs.get_user_history(user_id), details)
+
+    @app.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events")
+    def history_post(
+        user_id: UserIdPath,
+        recs: Recs,
+        track_ids: Annotated[
+            list[StrictTrackId],
+            Body(
+                min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]],
+                description="track ids listened to, oldest first (stored all or none)",
+            ),
+        ],
+    ) -> JSONBytes:
+        length = recs.update_user_events(user_id, track_ids)
+        return JSONBytes(
+            {"user_id": user_id, "added": len(track_ids), "history_length": length}
+        )
+
+    @app.get(
+        "/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
+        responses={200: {"headers": {SOURCE_HEADER: {
+            "description": "kinds served: personal, similar, default (joined by +)",
+            "schema": {"type": "string"}}}}},
+    )
+    def recommendations_get(
+        user_id: UserIdPath,
+        recs: Recs,
+        k: KQuery = None,
+        blend: Annotated[BlendMode, Query(description="strict or probability")] = "strict",
+        p: Annotated[
+            float, Query(ge=0, le=1, allow_inf_nan=False, description="online share")
+        ] = 0.5,
+        details: Details = False,
+    ) -> JSONBytes:
+        answer = recs.recommend(user_id, k, blend, p)
+        return _list_response(
+            recs, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
+        )
+
+    @app.post("/recommendations", response_model=TrackList, summary="recommendations")
+    def recommendations_post(
+        request: RecommendationRequest, recs: Recs, details: Details = False
+    ) -> JSONBytes:
+        recs.check_k(request.k, ("body", "k"))
+        answer = recs.recommend(request.user_id, request.k, request.blend, request.p)
+        return _list_response(
+            recs, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
+        )
+
+    @app.get("/stats", summary="how often each kind was served (this worker)")
+    def stats(recs: Recs) -> JSONBytes:
+        return JSONBytes(recs.stats())
+
+    @app.get(
+        "/health", response_model=Health, summary="ready to serve",
+        responses={503: {"model": Health, "description": "not ready"}},
+    )
+    def health(request: Request) -> JSONBytes:
+        recs: Recommendations | None = getattr(request.app.state, "recs", None)
+        loaded = recs is not None and recs._artefacts is not None
+        store_ok = recs is not None and recs.store is not None and recs.store.ping()
+        ok = loaded and store_ok
+        return JSONBytes(
+            {"status": "ok" if ok else "unavailable", "artefacts_loaded": loaded,
+             "history_store": store_ok},
+            status_code=200 if ok else 503,
+        )
+
+
+DESCRIPTION = """
+Personal track recommendations: offline (ALS + ranker) lists, tracks similar to the online
+history, and the most popular tracks, blended per request. Ids are the input data's ids.
+Every list endpoint takes `?details=true` for names instead of ids. Bad input gets a 4xx with
+a `message` naming the problem.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app; ``settings`` default to ``Settings()`` built at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not logging.getLogger().handlers:  # under the uvicorn CLI our INFO lines show too
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        current = settings if settings is not None else Settings()
+        recs = Recommendations(current)
+        recs.load()  # raises DataError naming the file: the service refuses to start
+        recs.open_store()
+        app.state.recs = recs
+        log.info("ready: history store %s", current.history_url)
+        try:
+            yield
+        finally:
+            app.state.recs = None
+            recs.close()
+
+    app = FastAPI(
+        title="Music recommendations", version="1.0", description=DESCRIPTION, lifespan=lifespan
+    )
+    app.state.recs = None
+    install_error_handlers(app)
+    add_routes(app)
+    return app
+
+
+app = create_app()
+
+
+def main() -> None:
+    """``python recommendation_service.py``: uvicorn with host, port, workers from settings."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    settings = Settings()
+    uvicorn.run(
+        "recommendation_service:app", host=settings.host, port=settings.port,
+        workers=settings.workers,
+    )
+
+
+if __name__ == "__main__":
+    main()
