@@ -1,0 +1,161 @@
+"""Array building blocks shared by the stages: id indexes, the listening history, top-k helpers.
+
+Everything here is vectorised numpy over compact dtypes so it holds at 222 M events: ids are
+mapped to dense codes with a lookup table (no sort of the events), a user's history is a slice
+of the events in their file order (``events.parquet`` is sorted by user and track_seq), and
+per-user work is done in batches of users.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from musicrec.columns import Columns as C
+from musicrec.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# A dense lookup table (one int32 per possible id) is used while it stays this small.
+_MAX_LOOKUP_IDS = 400_000_000
+
+
+class IdIndex:
+    """Sorted unique input ids and their dense codes 0..n-1 (code = position in ``ids``)."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        if ids.size and np.any(ids[1:] <= ids[:-1]):
+            raise ValueError("IdIndex needs sorted unique ids")
+        self.ids = ids
+        self._lookup: np.ndarray | None = None
+        if ids.size and ids[0] >= 0 and int(ids[-1]) < _MAX_LOOKUP_IDS:
+            self._lookup = np.full(int(ids[-1]) + 1, -1, dtype=np.int32)
+            self._lookup[ids] = np.arange(ids.size, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    @classmethod
+    def from_values(cls, values: np.ndarray) -> IdIndex:
+        """The index of the distinct values (a presence table instead of a sort when possible)."""
+        values = np.asarray(values)
+        if values.size == 0:
+            return cls(values[:0].astype(np.int64))
+        lo, hi = int(values.min()), int(values.max())
+        if lo >= 0 and hi < _MAX_LOOKUP_IDS:
+            present = np.zeros(hi + 1, dtype=bool)
+            present[values] = True
+            return cls(np.flatnonzero(present).astype(values.dtype))
+        return cls(np.unique(values))
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """int32 codes of ``values``; ids not in the index get -1."""
+        values = np.asarray(values)
+        if self._lookup is not None:
+            out = np.full(values.shape, -1, dtype=np.int32)
+            inside = (values >= 0) & (values < self._lookup.size)
+            out[inside] = self._lookup[values[inside]]
+            return out
+        pos = np.searchsorted(self.ids, values)
+        pos = np.minimum(pos, max(self.ids.size - 1, 0))
+        found = self.ids.size > 0
+        hit = (self.ids[pos] == values) if found else np.zeros(values.shape, dtype=bool)
+        return np.where(hit, pos, -1).astype(np.int32)
+
+
+@dataclass
+class History:
+    """Listening events before ``cutoff`` grouped by user, in the order of the events file.
+
+    ``track_codes[indptr[u]:indptr[u + 1]]`` are the tracks of user code ``u`` (oldest first),
+    ``days`` their day numbers. Users and tracks are only those with at least one event.
+    """
+
+    users: IdIndex
+    tracks: IdIndex
+    indptr: np.ndarray  # int64, n_users + 1
+    track_codes: np.ndarray  # int32, n_events
+    days: np.ndarray  # int16, n_events
+    cutoff: int  # first day NOT in the history
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_tracks(self) -> int:
+        return len(self.tracks)
+
+    @property
+    def n_events(self) -> int:
+        return int(self.track_codes.size)
+
+    def counts(self) -> np.ndarray:
+        """Events per user code."""
+        return np.diff(self.indptr)
+
+
+def build_history(events: pd.DataFrame, cutoff: int) -> History:
+    """Group the events (all before ``cutoff``) by user without sorting them when they are
+    already sorted by user, as ``events.parquet`` is."""
+    if len(events) == 0:
+        raise DataError("no listening events before the cut-off day: nothing to learn from")
+    user_values = events[C.user].to_numpy()
+    track_values = events[C.track].to_numpy()
+    days = events[C.day].to_numpy().astype(np.int16, copy=False)
+    if int(days.max()) >= cutoff:
+        raise ValueError(f"history events reach day {int(days.max())}, at or after {cutoff}")
+    users = IdIndex.from_values(user_values)
+    tracks = IdIndex.from_values(track_values)
+    user_codes = users.codes(user_values)
+    track_codes = tracks.codes(track_values)
+    if user_codes.size > 1 and np.any(user_codes[1:] < user_codes[:-1]):
+        # Not grouped by user: order by user, then day (stable keeps the file order in a day).
+        order = np.lexsort((days, user_codes))
+        user_codes, track_codes, days = user_codes[order], track_codes[order], days[order]
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user_codes, minlength=len(users)), out=indptr[1:])
+    return History(users, tracks, indptr, track_codes, days, cutoff)
+
+
+def gather_rows(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the entries of ``rows`` in a CSR-like layout, and the local row of each."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    total = int(lengths.sum())
+    local = np.repeat(np.arange(rows.size, dtype=np.int32), lengths)
+    offsets = np.zeros(rows.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    positions = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
+    return positions, local
+
+
+def top_k_per_group(
+    groups: np.ndarray, scores: np.ndarray, k: int, tiebreak: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the ``k`` best scores of each group and their 1-based ranks.
+
+    The result is ordered by group, then rank; ties are broken by ``tiebreak`` ascending.
+    """
+    keys = [-scores.astype(np.float64), groups]
+    if tiebreak is not None:
+        keys.insert(0, tiebreak)
+    order = np.lexsort(keys)
+    sorted_groups = groups[order]
+    if order.size == 0:
+        return order, np.zeros(0, dtype=np.int32)
+    starts = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))
+    rank = np.arange(order.size) - group_start + 1
+    keep = rank <= k
+    return order[keep], rank[keep].astype(np.int32)
+
+
+def days_decay(age_days: np.ndarray, half_life_days: float) -> np.ndarray:
+    """Weight of an event ``age_days`` old: 1 today, 0.5 after one half-life."""
+    return np.power(np.float32(0.5), age_days.astype(np.float32) / np.float32(half_life_days))
