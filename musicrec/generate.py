@@ -120,8 +120,6 @@ PRESETS: dict[str, Preset] = {
         chunk_users=60_000,
     ),
 }
-# The real mean is about 3x the median: lognormal sigma = sqrt(2 ln 3).
-EVENTS_SIGMA = float(np.sqrt(2 * np.log(3.0)))
 
 GENRE_NAMES = [
     "pop",
@@ -512,27 +510,56 @@ def _catalogue_tables(
     return tracks, catalog
 
 
-def _user_windows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last active day of each user: many join late, some leave."""
-    start = np.searchsorted(_DAY_CDF, rng.random(n) ** 1.6 * 0.97, side="right")
-    stays = rng.random(n) < 0.62
-    end = np.where(stays, N_DAYS - 1, start + rng.exponential(80.0, n).astype(np.int64))
-    return start, np.minimum(end, N_DAYS - 1)
-
-
 _MONTH_OF_DAY = (YEAR_START + np.arange(N_DAYS).astype("timedelta64[D]")).astype(
     "datetime64[M]"
 ).astype(np.int64) - YEAR_START.astype("datetime64[M]").astype(np.int64)
 
+# Users join through the year (a join day follows the year's volume), 30 % stay to the end,
+# the rest leave after an exponential lifetime. Both the day of an event and the size of a
+# user's history follow a daily weight corrected for how many users are active that day, so
+# that the whole log's monthly volume is the real one (MONTH_VOLUME) and a user who is active
+# longer listens more.
+STAY_SHARE = 0.3
+MEAN_LIFETIME_DAYS = 90.0
+EVENTS_SIGMA = 1.15  # lognormal spread of a user's listening rate
 
-def _day_cdf() -> np.ndarray:
-    """Share of the year's volume up to and including each day (monthly growth as DATA.md)."""
+
+def _target_daily() -> np.ndarray:
     days_in_month = np.bincount(_MONTH_OF_DAY, minlength=N_MONTHS)
     daily = (MONTH_VOLUME / days_in_month)[_MONTH_OF_DAY]
-    return np.cumsum(daily) / daily.sum()
+    return daily / daily.sum()
 
 
-_DAY_CDF = _day_cdf()
+_TARGET_CDF = np.cumsum(_target_daily())
+
+
+def _user_windows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last active day of each of ``n`` users."""
+    start = np.searchsorted(_TARGET_CDF, rng.random(n) * 0.985, side="right")
+    stays = rng.random(n) < STAY_SHARE
+    lifetime = rng.exponential(MEAN_LIFETIME_DAYS, n).astype(np.int64)
+    end = np.where(stays, N_DAYS - 1, start + lifetime)
+    return start, np.minimum(end, N_DAYS - 1)
+
+
+def _activity_weights() -> tuple[np.ndarray, float]:
+    """Cumulative daily weight W (W[d] = weight before day d) and the median window mass.
+
+    The weight of a day is the target volume divided by the expected share of active users,
+    computed once from a fixed sample of windows.
+    """
+    start, end = _user_windows(np.random.default_rng(0), 200_000)
+    change = np.zeros(N_DAYS + 1)
+    np.add.at(change, start, 1.0)
+    np.add.at(change, end + 1, -1.0)
+    active = np.cumsum(change)[:N_DAYS] / len(start)
+    weight = _target_daily() / np.maximum(active, 1e-3)
+    cum = np.concatenate([[0.0], np.cumsum(weight)])
+    cum /= cum[-1]
+    return cum, float(np.median(cum[end + 1] - cum[start]))
+
+
+_W, _MEDIAN_MASS = _activity_weights()
 
 
 def _draw_segment(
@@ -548,92 +575,139 @@ def _draw_segment(
     return order[np.minimum(pos, len(order) - 1)], ok
 
 
-def _chunk_events(
-    p: Preset, cat: _Catalogue, user_ids: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Events of one chunk of users: (user_id, track index, day) arrays, unique pairs."""
-    n_users = len(user_ids)
+@dataclass
+class _Users:
+    """One chunk of users: activity window, history size and tastes."""
+
+    n_events: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    early: np.ndarray  # favourite genres at the start of the window (users x k)
+    late: np.ndarray  # ... and at its end: a few have changed
+    genre_cum: np.ndarray  # cumulative preference over the k genre slots
+    fav_artist: np.ndarray  # favourite artists (users x k)
+    mix: np.ndarray  # cumulative share of popular / genre / artist listening
+
+
+K_GENRES = 4
+K_ARTISTS = 8
+
+
+def _draw_users(p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generator) -> _Users:
     n_genres = len(cat.genre_pop)
-    n_events = np.clip(
-        np.round(rng.lognormal(np.log(p.median_events), EVENTS_SIGMA, n_users)), 1, p.max_events
-    ).astype(np.int64)
     start, end = _user_windows(rng, n_users)
-
-    # tastes: 1-4 favourite genres per profile (early, late), drawn with a flattened
-    # popularity so that niche genres have fans; favourite artists inside those genres
-    k_genres = 4
+    mass = _W[end + 1] - _W[start]
+    rate = rng.lognormal(np.log(p.median_events), EVENTS_SIGMA, n_users)
+    n_events = np.clip(np.round(rate * mass / _MEDIAN_MASS), 1, p.max_events).astype(np.int64)
+    # favourite genres drawn with a flattened popularity, so niche genres have fans
     genre_p = cat.genre_pop**0.6 / (cat.genre_pop**0.6).sum()
-    early = rng.choice(n_genres, size=(n_users, k_genres), p=genre_p)
+    early = rng.choice(n_genres, size=(n_users, K_GENRES), p=genre_p)
     late = early.copy()
-    drift = rng.random((n_users, k_genres)) < 0.3
+    drift = rng.random((n_users, K_GENRES)) < 0.3
     late[drift] = rng.choice(n_genres, size=int(drift.sum()), p=genre_p)
-    genre_w = rng.dirichlet(np.full(k_genres, 0.5), n_users).cumsum(1)
-    k_artists = 8
-    fav_genre = np.where(
-        rng.random((n_users, k_artists)) < 0.5,
-        early[:, :1],
-        early[np.arange(n_users)[:, None], rng.integers(0, k_genres, (n_users, k_artists))],
-    )
+    # favourite artists: half from the first genre, half from any favourite genre
+    slots = rng.integers(0, K_GENRES, (n_users, K_ARTISTS))
+    slots[rng.random((n_users, K_ARTISTS)) < 0.5] = 0
+    fav_genre = early[np.arange(n_users)[:, None], slots]
     fav_artist, _ = _draw_segment(
-        cat.artist_by_genre,
-        cat.artist_by_genre_order,
-        fav_genre.ravel(),
-        rng.random(fav_genre.size),
+        cat.artist_by_genre, cat.artist_by_genre_order, fav_genre.ravel(), rng.random(slots.size)
     )
-    fav_artist = fav_artist.reshape(n_users, k_artists)
-    # listening mix: mainstream (popularity), genre, favourite artists
-    mix = rng.dirichlet([1.5, 4.0, 3.0], n_users).cumsum(1)
+    return _Users(
+        n_events=n_events,
+        start=start,
+        end=end,
+        early=early,
+        late=late,
+        genre_cum=rng.dirichlet(np.full(K_GENRES, 0.5), n_users).cumsum(1),
+        fav_artist=fav_artist.reshape(n_users, K_ARTISTS),
+        mix=rng.dirichlet([1.5, 4.0, 3.0], n_users).cumsum(1),
+    )
 
-    # oversample draws, keep the first unique (user, track) pairs
-    n_draws = np.ceil(n_events * 1.4 + 5).astype(np.int64)
-    user = np.repeat(np.arange(n_users), n_draws)
-    lo, hi = _day_cdf_at(start), _day_cdf_at(end + 1)
+
+def _draw_events(
+    cat: _Catalogue,
+    users: _Users,
+    who: np.ndarray,
+    n_draws: np.ndarray,
+    rng: np.random.Generator,
+    popular_only: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n_draws[i]`` events of user ``who[i]``: (user, track index, day), repeats possible."""
+    user = np.repeat(who, n_draws)
+    lo, hi = _W[users.start], _W[users.end + 1]
     v = lo[user] + rng.random(len(user)) * (hi[user] - lo[user])
-    day = np.minimum(np.searchsorted(_DAY_CDF, v, side="right"), N_DAYS - 1)
+    day = np.clip(np.searchsorted(_W, v, side="right") - 1, users.start[user], users.end[user])
     month = _MONTH_OF_DAY[day]
-    span = np.maximum(end - start, 1)[user]
-    is_late = rng.random(len(user)) < (day - start[user]) / span
-    pick = rng.random(len(user))
-    source = (pick[:, None] > mix[user]).sum(1)  # 0 popular, 1 genre, 2 artist
+    span = np.maximum(users.end - users.start, 1)[user]
+    is_late = rng.random(len(user)) < (day - users.start[user]) / span
+    if popular_only:
+        source = np.zeros(len(user), np.int64)
+    else:  # 0 popular, 1 genre, 2 artist
+        source = (rng.random(len(user))[:, None] > users.mix[user]).sum(1)
 
     track = np.empty(len(user), np.int64)
     u = rng.random(len(user))
     for m in range(N_MONTHS):
         in_month = month == m
-        # popular
-        sel = in_month & (source == 0)
         cum = cat.global_cum[m]
+        sel = in_month & (source == 0)
         track[sel] = np.searchsorted(cum, u[sel] * cum[-1], side="right")
-        # genre
+
         sel = np.flatnonzero(in_month & (source == 1))
-        slot = (rng.random(len(sel))[:, None] > genre_w[user[sel]]).sum(1).clip(0, k_genres - 1)
-        genres = np.where(is_late[sel], late[user[sel], slot], early[user[sel], slot])
+        slot = (rng.random(len(sel))[:, None] > users.genre_cum[user[sel]]).sum(1)
+        slot = slot.clip(0, K_GENRES - 1)
+        genres = np.where(is_late[sel], users.late[user[sel], slot], users.early[user[sel], slot])
         drawn, ok = _draw_segment(cat.genre_tables[m], cat.genre_order, genres, u[sel])
         track[sel] = np.where(ok, drawn, np.searchsorted(cum, u[sel] * cum[-1], side="right"))
-        # artist
+
         sel = np.flatnonzero(in_month & (source == 2))
-        artists = fav_artist[user[sel], rng.integers(0, k_artists, len(sel))]
+        artists = users.fav_artist[user[sel], rng.integers(0, K_ARTISTS, len(sel))]
         drawn, ok = _draw_segment(cat.artist_tables[m], cat.artist_order, artists, u[sel])
         track[sel] = np.where(ok, drawn, np.searchsorted(cum, u[sel] * cum[-1], side="right"))
-    track = np.minimum(track, len(cat.track_ids) - 1)
+    return user, np.minimum(track, len(cat.track_ids) - 1), day
 
-    # unique pairs, then a random subset of each user's pairs of the wanted size
-    key = user * len(cat.track_ids) + track
-    _, first = np.unique(key, return_index=True)
-    user, track, day = user[first], track[first], day[first]
-    priority = rng.random(len(user))
-    order = np.lexsort((priority, user))
+
+def _chunk_events(
+    p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Events of one chunk of users: (user index, track index, day), unique pairs.
+
+    Draws with repeats, keeps the first draw of each (user, track) pair and draws again for
+    users still short (a heavy listener exhausts their favourite genres, so the last rounds
+    draw from overall popularity), then keeps a random subset of the wanted size per user.
+    """
+    users = _draw_users(p, cat, n_users, rng)
+    n_tracks = len(cat.track_ids)
+    user = np.zeros(0, np.int64)
+    track = np.zeros(0, np.int64)
+    day = np.zeros(0, np.int64)
+    who, need = np.arange(n_users), users.n_events
+    for attempt in range(4):
+        got = _draw_events(
+            cat,
+            users,
+            who,
+            np.ceil(need * 1.3 + 5).astype(np.int64),
+            rng,
+            popular_only=attempt >= 2,
+        )
+        user, track, day = (
+            np.concatenate([a, b]) for a, b in zip((user, track, day), got, strict=True)
+        )
+        _, first = np.unique(user * n_tracks + track, return_index=True)
+        first.sort()  # earlier rounds first
+        user, track, day = user[first], track[first], day[first]
+        have = np.bincount(user, minlength=n_users)
+        short = have < users.n_events
+        if not short.any():
+            break
+        who, need = np.flatnonzero(short), (users.n_events - have)[short]
+
+    order = np.lexsort((rng.random(len(user)), user))
     user, track, day = user[order], track[order], day[order]
-    group_start = np.searchsorted(user, np.arange(n_users))
-    rank = np.arange(len(user)) - group_start[user]
-    keep = rank < n_events[user]
+    rank = np.arange(len(user)) - np.searchsorted(user, user)
+    keep = rank < users.n_events[user]
     return user[keep], track[keep], day[keep]
-
-
-def _day_cdf_at(day: np.ndarray) -> np.ndarray:
-    """Share of the year's volume before ``day`` (0 at day 0, 1 at day 365)."""
-    padded = np.concatenate([[0.0], _DAY_CDF])
-    return padded[np.clip(day, 0, N_DAYS)]
 
 
 def _events_table(
@@ -696,7 +770,7 @@ def generate(preset: str, out_dir: Path, seed: int = 42) -> dict[str, int]:
         ):
             chunk_rng = np.random.default_rng([seed, index])
             ids = user_ids[first : first + p.chunk_users]
-            user, track, day = _chunk_events(p, cat, ids, chunk_rng)
+            user, track, day = _chunk_events(p, cat, len(ids), chunk_rng)
             seen[track] = True
             if first + p.chunk_users >= p.users:
                 user, track, day = _cover_unseen(seen, user, track, day, len(ids), chunk_rng)
