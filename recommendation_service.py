@@ -134,7 +134,8 @@ class RankedLists:
         """Row index of ``key``, or -1."""
         if not 0 <= key <= INT32_MAX:
             return -1
-        i = int(np.searchsorted(self.keys, key))
+        # an int32 needle: a Python int would make numpy cast the whole key array to int64
+        i = int(np.searchsorted(self.keys, np.int32(key)))
         return i if i < self.keys.size and self.keys[i] == key else -1
 
     def __contains__(self, key: int) -> bool:
@@ -172,22 +173,29 @@ class Artefacts:
         ids = np.asarray(track_ids, dtype=np.int64)
         if ids.size == 0:
             return []
-        if self.item_ids.size == 0:
-            unknown = ids
-        else:
-            pos = np.minimum(np.searchsorted(self.item_ids, ids), self.item_ids.size - 1)
-            unknown = ids[self.item_ids[pos] != ids]
+        unknown = ids[self._rows(ids) < 0]
         _, first = np.unique(unknown, return_index=True)
         return [int(x) for x in unknown[np.sort(first)]]
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row in ``items`` of each id, -1 for an id not in the catalogue."""
+        rows = np.full(ids.size, -1, dtype=np.int64)
+        valid = (ids >= 0) & (ids <= INT32_MAX)
+        if self.item_ids.size == 0 or not valid.any():
+            return rows
+        needles = ids[valid].astype(np.int32)  # int32, so item_ids is not cast to int64
+        pos = np.minimum(np.searchsorted(self.item_ids, needles), self.item_ids.size - 1)
+        hit = self.item_ids[pos] == needles
+        rows[np.flatnonzero(valid)[hit]] = self.item_rows[pos[hit]]
+        return rows
 
     def details(self, track_ids: Sequence[int]) -> list[dict[str, Any]]:
         """``{track_id, name, artists, albums, genres}`` for each id, in order."""
         ids = np.asarray(track_ids, dtype=np.int64)
         if ids.size == 0:
             return []
-        pos = np.minimum(np.searchsorted(self.item_ids, ids), self.item_ids.size - 1)
-        found = self.item_ids[pos] == ids
-        rows = self.items.take(pa.array(self.item_rows[pos[found]])).to_pylist()
+        rows_of = self._rows(ids)
+        rows = self.items.take(pa.array(rows_of[rows_of >= 0])).to_pylist()
         by_id = {row[C.track]: row for row in rows}
         empty = {C.name: None, C.artists: [], C.albums: [], C.genres: []}
         return [
@@ -241,15 +249,17 @@ def _read_schema(path: Path) -> pa.Schema:
 
 def _check_sorted(path: Path, keys: np.ndarray, ranks: np.ndarray, key_name: str) -> None:
     """The CSR form needs rows sorted by key, then rank; refuse a file that is not."""
-    if keys.size < 2:
-        return
-    same = keys[1:] == keys[:-1]
-    if np.any(keys[1:] < keys[:-1]) or np.any(ranks[1:][same] <= ranks[:-1][same]):
-        raise DataError(f"{path}: rows are not sorted by {key_name}, rank")
+    chunk = 8_000_000  # bounded temporaries: a whole-array check would cost ~1 GB at full size
+    for start in range(0, max(keys.size - 1, 0), chunk):
+        stop = min(start + chunk + 1, keys.size)
+        k, r = keys[start:stop], ranks[start:stop]
+        same = k[1:] == k[:-1]
+        if np.any(k[1:] < k[:-1]) or np.any(r[1:][same] <= r[:-1][same]):
+            raise DataError(f"{path}: rows are not sorted by {key_name}, rank")
 
 
 def _load_ranked(path: Path, key: str, value: str, with_scores: bool) -> RankedLists:
-    wanted = {key: pa.int32(), value: pa.int32(), C.rank: pa.int32()}
+    wanted = {key: pa.int32(), value: pa.int32(), C.rank: pa.int16()}
     if with_scores:
         wanted[C.score] = pa.float32()
     cols = _read_columns(path, wanted)
@@ -269,7 +279,8 @@ def _load_items(path: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     if missing:
         raise DataError(f"{path}: columns missing: {missing} (columns: {schema.names})")
     try:
-        table = pq.read_table(path, columns=names)
+        # one chunk per column: take() on a table of many row groups is far slower
+        table = pq.read_table(path, columns=names).combine_chunks()
         ids = table.column(C.track).cast(pa.int32()).to_numpy()
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
@@ -323,6 +334,7 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
     if built_at is None:
         mtime = paths[io.RECOMMENDATIONS].stat().st_mtime
         built_at = datetime.fromtimestamp(mtime, UTC).isoformat()
+    pa.default_memory_pool().release_unused()  # hand the read buffers back to the OS now
     seconds = time.perf_counter() - started
     log.info("artefacts from %s loaded in %.1f s", parquet_dir, seconds)
     return Artefacts(
@@ -502,8 +514,8 @@ class Recommendations:
             tracks = blended_list(online, offline, blend, p, request_seed(user_id, k, p))
         elif history:
             kinds, tracks = ("similar",), [int(t) for t in online]
-        elif has_offline:
-            kinds, tracks = ("personal",), [int(t) for t in offline]
+        elif has_offline:  # dict.fromkeys: no duplicates even if a row repeated a track
+            kinds, tracks = ("personal",), list(dict.fromkeys(int(t) for t in offline[:2 * k]))
         else:
             kinds, tracks = ("default",), []
         tracks = self._fill(art, tracks[:k], heard, k)
