@@ -318,40 +318,70 @@ def _sparse_ids(rng: np.random.Generator, n: int, low: int, high: int) -> np.nda
     return np.sort(np.concatenate([[low, high], inner])).astype(np.int64)
 
 
-def _segment_cumsum(
-    weights: np.ndarray, order: np.ndarray, segment_of: np.ndarray, n_segments: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative weights of items sorted by segment, and each segment's start and total.
+@dataclass
+class _Pool:
+    """Pre-drawn tracks per (month, segment) so that one draw is an O(1) gather.
 
-    Drawing an item of segment ``s`` proportionally to its weight is then one
-    ``searchsorted(cum, start[s] + u * total[s])`` — vectorised over millions of draws.
+    For each month and segment (the whole catalogue, a genre or an artist) the pool holds
+    tracks drawn by weight with stratified uniforms — at least ``min_per_segment`` of them, so
+    a small segment keeps its variety — and a draw picks one at random.
     """
-    w = weights[order]
-    cum = np.cumsum(w, dtype=np.float64)
-    total = np.bincount(segment_of[order], weights=w, minlength=n_segments)
-    start = np.concatenate([[0.0], np.cumsum(total)[:-1]])
-    return cum, start, total
+
+    items: np.ndarray  # track indices, all months and segments one after another
+    start: np.ndarray  # (months, segments): first position of a segment's tracks
+    count: np.ndarray  # (months, segments): how many; 0 when the segment has no weight
+
+    def draw(
+        self, month: np.ndarray, segment: np.ndarray, u: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        count = self.count[month, segment]
+        pos = self.start[month, segment] + (u * count).astype(np.int64)
+        ok = count > 0
+        return self.items[np.where(ok, pos, 0)], ok
+
+
+def _build_pool(
+    monthly: np.ndarray,
+    segment_of: np.ndarray,
+    n_segments: int,
+    size: int,
+    min_per_segment: int,
+    rng: np.random.Generator,
+) -> _Pool:
+    order = np.argsort(segment_of, kind="stable")
+    sorted_segment = segment_of[order]
+    items, starts, counts = [], [], []
+    offset = 0
+    for weights in monthly:
+        w = weights[order]
+        cum = np.cumsum(w)
+        total = np.bincount(sorted_segment, weights=w, minlength=n_segments)
+        seg_start = np.concatenate([[0.0], np.cumsum(total)[:-1]])
+        count = np.where(
+            total > 0, np.maximum(min_per_segment, np.round(total / total.sum() * size)), 0
+        ).astype(np.int64)
+        first = np.concatenate([[0], np.cumsum(count)[:-1]])
+        segment = np.repeat(np.arange(n_segments), count)
+        within = np.arange(count.sum()) - first[segment]
+        u = (within + rng.random(len(segment))) / count[segment]  # sorted inside a segment
+        pos = np.searchsorted(cum, seg_start[segment] + u * total[segment], side="right")
+        items.append(order[np.minimum(pos, len(order) - 1)].astype(np.int32))
+        starts.append(first + offset)
+        counts.append(count)
+        offset += int(count.sum())
+    return _Pool(np.concatenate(items), np.stack(starts), np.stack(counts))
 
 
 @dataclass
 class _Catalogue:
-    """The generated catalogue and the tables that make per-event draws vectorised."""
+    """The generated catalogue and the pools that make per-event draws vectorised."""
 
     track_ids: np.ndarray
-    track_artist: np.ndarray
-    track_genre: np.ndarray
     genre_pop: np.ndarray
-    artist_genre: np.ndarray
-    artist_pop: np.ndarray
-    # per month: cumulative track weights in three orders (global, by genre, by artist)
-    global_cum: list[np.ndarray]
-    genre_order: np.ndarray
-    genre_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    artist_order: np.ndarray
-    artist_tables: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    # artists by genre for drawing favourite artists
-    artist_by_genre: tuple[np.ndarray, np.ndarray, np.ndarray]
-    artist_by_genre_order: np.ndarray
+    popular: _Pool  # by popularity over the whole catalogue
+    by_genre: _Pool
+    by_artist: _Pool
+    artist_by_genre: _Pool  # favourite artists: one "month", segments are genres
 
 
 def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, pa.Table, pa.Table]:
@@ -384,17 +414,13 @@ def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, p
         ),
     )
 
-    genre_order = np.argsort(track_genre, kind="stable")
-    artist_order = np.argsort(track_artist, kind="stable")
-    global_cum = [np.cumsum(monthly[m]) for m in range(N_MONTHS)]
-    genre_tables = [
-        _segment_cumsum(monthly[m], genre_order, track_genre, n_genres) for m in range(N_MONTHS)
-    ]
-    artist_tables = [
-        _segment_cumsum(monthly[m], artist_order, track_artist, p.artists) for m in range(N_MONTHS)
-    ]
-    by_genre_order = np.argsort(artist_genre, kind="stable")
-    artist_by_genre = _segment_cumsum(artist_pop, by_genre_order, artist_genre, n_genres)
+    pool_size = 4 * p.tracks
+    popular = _build_pool(monthly, np.zeros(p.tracks, np.int64), 1, pool_size, 1, rng)
+    by_genre = _build_pool(monthly, track_genre, n_genres, pool_size, 64, rng)
+    by_artist = _build_pool(monthly, track_artist, p.artists, pool_size // 2, 16, rng)
+    artist_by_genre = _build_pool(
+        artist_pop[None, :], artist_genre, n_genres, 4 * p.artists, 16, rng
+    )
     del monthly
 
     track_ids = _sparse_ids(rng, p.tracks, 26, p.max_track_id)
@@ -403,18 +429,11 @@ def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, p
     )
     cat = _Catalogue(
         track_ids=track_ids,
-        track_artist=track_artist,
-        track_genre=track_genre,
         genre_pop=genre_pop,
-        artist_genre=artist_genre,
-        artist_pop=artist_pop,
-        global_cum=global_cum,
-        genre_order=genre_order,
-        genre_tables=genre_tables,
-        artist_order=artist_order,
-        artist_tables=artist_tables,
+        popular=popular,
+        by_genre=by_genre,
+        by_artist=by_artist,
         artist_by_genre=artist_by_genre,
-        artist_by_genre_order=by_genre_order,
     )
     return cat, tracks, catalog
 
@@ -562,19 +581,6 @@ def _activity_weights() -> tuple[np.ndarray, float]:
 _W, _MEDIAN_MASS = _activity_weights()
 
 
-def _draw_segment(
-    tables: tuple[np.ndarray, np.ndarray, np.ndarray],
-    order: np.ndarray,
-    segment: np.ndarray,
-    u: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one item of each given segment by weight; also say which draws were possible."""
-    cum, start, total = tables
-    ok = total[segment] > 0
-    pos = np.searchsorted(cum, start[segment] + u * total[segment], side="right")
-    return order[np.minimum(pos, len(order) - 1)], ok
-
-
 @dataclass
 class _Users:
     """One chunk of users: activity window, history size and tastes."""
@@ -609,8 +615,8 @@ def _draw_users(p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generat
     slots = rng.integers(0, K_GENRES, (n_users, K_ARTISTS))
     slots[rng.random((n_users, K_ARTISTS)) < 0.5] = 0
     fav_genre = early[np.arange(n_users)[:, None], slots]
-    fav_artist, _ = _draw_segment(
-        cat.artist_by_genre, cat.artist_by_genre_order, fav_genre.ravel(), rng.random(slots.size)
+    fav_artist, _ = cat.artist_by_genre.draw(
+        np.zeros(slots.size, np.int64), fav_genre.ravel(), rng.random(slots.size)
     )
     return _Users(
         n_events=n_events,
@@ -643,28 +649,22 @@ def _draw_events(
     if popular_only:
         source = np.zeros(len(user), np.int64)
     else:  # 0 popular, 1 genre, 2 artist
-        source = (rng.random(len(user))[:, None] > users.mix[user]).sum(1)
+        r = rng.random(len(user))
+        source = (r > users.mix[user, 0]).astype(np.int8) + (r > users.mix[user, 1])
 
-    track = np.empty(len(user), np.int64)
     u = rng.random(len(user))
-    for m in range(N_MONTHS):
-        in_month = month == m
-        cum = cat.global_cum[m]
-        sel = in_month & (source == 0)
-        track[sel] = np.searchsorted(cum, u[sel] * cum[-1], side="right")
-
-        sel = np.flatnonzero(in_month & (source == 1))
-        slot = (rng.random(len(sel))[:, None] > users.genre_cum[user[sel]]).sum(1)
-        slot = slot.clip(0, K_GENRES - 1)
-        genres = np.where(is_late[sel], users.late[user[sel], slot], users.early[user[sel], slot])
-        drawn, ok = _draw_segment(cat.genre_tables[m], cat.genre_order, genres, u[sel])
-        track[sel] = np.where(ok, drawn, np.searchsorted(cum, u[sel] * cum[-1], side="right"))
-
-        sel = np.flatnonzero(in_month & (source == 2))
-        artists = users.fav_artist[user[sel], rng.integers(0, K_ARTISTS, len(sel))]
-        drawn, ok = _draw_segment(cat.artist_tables[m], cat.artist_order, artists, u[sel])
-        track[sel] = np.where(ok, drawn, np.searchsorted(cum, u[sel] * cum[-1], side="right"))
-    return user, np.minimum(track, len(cat.track_ids) - 1), day
+    track, _ = cat.popular.draw(month, np.zeros(len(user), np.int64), u)
+    sel = np.flatnonzero(source == 1)
+    slot = (rng.random(len(sel))[:, None] > users.genre_cum[user[sel]]).sum(1)
+    slot = slot.clip(0, K_GENRES - 1)
+    genres = np.where(is_late[sel], users.late[user[sel], slot], users.early[user[sel], slot])
+    drawn, ok = cat.by_genre.draw(month[sel], genres, u[sel])
+    track[sel[ok]] = drawn[ok]
+    sel = np.flatnonzero(source == 2)
+    artists = users.fav_artist[user[sel], rng.integers(0, K_ARTISTS, len(sel))]
+    drawn, ok = cat.by_artist.draw(month[sel], artists, u[sel])
+    track[sel[ok]] = drawn[ok]
+    return user, track.astype(np.int64), day
 
 
 def _chunk_events(
@@ -703,7 +703,8 @@ def _chunk_events(
             break
         who, need = np.flatnonzero(short), (users.n_events - have)[short]
 
-    order = np.lexsort((rng.random(len(user)), user))
+    # draws are independent, so a user's first unique draws are a random subset of them
+    order = np.argsort(user, kind="stable")
     user, track, day = user[order], track[order], day[order]
     rank = np.arange(len(user)) - np.searchsorted(user, user)
     keep = rank < users.n_events[user]
@@ -716,10 +717,12 @@ def _events_table(
     track_ids: np.ndarray,
     track: np.ndarray,
     day: np.ndarray,
-    rng: np.random.Generator,
 ) -> pa.Table:
-    """Sort a chunk by user and day and number each user's events (track_seq)."""
-    order = np.lexsort((rng.random(len(user)), day, user))
+    """Sort a chunk by user and day and number each user's events (track_seq).
+
+    Events of one day keep their (random) draw order.
+    """
+    order = np.argsort(user.astype(np.int64) * N_DAYS + day, kind="stable")
     user, track, day = user[order], track[order], day[order]
     group_start = np.searchsorted(user, user)
     seq = np.arange(len(user)) - group_start + 1
@@ -774,7 +777,7 @@ def generate(preset: str, out_dir: Path, seed: int = 42) -> dict[str, int]:
             seen[track] = True
             if first + p.chunk_users >= p.users:
                 user, track, day = _cover_unseen(seen, user, track, day, len(ids), chunk_rng)
-            table = _events_table(ids, user, cat.track_ids, track, day, chunk_rng)
+            table = _events_table(ids, user, cat.track_ids, track, day)
             writer.write_table(table, row_group_size=2_000_000)
             n_events += table.num_rows
     log.info(
