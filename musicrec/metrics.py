@@ -57,6 +57,8 @@ METRIC_COLUMNS = (
 # value); sparser ids fall back to sorted arrays.
 _DENSE_SPAN = 1 << 27  # a table of at most 512 MB (int32) / 128 MB (bool)
 _TRAIN_CHUNK = 1 << 24
+# Packed keys hold (user index, track id[, rank]); track ids are non-negative int32.
+TRACK_BITS = 31
 
 
 # --- id helpers ------------------------------------------------------------------------------
@@ -75,7 +77,34 @@ def _distinct(values: np.ndarray) -> np.ndarray:
         seen = np.zeros(hi - lo + 1, dtype=bool)
         seen[values - lo] = True
         return np.flatnonzero(seen).astype(np.int64) + lo
-    return np.unique(values).astype(np.int64)
+    return _sorted_unique(values).astype(np.int64)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting (numpy's hash-based unique is several times slower on int64 keys)."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]]
+
+
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct non-negative values and each value's position among them, with one sort.
+
+    The row number rides in the low bits of one packed int64, so a plain ``np.sort`` does the
+    work of ``np.unique(return_inverse=True)`` (an argsort, ten times slower).
+    """
+    n = len(values)
+    row_bits = max(n.bit_length(), 1)
+    if n == 0 or int(values.max()).bit_length() + row_bits > 63:
+        distinct, inverse = np.unique(values, return_inverse=True)
+        return distinct.astype(np.int64), inverse.astype(np.int64)
+    packed = np.sort((_as_int64(values) << row_bits) | np.arange(n, dtype=np.int64))
+    ordered = packed >> row_bits
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[packed & ((1 << row_bits) - 1)] = np.cumsum(first) - 1
+    return ordered[first], inverse
 
 
 class _IdSet:
@@ -86,7 +115,7 @@ class _IdSet:
     """
 
     def __init__(self, ids: np.ndarray, positions: bool = True) -> None:
-        self.ids = _distinct(_as_int64(ids))
+        self.ids = _distinct(np.asarray(ids))
         self.positions = positions
         self.lo = int(self.ids[0]) if len(self.ids) else 0
         self.hi = int(self.ids[-1]) if len(self.ids) else -1
@@ -154,21 +183,54 @@ class _TrainIndex:
 
     user: np.ndarray
     track: np.ndarray
-    n_users: int
+    users: _IdSet  # distinct train users
     track_ids: np.ndarray  # sorted distinct tracks heard in train
     listeners: np.ndarray  # events (= listeners) per track in track_ids
+    # sorted (user index, track) keys for the heard check, made for one user index
+    pairs: np.ndarray | None = None
+    pair_users: _IdSet | None = None
 
     @classmethod
     def build(cls, train: pd.DataFrame) -> _TrainIndex:
         _check_columns(train, [C.user, C.track], "train")
         user = train[C.user].to_numpy()
         track = train[C.track].to_numpy()
-        n_users = len(_distinct(user))
+        _check_track_ids(track, "train")
         ordered = np.sort(track)  # counting by sort: bincount scatters over the id span
         starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else []
         starts = np.asarray(starts, dtype=np.int64)
         counts = np.diff(np.r_[starts, len(ordered)])
-        return cls(user, track, n_users, ordered[starts].astype(np.int64), counts)
+        users = _IdSet(user, positions=False)
+        return cls(user, track, users, ordered[starts].astype(np.int64), counts)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users.ids)
+
+
+@dataclass
+class _TestIndex:
+    """The distinct (user index, track) pairs of the test period as sorted packed keys."""
+
+    users: _IdSet
+    keys: np.ndarray
+    n_relevant: np.ndarray  # distinct test tracks per user
+
+    @classmethod
+    def build(cls, test: pd.DataFrame, users: _IdSet) -> _TestIndex:
+        _check_columns(test, [C.user, C.track], "test events")
+        track = test[C.track].to_numpy()
+        _check_track_ids(track, "test events")
+        uidx = users.index(test[C.user].to_numpy())
+        ok = uidx >= 0
+        keys = _sorted_unique((uidx[ok] << TRACK_BITS) | track[ok])
+        n_relevant = np.bincount(keys >> TRACK_BITS, minlength=len(users.ids))
+        return cls(users, keys, n_relevant)
+
+
+def _check_track_ids(track: np.ndarray, what: str) -> None:
+    if len(track) and (int(track.min()) < 0 or int(track.max()) >= 1 << TRACK_BITS):
+        raise ValueError(f"{what}: track ids must lie in [0, 2**31) (int32, non-negative)")
 
 
 @dataclass
@@ -203,11 +265,15 @@ class HitTable:
         cls,
         reco: pd.DataFrame,
         k_max: int,
-        test: pd.DataFrame | None = None,
+        test: pd.DataFrame | _TestIndex | None = None,
         train: pd.DataFrame | _TrainIndex | None = None,
         users: np.ndarray | None = None,
     ) -> HitTable:
-        """Truncate ``reco`` to ``k_max``, keep ``users`` (default: test users, else reco users)."""
+        """Truncate ``reco`` to ``k_max`` and keep the evaluated users' rows.
+
+        Evaluated users: ``users`` if given, else the users of ``test``, else those of ``reco``.
+        ``test``/``train`` may be indexes built once for several sources (see ``evaluate``).
+        """
         _check_columns(reco, [C.user, C.track, C.rank], "recommendations")
         k_max = _check_k(k_max)
         rank_all = reco[C.rank].to_numpy()
@@ -217,56 +283,51 @@ class HitTable:
         all_user = reco[C.user].to_numpy()[top]
         all_track = reco[C.track].to_numpy()[top]
         all_rank = rank_all[top].astype(np.int64)
-        if len(all_track) and int(all_track.min()) < 0:
-            raise ValueError("track ids must be non-negative")
+        _check_track_ids(all_track, "recommendations")
 
-        if test is not None:
-            _check_columns(test, [C.user, C.track], "test events")
-        if users is None:
-            users = test[C.user].to_numpy() if test is not None else all_user
-        user_index = _IdSet(users)
+        if isinstance(test, _TestIndex):
+            user_index = test.users
+        else:
+            if users is None:
+                users = test[C.user].to_numpy() if test is not None else all_user
+            user_index = _IdSet(users)
+            if test is not None:
+                test = _TestIndex.build(test, user_index)
         users = user_index.ids
 
         uidx = user_index.index(all_user)
         keep = uidx >= 0
         uidx, track, rank = uidx[keep], _as_int64(all_track[keep]), all_rank[keep]
 
-        # Test tracks share the key layout, so the track field must hold the largest of both.
-        max_track = int(track.max()) if len(track) else 0
-        if test is not None and len(test):
-            max_track = max(max_track, int(test[C.track].max()))
-        track_bits = max(max_track.bit_length(), 1)
         rank_bits = k_max.bit_length()
-        user_bits = max(len(users).bit_length(), 1)
-        if user_bits + track_bits + rank_bits > 63:
-            raise ValueError("too many users or too large track ids to pack into int64 keys")
-        packed = np.sort((uidx << (track_bits + rank_bits)) | (track << rank_bits) | rank)
+        if max(len(users).bit_length(), 1) + TRACK_BITS + rank_bits > 63:
+            raise ValueError(f"{len(users)} users with k={k_max} do not fit packed int64 keys")
+        packed = np.sort((uidx << (TRACK_BITS + rank_bits)) | (track << rank_bits) | rank)
         pair = packed >> rank_bits  # (user index, track id): the key shared with test/train
         if len(pair) > 1 and np.any(pair[1:] == pair[:-1]):
             dup = int(pair[1:][pair[1:] == pair[:-1]][0])
             raise ValueError(
-                f"recommendations repeat track {dup & ((1 << track_bits) - 1)} for user "
-                f"{users[dup >> track_bits]}; every (user, track) pair must be listed once"
+                f"recommendations repeat track {dup & ((1 << TRACK_BITS) - 1)} for user "
+                f"{users[dup >> TRACK_BITS]}; every (user, track) pair must be listed once"
             )
-        row_user = pair >> track_bits
-        row_track = pair & ((1 << track_bits) - 1)
+        row_user = pair >> TRACK_BITS
+        row_track = pair & ((1 << TRACK_BITS) - 1)
         row_rank = packed & ((1 << rank_bits) - 1)
 
         n_relevant = hit = cum_hits = None
         if test is not None:
-            t_uidx = user_index.index(test[C.user].to_numpy())
-            t_track = _as_int64(test[C.track].to_numpy())
-            ok = (t_uidx >= 0) & (t_track >= 0)
-            t_keys = np.unique((t_uidx[ok] << track_bits) | t_track[ok])  # fits: 63 bits
-            n_relevant = np.bincount(t_keys >> track_bits, minlength=len(users))
-            hit = _in_sorted(pair, t_keys)
+            n_relevant = test.n_relevant
+            hit = _in_sorted(pair, test.keys)
             cum_hits = _cumulative_hits(row_user, row_rank, hit, rank_bits)
 
         heard = self_info = None
         if train is not None:
             if not isinstance(train, _TrainIndex):
                 train = _TrainIndex.build(train)
-            heard = _heard(pair, row_track, user_index, track_bits, train)
+            if train.pairs is None or train.pair_users is not user_index:
+                train.pair_users = user_index
+                train.pairs = _train_pairs(train, user_index, _IdSet(row_track, positions=False))
+            heard = _in_sorted(pair, train.pairs)
             self_info = _self_information(row_track, train)
 
         return cls(
@@ -339,37 +400,27 @@ def _cumulative_hits(
     return cum
 
 
-def _heard(
-    pair: np.ndarray,
-    row_track: np.ndarray,
-    user_index: _IdSet,
-    track_bits: int,
-    train: _TrainIndex,
-) -> np.ndarray:
-    """Whether each row's (user, track) pair is among the train events (``pair`` sorted)."""
-    heard = np.zeros(len(pair), dtype=bool)
-    if not len(pair):
-        return heard
-    tracks = _IdSet(row_track, positions=False)
+def _train_pairs(train: _TrainIndex, users: _IdSet, tracks: _IdSet) -> np.ndarray:
+    """Sorted distinct packed (user index, track) keys of the train events that could matter.
+
+    Only events of the evaluated users on tracks some list recommends can mark a row as heard,
+    so the rest are dropped chunk by chunk before any int64 key is made.
+    """
+    parts = []
     for start in range(0, len(train.user), _TRAIN_CHUNK):
-        stop = start + _TRAIN_CHUNK
-        t_track = train.track[start:stop]
-        t_user = train.user[start:stop]
-        ok = tracks.contains(t_track)  # selective first: a source shows few distinct tracks
-        ok[ok] = user_index.contains(t_user[ok])
-        if not ok.any():
-            continue
-        keys = np.sort((user_index.index(t_user[ok]) << track_bits) | _as_int64(t_track[ok]))
-        pos = np.searchsorted(pair, keys)
-        pos = np.minimum(pos, len(pair) - 1)
-        heard[pos[pair[pos] == keys]] = True
-    return heard
+        t_track = train.track[start : start + _TRAIN_CHUNK]
+        t_user = train.user[start : start + _TRAIN_CHUNK]
+        uidx = users.index(t_user)
+        ok = uidx >= 0
+        ok[ok] = tracks.contains(t_track[ok])
+        parts.append((uidx[ok] << TRACK_BITS) | t_track[ok])
+    return _sorted_unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
 def _self_information(row_track: np.ndarray, train: _TrainIndex) -> np.ndarray:
     """-log2(share of train users who heard the track); unheard tracks count as one listener."""
     n_users = max(train.n_users, 1)
-    distinct, inverse = np.unique(row_track, return_inverse=True)
+    distinct, inverse = _unique_inverse(row_track)
     listeners = np.zeros(len(distinct), dtype=np.int64)
     pos = np.searchsorted(train.track_ids, distinct)
     pos = np.minimum(pos, max(len(train.track_ids) - 1, 0))
@@ -523,17 +574,27 @@ def evaluate(
     _check_columns(test, [C.user, C.track], "test events")
     started = time.perf_counter()
     train_index = _TrainIndex.build(train)
-    warm = _IdSet(test[C.user].to_numpy())
-    users = warm.ids[_IdSet(train_index.user, positions=False).contains(warm.ids)]
+    test_users = _IdSet(test[C.user].to_numpy(), positions=False).ids
+    users = test_users[train_index.users.contains(test_users)]
     if not len(users):
         raise DataError("no test user has train events: nothing to evaluate")
+    user_index = _IdSet(users)
+    test_index = _TestIndex.build(test, user_index)
+    # One pass over train for every source: pairs of the evaluated users on recommended tracks.
+    k_max = max(ks)
+    shown = [_check_columns(r, [C.track, C.rank], f"recommendations {name!r}") or
+             r[C.track].to_numpy()[r[C.rank].to_numpy() <= k_max] for name, r in recs.items()]
+    tracks = _IdSet(np.concatenate(shown) if shown else np.empty(0, np.int64), positions=False)
+    train_index.pair_users = user_index
+    train_index.pairs = _train_pairs(train_index, user_index, tracks)
+    log.info("train pairs for the heard check: %d", len(train_index.pairs))
     log.info("evaluating %d sources on %d warm test users", len(recs), len(users))
 
     rows = []
     for source, reco in recs.items():
         t0 = time.perf_counter()
-        table = HitTable.build(reco, max(ks), test=test, train=train_index, users=users)
-        covered = float(np.mean(table.per_user_sum(max(ks), None) > 0))
+        table = HitTable.build(reco, k_max, test=test_index, train=train_index)
+        covered = float(np.mean(table.per_user_sum(k_max, None) > 0))
         for k in ks:
             rows.append(
                 {

@@ -73,7 +73,7 @@ def row(result: pd.DataFrame, source: str, k: int) -> pd.Series:
 def test_shape_and_order(result: pd.DataFrame) -> None:
     assert list(result.columns) == ["source", "k", *METRIC_COLUMNS]
     # sources in the order given (not alphabetical), k ascending
-    assert list(zip(result["source"], result["k"])) == [
+    assert list(zip(result["source"], result["k"], strict=True)) == [
         ("a", 2), ("a", 3), ("empty", 2), ("empty", 3)
     ]  # fmt: skip
 
