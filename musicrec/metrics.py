@@ -582,8 +582,10 @@ def evaluate(
     test_index = _TestIndex.build(test, user_index)
     # One pass over train for every source: pairs of the evaluated users on recommended tracks.
     k_max = max(ks)
-    shown = [_check_columns(r, [C.track, C.rank], f"recommendations {name!r}") or
-             r[C.track].to_numpy()[r[C.rank].to_numpy() <= k_max] for name, r in recs.items()]
+    shown = []
+    for name, reco in recs.items():
+        _check_columns(reco, [C.user, C.track, C.rank], f"recommendations {name!r}")
+        shown.append(reco[C.track].to_numpy()[reco[C.rank].to_numpy() <= k_max])
     tracks = _IdSet(np.concatenate(shown) if shown else np.empty(0, np.int64), positions=False)
     train_index.pair_users = user_index
     train_index.pairs = _train_pairs(train_index, user_index, tracks)
