@@ -148,7 +148,15 @@ class ServiceTest(unittest.TestCase):
         _setup_log()
         log.info("=== test_service: end-to-end checks of recommendation_service over HTTP ===")
         cls.tmp = tempfile.TemporaryDirectory(prefix="test_service_")
-        work = Path(cls.tmp.name)
+        try:
+            cls._build_and_start(Path(cls.tmp.name))
+        except Exception:
+            log.exception("set-up failed")
+            cls._finish()
+            raise
+
+    @classmethod
+    def _build_and_start(cls, work: Path) -> None:
         ready = os.environ.get("MUSICREC_TEST_PARQUET_DIR")
         if ready:
             cls.parquet = Path(ready).resolve()
@@ -161,12 +169,7 @@ class ServiceTest(unittest.TestCase):
             _run(["run", "--data-dir", str(data), "--parquet-dir", str(cls.parquet)], "run")
         cls._read_artefacts()
         cls.server = Server(cls.parquet, work / "history.db", work)
-        try:
-            cls.server.start()
-        except Exception:
-            log.exception("the service did not start")
-            cls._finish()
-            raise
+        cls.server.start()
 
     @classmethod
     def _read_artefacts(cls) -> None:
