@@ -110,6 +110,14 @@ def write_json(obj: Any, path: Path) -> Path:
     return Path(path)
 
 
+def write_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib Figure as PNG atomically (the format is explicit: the temp name has no
+    .png suffix)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
