@@ -479,10 +479,13 @@ class Recommendations:
     ) -> list[int]:
         """Up to k tracks most similar to the given ones (scores summed), none of them in it."""
         k = self.check_k(k)
-        self.check_known(track_ids, ("query", C.track))
+        art = self.artefacts  # one set for the whole request, even during a reload
+        unknown = art.unknown_tracks(track_ids)
+        if unknown:
+            raise UnknownTracksError(unknown, ("query", C.track))
         given = list(dict.fromkeys(int(t) for t in track_ids))
         excluded = np.asarray([*given, *exclude], dtype=np.int64)
-        ranked = self._similar_ranked(self.artefacts, given, np.ones(len(given)), excluded)
+        ranked = self._similar_ranked(art, given, np.ones(len(given)), excluded)
         return [int(t) for t in ranked[:k]]
 
     def get(
