@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from musicrec import io
 from musicrec.als import als_from_factors, fit_als_history, recommend_codes, recs_frame
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.features import build_history
+from musicrec.features import IdIndex, build_history
 from musicrec.popular import popular_for_users, top_popular
 from musicrec.settings import Settings
 from musicrec.similar import similar_tracks
@@ -74,9 +75,8 @@ class RunContext:
             raise FileNotFoundError(f"{path} not found: run `python -m musicrec prepare` first")
         return io.read_events(path)
 
-    def items(self) -> pd.DataFrame:
-        return pd.read_parquet(self.parquet / io.ITEMS,
-                               columns=[C.track, C.genre_ids, C.artist_ids])
+    def items(self) -> pa.Table:
+        return pq.read_table(self.parquet / io.ITEMS, columns=[C.track, C.genre_ids, C.artist_ids])
 
     def dates(self) -> SplitDates:
         path = self.work / SPLIT_JSON
@@ -210,12 +210,16 @@ def stage_evaluate(run: RunContext) -> None:
     days = events[C.day].to_numpy()
     history = events[days < dates.test_start]
     test = events[days >= dates.test_start]
-    warm = np.isin(test[C.user].to_numpy(), history[C.user].to_numpy())
-    log.info("test period: %d users, %d with history before it (evaluated), %d new",
-             test[C.user].nunique(), test[C.user][warm].nunique(), test[C.user][~warm].nunique())
+    del events
+    # warm test users (with history): the ones every offline source can serve
+    history_users = IdIndex.from_values(history[C.user].to_numpy())
+    warm = history_users.codes(test[C.user].to_numpy()) >= 0
     test = test[warm].reset_index(drop=True)
-    test_users = np.unique(test[C.user].to_numpy())
-    heard = history[np.isin(history[C.user].to_numpy(), test_users)]
+    test_index = IdIndex.from_values(test[C.user].to_numpy())
+    test_users = test_index.ids
+    log.info("test period: %d users with history before it are evaluated, %d events of new "
+             "users left out", len(test_index), int((~warm).sum()))
+    heard = history[test_index.codes(history[C.user].to_numpy()) >= 0]
     n = max(s.eval_k)
     recs = {
         "top_popular": popular_for_users(run.read(io.TOP_POPULAR), test_users, heard, n),
@@ -223,15 +227,16 @@ def stage_evaluate(run: RunContext) -> None:
         "similar_recent": pd.read_parquet(run.work / SIMILAR_RECENT),
         "ranker": run.read(io.RECOMMENDATIONS),
     }
-    recs = {name: table[np.isin(table[C.user].to_numpy(), test_users)].reset_index(drop=True)
+    recs = {name: table[test_index.codes(table[C.user].to_numpy()) >= 0].reset_index(drop=True)
             for name, table in recs.items()}
     n_items = pq.ParquetFile(run.parquet / io.ITEMS).metadata.num_rows
     metrics = evaluate(recs, test, history, n_items, ks=tuple(s.eval_k))
     io.write_table(metrics, run.out / io.METRICS)
     io.write_figure(plot_metrics(metrics), run.out / io.METRICS_PNG)
-    table = metrics[metrics["k"] == 10].set_index("source")
-    log.info("NDCG@10 on the test period:\n%s",
-             table[["precision", "recall", "ndcg", "coverage", "novelty"]].to_string())
+    k = 10 if 10 in s.eval_k else max(s.eval_k)
+    table = metrics[metrics["k"] == k].set_index("source")
+    log.info("metrics@%d on the test period (NDCG is the headline):\n%s", k,
+             table[["ndcg", "precision", "recall", "map", "coverage", "novelty"]].to_string())
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {

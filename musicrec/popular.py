@@ -56,10 +56,15 @@ def popular_for_users(
     scores = np.tile(pool_score, user_ids.size)
     keep = np.ones(users.size, dtype=bool)
     if heard is not None and len(heard):
+        # only heard rows of pool tracks can remove anything: filter those first (one lookup)
+        heard_tracks = heard[C.track].to_numpy()
+        in_pool = IdIndex.from_values(pool).codes(heard_tracks) >= 0
         keys = users.astype(np.int64) << 32 | tracks.astype(np.int64)
-        heard_keys = (heard[C.user].to_numpy().astype(np.int64) << 32
-                      | heard[C.track].to_numpy().astype(np.int64))
-        keep = ~np.isin(keys, heard_keys)
+        heard_keys = (heard[C.user].to_numpy()[in_pool].astype(np.int64) << 32
+                      | heard_tracks[in_pool].astype(np.int64))
+        heard_keys.sort()
+        pos = np.minimum(np.searchsorted(heard_keys, keys), max(heard_keys.size - 1, 0))
+        keep = (heard_keys[pos] != keys) if heard_keys.size else keep
     users, tracks, scores = users[keep], tracks[keep], scores[keep]
     # rank within user: position among the kept rows of that user (rows stay in pool order)
     starts = np.r_[True, users[1:] != users[:-1]] if users.size else np.zeros(0, bool)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 from catboost import CatBoostClassifier
 from tqdm.auto import tqdm
@@ -82,30 +83,45 @@ class RankContext:
 
 
 def _attribute_matrix(
-    items: pd.DataFrame | None, column: str, tracks: IdIndex
+    items: pa.Table | pd.DataFrame | None, column: str, tracks: IdIndex
 ) -> sp.csr_matrix:
-    """tracks x attribute (genre / artist) 0-1 matrix from a list column of items."""
-    if items is None or column not in items:
+    """tracks x attribute (genre / artist) 0-1 matrix from a list column of items, built from
+    the flattened arrow list (no per-row Python)."""
+    if isinstance(items, pd.DataFrame) and column in items:
+        items = pa.Table.from_pandas(items[[C.track, column]], preserve_index=False)
+    if not isinstance(items, pa.Table) or column not in items.column_names:
         return sp.csr_matrix((len(tracks), 1), dtype=np.float32)
-    codes = tracks.codes(items[C.track].to_numpy())
-    keep = codes >= 0
-    lists = items[column].to_numpy()[keep]
-    rows_of_items = codes[keep]
-    lengths = np.fromiter((0 if v is None else len(v) for v in lists), np.int64, lists.size)
-    values = (np.concatenate([np.asarray(v, np.int64) for v in lists if v is not None and len(v)])
-              if lengths.sum() else np.zeros(0, np.int64))
+    lists = items.column(column).combine_chunks()
+    codes = tracks.codes(items.column(C.track).to_numpy())
+    offsets = lists.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    if lists.null_count:
+        lengths = np.where(lists.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    values = lists.values.to_numpy()[
+        np.repeat(offsets[:-1], lengths) + _ranges(lengths)] if lengths.sum() else \
+        np.zeros(0, np.int64)
+    rows = np.repeat(codes, lengths)
+    keep = rows >= 0
+    rows, values = rows[keep], values[keep]
     attr = IdIndex.from_values(values) if values.size else IdIndex(np.zeros(0, np.int64))
-    rows = np.repeat(rows_of_items, lengths)
     matrix = sp.csr_matrix(
-        (np.ones(values.size, np.float32), (rows, attr.codes(values) if values.size else rows)),
+        (np.ones(values.size, np.float32), (rows, attr.codes(values))),
         shape=(len(tracks), max(len(attr), 1)),
     )
     matrix.data[:] = 1.0  # a repeated attribute in one list counts once
     return matrix
 
 
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n in ``lengths``, concatenated."""
+    total = int(lengths.sum())
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+
+
 def track_table(
-    history: History, items: pd.DataFrame | None, window_days: int, popular: pd.DataFrame
+    history: History, items: pa.Table | pd.DataFrame | None, window_days: int, popular: pd.DataFrame
 ) -> TrackTable:
     """Track popularity, recency and age from the history; genres and artists from items."""
     n = history.n_tracks
@@ -132,7 +148,7 @@ def build_context(
     als_candidates: pd.DataFrame,
     similar: pd.DataFrame,
     popular: pd.DataFrame,
-    items: pd.DataFrame | None,
+    items: pa.Table | pd.DataFrame | None,
     settings: Settings,
 ) -> RankContext:
     """Tie the candidate models (fitted on ``history``) to the history's codes."""
@@ -145,7 +161,13 @@ def build_context(
     cand_tracks = tracks.codes(als_candidates[C.track].to_numpy())
     ok = (cand_users >= 0) & (cand_tracks >= 0)
     cand_users, cand_tracks = cand_users[ok], cand_tracks[ok]
-    order = np.lexsort((als_candidates[C.rank].to_numpy()[ok], cand_users))
+    ranks = als_candidates[C.rank].to_numpy()[ok]
+    same_user = cand_users[1:] == cand_users[:-1]
+    if np.all(cand_users[1:] >= cand_users[:-1]) and np.all(ranks[1:][same_user]
+                                                             > ranks[:-1][same_user]):
+        order = slice(None)  # the artefact's own order (user, rank): no sort of 100 M rows
+    else:
+        order = np.lexsort((ranks, cand_users))
     als_indptr = np.zeros(history.n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(cand_users, minlength=history.n_users), out=als_indptr[1:])
     # similar-tracks table as a sparse tracks x tracks matrix

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         20, ge=1, description="last listened tracks that seed similar-track candidates"
     )
     ranker_train_users: int = Field(
-        200_000, ge=1, description="label-period users sampled to train the ranker"
+        50_000, ge=1, description="label-period users sampled to train the ranker"
     )
     ranker_iterations: int = Field(300, ge=1)
     threads: int = Field(2, ge=1, description="worker threads for ALS and CatBoost")
