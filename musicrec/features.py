@@ -135,20 +135,28 @@ def gather_rows(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     return positions, local
 
 
+def _descending_float_key(scores: np.ndarray) -> np.ndarray:
+    """uint32-valued int64 keys whose ascending order is the descending order of the
+    float32 ``scores`` (the IEEE bit pattern made monotone)."""
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).astype(np.int64)
+    ascending = np.where(bits & 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return 0xFFFFFFFF - ascending
+
+
 def top_k_per_group(
     groups: np.ndarray, scores: np.ndarray, k: int, tiebreak: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the ``k`` best scores of each group and their 1-based ranks.
 
-    The result is ordered by group, then rank; ties are broken by ``tiebreak`` ascending.
+    The result is ordered by group, then rank. Ties keep the input order, or are broken by
+    ``tiebreak`` ascending when it is given. Groups are non-negative ints below 2**31; one
+    stable sort of a packed (group, score) int64 key, several times faster than a lexsort.
     """
-    keys = [-scores.astype(np.float64), groups]
-    if tiebreak is not None:
-        keys.insert(0, tiebreak)
-    order = np.lexsort(keys)
+    if groups.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    key = groups.astype(np.int64) << 32 | _descending_float_key(scores)
+    order = np.argsort(key, kind="stable") if tiebreak is None else np.lexsort((tiebreak, key))
     sorted_groups = groups[order]
-    if order.size == 0:
-        return order, np.zeros(0, dtype=np.int32)
     starts = np.r_[True, sorted_groups[1:] != sorted_groups[:-1]]
     group_start = np.maximum.accumulate(np.where(starts, np.arange(order.size), 0))
     rank = np.arange(order.size) - group_start + 1

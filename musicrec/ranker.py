@@ -269,7 +269,8 @@ def candidates(ctx: RankContext, users: np.ndarray, settings: Settings) -> Batch
     ok = not_heard(sim_keys) & (sim_sum > 0)
     s_keys, s_score = sim_keys[ok], sim_sum[ok].astype(np.float32)
     s_local, s_tracks = s_keys // n_tracks, (s_keys % n_tracks).astype(np.int32)
-    top, s_rank = top_k_per_group(s_local, s_score, settings.n_similar_candidates, s_tracks)
+    # s_keys are sorted by (user, track): ties keep the lower track id first
+    top, s_rank = top_k_per_group(s_local, s_score, settings.n_similar_candidates)
     s_local, s_tracks, s_score = s_local[top], s_tracks[top], s_score[top]
 
     # 3. popular tracks the user has not heard
@@ -466,8 +467,7 @@ def rank_users(
                       mininterval=2):
         batch = candidates(ctx, users[start:start + batch_users], settings)
         score = model.predict_proba(batch.features)[:, 1].astype(np.float32)
-        top, _ = top_k_per_group(batch.local, score, settings.n_recommendations,
-                                 batch.track_codes)
+        top, _ = top_k_per_group(batch.local, score, settings.n_recommendations)
         recs.append((user_ids[batch.users[batch.local[top]]], track_ids[batch.track_codes[top]],
                      score[top]))
         s_local, s_tracks, s_score = batch.similar_recent

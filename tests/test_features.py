@@ -52,3 +52,11 @@ def test_top_k_per_group_with_ties() -> None:
 
 def test_days_decay() -> None:
     np.testing.assert_allclose(days_decay(np.array([0, 30, 60]), 30.0), [1.0, 0.5, 0.25])
+
+
+def test_top_k_per_group_keeps_input_order_on_ties_and_handles_negative_scores() -> None:
+    groups = np.array([0, 0, 0, 1, 1])
+    scores = np.array([-0.5, 2.0, -0.5, -3.0, -1.0], np.float32)
+    idx, rank = top_k_per_group(groups, scores, 3)
+    assert idx.tolist() == [1, 0, 2, 4, 3]
+    assert rank.tolist() == [1, 2, 3, 1, 2]
