@@ -10,4 +10,4 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 export OPENBLAS_NUM_THREADS=1 MPLBACKEND=Agg
 .venv/bin/python -m ruff check .
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -q "$@"
