@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -27,11 +28,12 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from musicrec import io
 from musicrec.columns import Columns as C
@@ -212,7 +214,11 @@ class Artefacts:
 
 def _read_columns(path: Path, columns: dict[str, pa.DataType]) -> dict[str, np.ndarray]:
     """Read numeric columns of an artefact as numpy arrays of the given types, one column at
-    a time (peak memory about twice one column); any problem is a DataError naming the file."""
+    a time (peak memory about twice one column); any problem is a DataError naming the file.
+
+    An id or rank column must hold integers (a float or string id is a file from something
+    else, not one to guess at); a score may be any number. Page checksums are verified when
+    the writer stored them."""
     schema = _read_schema(path)
     out: dict[str, np.ndarray] = {}
     for name, dtype in columns.items():
@@ -220,10 +226,15 @@ def _read_columns(path: Path, columns: dict[str, pa.DataType]) -> dict[str, np.n
         if index < 0:
             raise DataError(f"{path}: column {name!r} is missing (columns: {schema.names})")
         source_type = schema.field(index).type
-        if not (pa.types.is_integer(source_type) or pa.types.is_floating(source_type)):
+        allowed = pa.types.is_integer(source_type) or (
+            pa.types.is_floating(dtype) and pa.types.is_floating(source_type)
+        )
+        if not allowed:
             raise DataError(f"{path}: column {name!r} has type {source_type}, expected {dtype}")
         try:
-            column = pq.read_table(path, columns=[name]).column(0)
+            column = pq.read_table(
+                path, columns=[name], page_checksum_verification=True
+            ).column(0)
             if column.null_count:
                 raise DataError(f"{path}: column {name!r} has {column.null_count} empty values")
             if column.type != dtype:
@@ -247,100 +258,229 @@ def _read_schema(path: Path) -> pa.Schema:
         raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
 
 
+CHECK_CHUNK = 8_000_000  # rows per step of the whole-column checks: bounded temporaries
+
+
 def _check_sorted(path: Path, keys: np.ndarray, ranks: np.ndarray, key_name: str) -> None:
     """The CSR form needs rows sorted by key, then rank; refuse a file that is not."""
-    chunk = 8_000_000  # bounded temporaries: a whole-array check would cost ~1 GB at full size
-    for start in range(0, max(keys.size - 1, 0), chunk):
-        stop = min(start + chunk + 1, keys.size)
+    for start in range(0, max(keys.size - 1, 0), CHECK_CHUNK):
+        stop = min(start + CHECK_CHUNK + 1, keys.size)
         k, r = keys[start:stop], ranks[start:stop]
         same = k[1:] == k[:-1]
         if np.any(k[1:] < k[:-1]) or np.any(r[1:][same] <= r[:-1][same]):
             raise DataError(f"{path}: rows are not sorted by {key_name}, rank")
+    if keys.size and (keys[0] < 0 or ranks.min() < 1):
+        raise DataError(f"{path}: negative {key_name} or a rank below 1")
 
 
-def _load_ranked(path: Path, key: str, value: str, with_scores: bool) -> RankedLists:
+class Catalogue:
+    """Membership of track ids in items.parquet, by a boolean table over the id range: one
+    gather per id, so every track of a 137 M-row file is checked in about a second."""
+
+    def __init__(self, sorted_ids: np.ndarray) -> None:
+        top = int(sorted_ids[-1]) + 1 if sorted_ids.size else 0
+        self.member = np.zeros(top, dtype=bool)
+        self.member[sorted_ids] = True
+
+    def check(self, path: Path, column: str, ids: np.ndarray) -> None:
+        """DataError naming ``path`` when a track id of ``ids`` is not in the catalogue."""
+        for start in range(0, ids.size, CHECK_CHUNK):
+            part = ids[start:start + CHECK_CHUNK]
+            inside = (part >= 0) & (part < self.member.size)
+            inside[inside] = self.member[part[inside]]
+            if not inside.all():
+                bad = np.unique(part[~inside])
+                raise DataError(
+                    f"{path}: column {column!r} has {bad.size} track id(s) not in "
+                    f"{io.ITEMS} (e.g. {bad[:5].tolist()}): the files are not from one run"
+                )
+
+
+def _load_ranked(
+    path: Path, key: str, value: str, with_scores: bool, catalogue: Catalogue
+) -> RankedLists:
     wanted = {key: pa.int32(), value: pa.int32(), C.rank: pa.int16()}
     if with_scores:
         wanted[C.score] = pa.float32()
     cols = _read_columns(path, wanted)
     _check_sorted(path, cols[key], cols.pop(C.rank), key)
-    if value == C.similar and np.any(cols[key] == cols[value]):
-        raise DataError(f"{path}: a track is listed as similar to itself")
+    if value == C.similar:
+        if np.any(cols[key] == cols[value]):
+            raise DataError(f"{path}: a track is listed as similar to itself")
+        catalogue.check(path, key, cols[key])
+    catalogue.check(path, value, cols[value])
     scores = cols.get(C.score)
     if scores is not None and not np.all(np.isfinite(scores)):
         raise DataError(f"{path}: column {C.score!r} has values that are not finite")
     return RankedLists.from_sorted(cols.pop(key), cols.pop(value), scores)
 
 
+ITEM_TYPES: dict[str, Any] = {  # column -> check of its arrow type
+    C.track: pa.types.is_integer,
+    C.name: lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    C.artists: lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type),
+    C.albums: lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type),
+    C.genres: lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type),
+}
+
+
 def _load_items(path: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     schema = _read_schema(path)
-    names = [C.track, C.name, C.artists, C.albums, C.genres]
+    names = list(ITEM_TYPES)
     missing = [n for n in names if n not in schema.names]
     if missing:
         raise DataError(f"{path}: columns missing: {missing} (columns: {schema.names})")
+    for name, is_ok in ITEM_TYPES.items():
+        source_type = schema.field(name).type
+        if not is_ok(source_type):
+            expected = {C.track: "an integer", C.name: "string"}.get(name, "list<string>")
+            raise DataError(f"{path}: column {name!r} has type {source_type}, expected {expected}")
     try:
         # one chunk per column: take() on a table of many row groups is far slower
-        table = pq.read_table(path, columns=names).combine_chunks()
-        ids = table.column(C.track).cast(pa.int32()).to_numpy()
+        table = pq.read_table(
+            path, columns=names, page_checksum_verification=True
+        ).combine_chunks()
+        ids_column = table.column(C.track)
+        if ids_column.null_count:
+            raise DataError(f"{path}: column {C.track!r} has {ids_column.null_count} empty values")
+        ids = ids_column.cast(pa.int32()).to_numpy()
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: cannot read: {exc}") from exc
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
+    if sorted_ids.size and sorted_ids[0] < 0:
+        raise DataError(f"{path}: negative track ids")
     if sorted_ids.size > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
         raise DataError(f"{path}: track ids are not unique")
     return table, sorted_ids, order
 
 
-def _load_popular(path: Path) -> np.ndarray:
+def _load_popular(path: Path, catalogue: Catalogue) -> np.ndarray:
     cols = _read_columns(path, {C.track: pa.int32(), C.rank: pa.int32()})
+    catalogue.check(path, C.track, cols[C.track])
+    if np.unique(cols[C.track]).size != cols[C.track].size:
+        raise DataError(f"{path}: a track is listed twice")
     return np.ascontiguousarray(cols[C.track][np.argsort(cols[C.rank], kind="stable")])
 
 
+SERVICE_FILES = (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
+
+
+def read_manifest(parquet_dir: Path) -> dict[str, Any] | None:
+    """manifest.json of the folder, or None when there is none (hand-made artefacts)."""
+    path = Path(parquet_dir) / io.MANIFEST
+    if not path.exists():
+        return None
+    try:
+        info = io.read_json(path)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a readable manifest: {exc}") from exc
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: not a readable manifest: a JSON object expected")
+    return info
+
+
+def _expected_files(manifest: dict[str, Any]) -> dict[str, dict[str, int | None]]:
+    """Rows and bytes the manifest records for each file the service reads."""
+    expected: dict[str, dict[str, int | None]] = {}
+    artefacts = manifest.get("artefacts") or {}
+    prepared = manifest.get("prepared_files") or {}
+    for name in SERVICE_FILES:
+        entry = artefacts.get(name) if isinstance(artefacts, dict) else None
+        if isinstance(entry, dict):
+            expected[name] = {"rows": entry.get("rows"), "bytes": entry.get("bytes")}
+        elif isinstance(prepared, dict) and isinstance(prepared.get(name), int):
+            expected[name] = {"rows": None, "bytes": prepared[name]}
+    return expected
+
+
+def check_manifest(parquet_dir: Path, manifest: dict[str, Any] | None) -> None:
+    """Every service file must have the byte size and row count its manifest records: a
+    mismatch means files of different runs (a run still moving its files in, a half copy)."""
+    if manifest is None:
+        log.warning("%s: no %s, the files cannot be checked against their run",
+                    parquet_dir, io.MANIFEST)
+        return
+    run_id = manifest.get("run_id")
+    for name, want in _expected_files(manifest).items():
+        path = Path(parquet_dir) / name
+        if not path.exists():
+            _read_schema(path)  # the missing-file message
+        size = path.stat().st_size
+        if want["bytes"] is not None and size != want["bytes"]:
+            raise DataError(
+                f"{path}: {size} bytes, but {io.MANIFEST} of run {run_id} records "
+                f"{want['bytes']}: the artefacts are not from one run (or the file is damaged)"
+            )
+        if want["rows"] is not None:
+            try:
+                rows = pq.ParquetFile(path).metadata.num_rows
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
+            if rows != want["rows"]:
+                raise DataError(
+                    f"{path}: {rows} rows, but {io.MANIFEST} of run {run_id} records "
+                    f"{want['rows']}: the artefacts are not from one run"
+                )
+
+
+def _file_state(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def load_artefacts(parquet_dir: Path) -> Artefacts:
-    """Read and check the four artefacts the service needs; DataError names a bad file."""
+    """Read and check the four artefacts the service needs; DataError names a bad file.
+
+    Checks, in order: every file is there; sizes and row counts match manifest.json (one run);
+    columns and types; no empty values; rows sorted; every track id in items.parquet; scores
+    finite; no file changed while it was read. Any failure leaves nothing half-loaded."""
     started = time.perf_counter()
     parquet_dir = Path(parquet_dir)
-    paths = {
-        name: parquet_dir / name
-        for name in (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
-    }
+    paths = {name: parquet_dir / name for name in SERVICE_FILES}
     for path in paths.values():  # fail fast, before the long reads
         if not path.exists():
             _read_schema(path)
+    manifest = read_manifest(parquet_dir)
+    check_manifest(parquet_dir, manifest)
+    states = {name: _file_state(path) for name, path in paths.items()}
 
     t = time.perf_counter()
     items, item_ids, item_rows = _load_items(paths[io.ITEMS])
+    catalogue = Catalogue(item_ids)
     log.info("items: %d tracks in %.1f s", item_ids.size, time.perf_counter() - t)
     t = time.perf_counter()
-    popular = _load_popular(paths[io.TOP_POPULAR])
+    popular = _load_popular(paths[io.TOP_POPULAR], catalogue)
     log.info("top popular: %d tracks in %.1f s", popular.size, time.perf_counter() - t)
     t = time.perf_counter()
-    similar = _load_ranked(paths[io.SIMILAR], C.track, C.similar, with_scores=True)
+    similar = _load_ranked(paths[io.SIMILAR], C.track, C.similar, True, catalogue)
     log.info("similar: %d tracks, %d pairs in %.1f s", len(similar), similar.n_pairs,
              time.perf_counter() - t)
     t = time.perf_counter()
-    offline = _load_ranked(paths[io.RECOMMENDATIONS], C.user, C.track, with_scores=False)
+    offline = _load_ranked(paths[io.RECOMMENDATIONS], C.user, C.track, False, catalogue)
     log.info("recommendations: %d users, %d rows in %.1f s", len(offline), offline.n_pairs,
              time.perf_counter() - t)
+    del catalogue
 
-    built_at = run_id = None
-    manifest = parquet_dir / io.MANIFEST
-    if manifest.exists():
-        try:
-            info = io.read_json(manifest)
-            built_at, run_id = info.get("built_at"), info.get("run_id")
-        except (ValueError, OSError, AttributeError) as exc:
-            raise DataError(f"{manifest}: not a readable manifest: {exc}") from exc
+    for name, path in paths.items():
+        if not path.exists() or _file_state(path) != states[name]:
+            raise DataError(f"{path}: changed while it was being read (a pipeline run is "
+                            "publishing a new set?); the next reload will pick the new set up")
+    if manifest != read_manifest(parquet_dir):
+        raise DataError(f"{parquet_dir / io.MANIFEST}: changed while the artefacts were read")
+
+    built_at = manifest.get("built_at") if manifest else None
+    run_id = manifest.get("run_id") if manifest else None
     if built_at is None:
         mtime = paths[io.RECOMMENDATIONS].stat().st_mtime
         built_at = datetime.fromtimestamp(mtime, UTC).isoformat()
     pa.default_memory_pool().release_unused()  # hand the read buffers back to the OS now
     seconds = time.perf_counter() - started
-    log.info("artefacts from %s loaded in %.1f s", parquet_dir, seconds)
+    log.info("artefacts of run %s from %s loaded in %.1f s", run_id, parquet_dir, seconds)
     return Artefacts(
         parquet_dir=parquet_dir, items=items, item_ids=item_ids, item_rows=item_rows,
-        popular=popular, similar=similar, offline=offline, built_at=built_at, run_id=run_id,
-        load_seconds=round(seconds, 3),
+        popular=popular, similar=similar, offline=offline, built_at=built_at,
+        run_id=None if run_id is None else str(run_id), load_seconds=round(seconds, 3),
     )
 
 
@@ -414,15 +554,58 @@ class Recommendations:
         self._artefacts: Artefacts | None = None
         self._stats = dict.fromkeys(KINDS, 0)
         self._stats_lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one load at a time (watcher, admin, signal)
+        self.last_reload: dict[str, Any] | None = None
         self.started_at = datetime.now(UTC).isoformat()
 
     # -- life cycle --------------------------------------------------------------------------
 
     def load(self, parquet_dir: Path | None = None) -> Artefacts:
-        """Read the artefacts and switch to them at once (the old set serves until then)."""
-        artefacts = load_artefacts(Path(parquet_dir or self.settings.parquet_dir))
-        self._artefacts = artefacts
+        """Read the artefacts and switch to them at once (the old set serves until then).
+        Raises DataError naming the bad file; the old set (if any) then stays in place."""
+        with self._reload_lock:
+            artefacts = load_artefacts(Path(parquet_dir or self.settings.parquet_dir))
+            # one reference assignment: a request holds either the old set or the new one
+            self._artefacts = artefacts
         return artefacts
+
+    def reload(self, reason: str = "request") -> dict[str, Any]:
+        """Load the folder's current set and switch to it, or keep the old one if the new
+        set is broken. Returns (and remembers) what happened, for /health and the admin."""
+        previous = self._artefacts.run_id if self._artefacts is not None else None
+        started = time.perf_counter()
+        try:
+            art = self.load()
+            result: dict[str, Any] = {"reloaded": True, "run_id": art.run_id,
+                                      "previous_run_id": previous, "error": None}
+            log.info("reload (%s): now serving run %s (was %s)", reason, art.run_id, previous)
+        except DataError as exc:
+            result = {"reloaded": False, "run_id": previous, "previous_run_id": previous,
+                      "error": str(exc)}
+            log.error("reload (%s) refused, still serving run %s: %s", reason, previous, exc)
+        result.update(reason=reason, seconds=round(time.perf_counter() - started, 3),
+                      at=datetime.now(UTC).isoformat())
+        self.last_reload = result
+        return result
+
+    def watch_manifest(self, stop: threading.Event, interval: float) -> None:
+        """Reload when manifest.json names another run (the pipeline writes it last, after
+        every file of the run is in place). A refused set is not retried until the manifest
+        changes again. Runs in a daemon thread until ``stop`` is set."""
+        path = Path(self.settings.parquet_dir) / io.MANIFEST
+        tried: tuple[Any, ...] | None = None
+        while not stop.wait(interval):
+            try:
+                info = read_manifest(Path(self.settings.parquet_dir))
+                state = (info.get("run_id") if info else None, path.stat().st_mtime_ns)
+            except (DataError, OSError) as exc:
+                log.debug("manifest watch: %s", exc)
+                continue
+            current = self._artefacts.run_id if self._artefacts is not None else None
+            if state[0] is None or state[0] == current or state == tried:
+                continue
+            tried = state
+            self.reload(reason=f"manifest.json names run {state[0]}")
 
     def open_store(self) -> HistoryStore:
         if self.store is None:
@@ -456,8 +639,11 @@ class Recommendations:
             raise BadParameterError(loc, f"k must be between 1 and {self.settings.max_k}, got {k}")
         return k
 
-    def check_known(self, track_ids: Sequence[int], loc: Sequence[str | int] = ("body",)) -> None:
-        unknown = self.artefacts.unknown_tracks(track_ids)
+    def check_known(
+        self, track_ids: Sequence[int], loc: Sequence[str | int] = ("body",),
+        art: Artefacts | None = None,
+    ) -> None:
+        unknown = (art or self.artefacts).unknown_tracks(track_ids)
         if unknown:
             raise UnknownTracksError(unknown, loc)
 
@@ -467,19 +653,23 @@ class Recommendations:
         """The user's online history, oldest first."""
         return self.history.get(user_id)
 
-    def update_user_events(self, user_id: int, track_ids: Sequence[int]) -> int:
+    def update_user_events(
+        self, user_id: int, track_ids: Sequence[int], art: Artefacts | None = None
+    ) -> int:
         """Append listening events (all or none); returns the new history length."""
         if not track_ids:
             raise BadParameterError(("body",), "at least one track id is required")
-        self.check_known(track_ids)
+        self.check_known(track_ids, art=art)
         return self.history.add(user_id, track_ids)
 
     def get_similar_items(
-        self, track_ids: Sequence[int], k: int | None = None, exclude: Iterable[int] = ()
+        self, track_ids: Sequence[int], k: int | None = None, exclude: Iterable[int] = (),
+        art: Artefacts | None = None,
     ) -> list[int]:
-        """Up to k tracks most similar to the given ones (scores summed), none of them in it."""
+        """Up to k tracks most similar to the given ones (scores summed), none of them in it.
+        ``art``: the set to answer from (default: the current one)."""
         k = self.check_k(k)
-        art = self.artefacts  # one set for the whole request, even during a reload
+        art = art or self.artefacts  # one set for the whole request, even during a reload
         unknown = art.unknown_tracks(track_ids)
         if unknown:
             raise UnknownTracksError(unknown, ("query", C.track))
@@ -495,15 +685,17 @@ class Recommendations:
         return self.recommend(user_id, k, blend, p).tracks
 
     def recommend(
-        self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5
+        self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5,
+        art: Artefacts | None = None,
     ) -> Answer:
-        """Recommendations and the kinds they count as (API.md, "Which recommendations")."""
+        """Recommendations and the kinds they count as (API.md, "Which recommendations");
+        ``art``: the set to answer from (default: the current one)."""
         k = self.check_k(k)
         if blend not in BLEND_MODES:
             raise BadParameterError(("query", "blend"), f"blend must be one of {BLEND_MODES}")
         if not 0.0 <= p <= 1.0:
             raise BadParameterError(("query", "p"), f"p must be in [0, 1], got {p}")
-        art = self.artefacts
+        art = art or self.artefacts
         history = self.history.get(user_id)
         heard = np.unique(np.asarray(history, dtype=np.int64))
         offline, _ = art.offline.row(user_id)
@@ -527,9 +719,9 @@ class Recommendations:
                 self._stats[kind] += 1
         return Answer(tracks, kinds)
 
-    def top_popular(self, k: int | None = None) -> list[int]:
+    def top_popular(self, k: int | None = None, art: Artefacts | None = None) -> list[int]:
         k = self.check_k(k)
-        return self._fill(self.artefacts, [], np.empty(0, np.int64), k)
+        return self._fill(art or self.artefacts, [], np.empty(0, np.int64), k)
 
     def stats(self) -> dict[str, Any]:
         """How often each kind was served by this worker process."""
@@ -659,6 +851,32 @@ class Health(BaseModel):
     status: str
     artefacts_loaded: bool
     history_store: bool
+    run_id: str | None = None
+    reload_error: str | None = Field(None, description="why the last reload was refused")
+
+
+class ProblemItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """Every 4xx/5xx answer: a readable ``message`` and FastAPI's list form in ``detail``."""
+
+    message: str
+    detail: list[ProblemItem]
+    unknown_track_ids: list[int] | None = None
+
+
+class ReloadResult(BaseModel):
+    reloaded: bool
+    run_id: str | None
+    previous_run_id: str | None
+    error: str | None
+    reason: str
+    seconds: float
+    at: str
 
 
 def get_recs(request: Request) -> Recommendations:
@@ -668,21 +886,32 @@ def get_recs(request: Request) -> Recommendations:
     return recs
 
 
+def get_artefacts(recs: Annotated[Recommendations, Depends(get_recs)]) -> Artefacts:
+    """The artefact set of this request, taken once: a reload in the middle of the request
+    does not mix two sets in one answer."""
+    return recs.artefacts
+
+
 Recs = Annotated[Recommendations, Depends(get_recs)]
+Art = Annotated[Artefacts, Depends(get_artefacts)]
 
 
-def _list_response(recs: Recommendations, tracks: list[int], details: bool, **headers: str
+def _list_response(art: Artefacts, tracks: list[int], details: bool, **headers: str
                    ) -> JSONBytes:
-    body = recs.artefacts.details(tracks) if details else tracks
+    body = art.details(tracks) if details else tracks
     return JSONBytes(body, headers=headers or None)
 
 
-def _problem_response(status: int, problems: list[dict[str, Any]], **extra: Any) -> JSONBytes:
+def _problem_response(
+    status: int, problems: list[dict[str, Any]], headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONBytes:
     message = "; ".join(
         (" ".join(str(part) for part in p["loc"]) + ": " if p["loc"] else "") + p["msg"]
         for p in problems
     )
-    return JSONBytes({"message": message, "detail": problems, **extra}, status_code=status)
+    return JSONBytes({"message": message, "detail": problems, **extra}, status_code=status,
+                     headers=headers)
 
 
 def _short(value: Any) -> str:
@@ -700,8 +929,14 @@ def install_error_handlers(app: FastAPI) -> None:
             msg = err.get("msg", "invalid value")
             if "input" in err and err.get("type") not in ("missing", "json_invalid"):
                 msg = f"{msg} (got {_short(err['input'])})"
-            problems.append({"loc": list(err.get("loc", [])), "msg": msg, "type": err["type"]})
+            loc = [part if isinstance(part, int) else str(part) for part in err.get("loc", [])]
+            problems.append({"loc": loc, "msg": msg, "type": str(err.get("type", "invalid"))})
         return _problem_response(422, problems)
+
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONBytes:
+        # 404 of an unknown path, 405 of a wrong method, 401/403 of the admin endpoint
+        problems = [{"loc": [], "msg": str(exc.detail), "type": f"http_{exc.status_code}"}]
+        return _problem_response(exc.status_code, problems, headers=exc.headers)
 
     async def on_service_error(_: Request, exc: Exception) -> JSONBytes:
         status = next(
@@ -723,17 +958,35 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(HistoryStoreError, on_service_error)
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def check_admin(recs: Recs, authorization: str | None) -> None:
+    """``Authorization: Bearer <settings.admin_token>``; the endpoint is off without a token."""
+    token = recs.settings.admin_token
+    if not token:
+        raise HTTPException(403, "the admin endpoint is off: set MUSICREC_ADMIN_TOKEN")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode("utf-8", "replace"), token.encode("utf-8")
+    ):
+        raise HTTPException(401, "a valid 'Authorization: Bearer <token>' header is required",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+RECOMMENDATION_HEADERS = {200: {"headers": {SOURCE_HEADER: {
+    "description": "kinds served: personal, similar, default (joined by +)",
+    "schema": {"type": "string"}}}}}
+
+
 def add_routes(app: FastAPI) -> None:
-    """The endpoints of API.md."""
+    """The endpoints of API.md, plus POST /admin/reload."""
 
     @app.get("/", summary="what is loaded")
-    def root(recs: Recs) -> JSONBytes:
-        art = recs.artefacts
+    def root(recs: Recs, art: Art) -> JSONBytes:
         return JSONBytes({
             "status": "ok",
             "users_with_recommendations": len(art.offline),
@@ -751,30 +1004,34 @@ def add_routes(app: FastAPI) -> None:
         })
 
     @app.get("/top_popular", response_model=TrackList, summary="most popular tracks")
-    def top_popular_default(recs: Recs, details: Details = False) -> JSONBytes:
-        return _list_response(recs, recs.top_popular(None), details)
+    def top_popular_default(recs: Recs, art: Art, details: Details = False) -> JSONBytes:
+        return _list_response(art, recs.top_popular(None, art), details)
 
     @app.get("/top_popular/{k}", response_model=TrackList, summary="k most popular tracks")
-    def top_popular(k: KPath, recs: Recs, details: Details = False) -> JSONBytes:
-        return _list_response(recs, recs.top_popular(recs.check_k(k, ("path", "k"))), details)
+    def top_popular(k: KPath, recs: Recs, art: Art, details: Details = False) -> JSONBytes:
+        return _list_response(art, recs.top_popular(recs.check_k(k, ("path", "k")), art),
+                              details)
 
     @app.get("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
     def similar_get(
         k: KPath,
         recs: Recs,
+        art: Art,
         track_id: Annotated[
             list[TrackId],
-            Query(min_length=1, description="a given track id (repeatable)", examples=[[26]]),
+            Query(min_length=1, max_length=MAX_HISTORY_BATCH,
+                  description="a given track id (repeatable)", examples=[[26]]),
         ],
         details: Details = False,
     ) -> JSONBytes:
         recs.check_k(k, ("path", "k"))
-        return _list_response(recs, recs.get_similar_items(track_id, k), details)
+        return _list_response(art, recs.get_similar_items(track_id, k, art=art), details)
 
     @app.post("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
     def similar_post(
         k: KPath,
         recs: Recs,
+        art: Art,
         track_ids: Annotated[
             list[StrictTrackId],
             Body(min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]]),
@@ -782,16 +1039,19 @@ def add_routes(app: FastAPI) -> None:
         details: Details = False,
     ) -> JSONBytes:
         recs.check_k(k, ("path", "k"))
-        return _list_response(recs, recs.get_similar_items(track_ids, k), details)
+        return _list_response(art, recs.get_similar_items(track_ids, k, art=art), details)
 
     @app.get("/history/{user_id}", response_model=TrackList, summary="online history")
-    def history_get(user_id: UserIdPath, recs: Recs, details: Details = False) -> JSONBytes:
-        return _list_response(recs, recs.get_user_history(user_id), details)
+    def history_get(
+        user_id: UserIdPath, recs: Recs, art: Art, details: Details = False
+    ) -> JSONBytes:
+        return _list_response(art, recs.get_user_history(user_id), details)
 
     @app.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events")
     def history_post(
         user_id: UserIdPath,
         recs: Recs,
+        art: Art,
         track_ids: Annotated[
             list[StrictTrackId],
             Body(
@@ -800,20 +1060,17 @@ def add_routes(app: FastAPI) -> None:
             ),
         ],
     ) -> JSONBytes:
-        length = recs.update_user_events(user_id, track_ids)
+        length = recs.update_user_events(user_id, track_ids, art=art)
         return JSONBytes(
             {"user_id": user_id, "added": len(track_ids), "history_length": length}
         )
 
-    @app.get(
-        "/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
-        responses={200: {"headers": {SOURCE_HEADER: {
-            "description": "kinds served: personal, similar, default (joined by +)",
-            "schema": {"type": "string"}}}}},
-    )
+    @app.get("/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
+             responses=RECOMMENDATION_HEADERS)
     def recommendations_get(
         user_id: UserIdPath,
         recs: Recs,
+        art: Art,
         k: KQuery = None,
         blend: Annotated[BlendMode, Query(description="strict or probability")] = "strict",
         p: Annotated[
@@ -821,19 +1078,20 @@ def add_routes(app: FastAPI) -> None:
         ] = 0.5,
         details: Details = False,
     ) -> JSONBytes:
-        answer = recs.recommend(user_id, k, blend, p)
+        answer = recs.recommend(user_id, k, blend, p, art=art)
         return _list_response(
-            recs, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
+            art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
         )
 
-    @app.post("/recommendations", response_model=TrackList, summary="recommendations")
+    @app.post("/recommendations", response_model=TrackList, summary="recommendations",
+              responses=RECOMMENDATION_HEADERS)
     def recommendations_post(
-        request: RecommendationRequest, recs: Recs, details: Details = False
+        request: RecommendationRequest, recs: Recs, art: Art, details: Details = False
     ) -> JSONBytes:
         recs.check_k(request.k, ("body", "k"))
-        answer = recs.recommend(request.user_id, request.k, request.blend, request.p)
+        answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art)
         return _list_response(
-            recs, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
+            art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
         )
 
     @app.get("/stats", summary="how often each kind was served (this worker)")
@@ -846,14 +1104,32 @@ def add_routes(app: FastAPI) -> None:
     )
     def health(request: Request) -> JSONBytes:
         recs: Recommendations | None = getattr(request.app.state, "recs", None)
-        loaded = recs is not None and recs._artefacts is not None
+        art = recs._artefacts if recs is not None else None
         store_ok = recs is not None and recs.store is not None and recs.store.ping()
-        ok = loaded and store_ok
+        ok = art is not None and store_ok
+        last = recs.last_reload if recs is not None else None
         return JSONBytes(
-            {"status": "ok" if ok else "unavailable", "artefacts_loaded": loaded,
-             "history_store": store_ok},
+            {"status": "ok" if ok else "unavailable", "artefacts_loaded": art is not None,
+             "history_store": store_ok, "run_id": art.run_id if art is not None else None,
+             "reload_error": last["error"] if last else None},
             status_code=200 if ok else 503,
         )
+
+    @app.post(
+        "/admin/reload", response_model=ReloadResult, summary="switch to the folder's new set",
+        description="Loads and checks the artefact set now in the folder and switches this "
+        "worker to it; a broken set is refused (409) and the old one keeps serving. Other "
+        "workers follow through the manifest watch. Needs `Authorization: Bearer <token>`.",
+        responses={401: {"model": Problem}, 403: {"model": Problem},
+                   409: {"model": ReloadResult, "description": "the new set was refused"}},
+    )
+    def admin_reload(
+        recs: Recs,
+        authorization: Annotated[str | None, Header(description="Bearer <admin token>")] = None,
+    ) -> JSONBytes:
+        check_admin(recs, authorization)
+        result = recs.reload(reason="POST /admin/reload")
+        return JSONBytes(result, status_code=200 if result["reloaded"] else 409)
 
 
 DESCRIPTION = """
@@ -862,6 +1138,11 @@ history, and the most popular tracks, blended per request. Ids are the input dat
 Every list endpoint takes `?details=true` for names instead of ids. Bad input gets a 4xx with
 a `message` naming the problem.
 """
+
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": Problem, "description": "bad input, named in `message`"},
+    503: {"model": Problem, "description": "not ready: artefacts or history store unavailable"},
+}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -876,15 +1157,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recs.load()  # raises DataError naming the file: the service refuses to start
         recs.open_store()
         app.state.recs = recs
-        log.info("ready: history store %s", current.history_url)
+        stop = threading.Event()
+        if current.reload_poll_seconds > 0:
+            threading.Thread(
+                target=recs.watch_manifest, args=(stop, current.reload_poll_seconds),
+                name="manifest-watch", daemon=True,
+            ).start()
+        log.info("ready: run %s, history store %s", recs.artefacts.run_id, current.history_url)
         try:
             yield
         finally:
+            stop.set()
             app.state.recs = None
             recs.close()
 
     app = FastAPI(
-        title="Music recommendations", version="1.0", description=DESCRIPTION, lifespan=lifespan
+        title="Music recommendations", version="1.0", description=DESCRIPTION,
+        lifespan=lifespan, responses=COMMON_RESPONSES,
     )
     app.state.recs = None
     install_error_handlers(app)

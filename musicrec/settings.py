@@ -87,3 +87,9 @@ class Settings(BaseSettings):
     online_history_window: int = Field(
         10, ge=1, description="recent online events used for similar tracks"
     )
+    admin_token: str | None = Field(
+        None, description="bearer token of POST /admin/reload; None = the endpoint is off"
+    )
+    reload_poll_seconds: float = Field(
+        5.0, ge=0, description="reload when manifest.json names a new run; 0 = no watching"
+    )

@@ -54,7 +54,7 @@ def write_artefacts(folder: Path) -> Path:
 
 def make_settings(folder: Path) -> Settings:
     return Settings(parquet_dir=folder, history_url=f"sqlite:///{folder}/history.db",
-                    default_k=5, max_k=10, online_history_window=10)
+                    default_k=5, max_k=10, online_history_window=10, reload_poll_seconds=0)
 
 
 @pytest.fixture()
@@ -78,7 +78,8 @@ def test_root_and_health(client: TestClient) -> None:
     assert root["run_id"] == "test-run"
     health = client.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "artefacts_loaded": True, "history_store": True}
+    assert health.json() == {"status": "ok", "artefacts_loaded": True, "history_store": True,
+                             "run_id": "test-run", "reload_error": None}
 
 
 def test_top_popular(client: TestClient) -> None:
