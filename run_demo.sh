@@ -4,11 +4,7 @@
 # prepares it, runs the whole pipeline, then serves recommendations on localhost:8000.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-export OPENBLAS_NUM_THREADS=1 MPLBACKEND=Agg
+source scripts/venv.sh
 export MUSICREC_DATA_DIR="${MUSICREC_DATA_DIR:-data}"
 export MUSICREC_PARQUET_DIR="${MUSICREC_PARQUET_DIR:-parquet}"
 if [ ! -f "$MUSICREC_DATA_DIR/interactions.parquet" ]; then

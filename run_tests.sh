@@ -4,10 +4,6 @@
 # uvicorn process, the notebook executed headless on the tiny preset).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv
-fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-export OPENBLAS_NUM_THREADS=1 MPLBACKEND=Agg
+source scripts/venv.sh
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest -q "$@"
