@@ -934,7 +934,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return _problem_response(422, problems)
 
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONBytes:
-        # 404 of an unknown path, 405 of a wrong method, 401/403 of the admin endpoint
+        # 404 of an unknown path, 405 of a wrong method, 401/403 of the admin endpoint; a
+        # body FastAPI cannot even decode (400) is bad input like malformed JSON: 422
+        if exc.status_code == 400:
+            problems = [{"loc": ["body"], "msg": f"malformed body: {exc.detail}",
+                         "type": "body_unreadable"}]
+            return _problem_response(422, problems)
         problems = [{"loc": [], "msg": str(exc.detail), "type": f"http_{exc.status_code}"}]
         return _problem_response(exc.status_code, problems, headers=exc.headers)
 
