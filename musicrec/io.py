@@ -98,7 +98,8 @@ def write_table(
     if schema is not None:
         table = table.select(schema.names).cast(schema)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        # page checksums: a reader that verifies them (the service) refuses a damaged page
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
     log.debug("wrote %s (%d rows)", path, table.num_rows)
     return Path(path)
 
