@@ -361,9 +361,11 @@ PIPELINE = [
     split = io.read_json(PARQUET / pipeline.WORK_DIR / pipeline.SPLIT_JSON)
     dates = SplitDates.from_dict(split)
     day, user = events["day"].to_numpy(), events["user_id"].to_numpy()
-    period = np.digitize(day, [dates.label_start, dates.test_start])  # 0 train, 1 label, 2 test
-    seen = np.zeros((3, int(user.max()) + 1), dtype=bool)
-    seen[period, user] = True
+    # period of each event: 0 train, 1 label, 2 test (int8: 222 MB on the real log)
+    period = (day >= dates.label_start).astype(np.int8) + (day >= dates.test_start)
+    seen = np.zeros((3, int(user.max()) + 1), dtype=bool)  # users active in each period
+    for p in range(3):
+        seen[p, user[period == p]] = True
     periods = pd.DataFrame({
         "from": [split["first_day"], split["label_start"], split["test_start"]],
         "to": [str(io.day_to_date(dates.label_start - 1)),
