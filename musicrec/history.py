@@ -68,11 +68,14 @@ CREATE INDEX IF NOT EXISTS history_user ON history (user_id, id);
 
 
 class SQLiteHistoryStore:
-    """History in one SQLite file; one connection per process, guarded by a lock.
+    """History in one SQLite file; per process one writing and one reading connection, each
+    guarded by its own lock.
 
-    FastAPI runs plain ``def`` endpoints in a thread pool, so threads of one process share
-    the connection under ``self._lock``; each worker process opens its own connection and
-    SQLite's file locks (WAL + busy timeout) order the writers of different processes.
+    Threads of one process share the writer under ``self._lock`` and the reader under
+    ``self._read_lock``, so a read never waits for a write's fsync (WAL: readers see the last
+    committed state and never block on the writer). Each worker process opens its own
+    connections and SQLite's file locks (WAL + busy timeout) order the writers of different
+    processes.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class SQLiteHistoryStore:
         self.path = Path(path)
         self.synchronous = synchronous
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -102,12 +106,28 @@ class SQLiteHistoryStore:
         except (sqlite3.Error, OSError) as exc:
             raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
         self._conn: sqlite3.Connection | None = conn
+        try:
+            reader = sqlite3.connect(
+                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                check_same_thread=False,
+            )
+            reader.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            reader.execute("PRAGMA query_only = 1")
+        except (sqlite3.Error, OSError) as exc:
+            conn.close()
+            raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
+        self._reader: sqlite3.Connection | None = reader
         log.info("history store %s (WAL, synchronous=%s)", self.path, synchronous)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             raise HistoryStoreError(f"history store {self.path} is closed")
         return self._conn
+
+    def _read_connection(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise HistoryStoreError(f"history store {self.path} is closed")
+        return self._reader
 
     def add(self, user_id: int, track_ids: Sequence[int]) -> int:
         rows = [(int(user_id), int(t)) for t in track_ids]
@@ -133,9 +153,9 @@ class SQLiteHistoryStore:
         return int(length)
 
     def get(self, user_id: int) -> list[int]:
-        with self._lock:
+        with self._read_lock:
             try:
-                cursor = self._connection().execute(
+                cursor = self._read_connection().execute(
                     "SELECT track_id FROM history WHERE user_id = ? ORDER BY id", (int(user_id),)
                 )
                 return [row[0] for row in cursor.fetchall()]
@@ -143,9 +163,9 @@ class SQLiteHistoryStore:
                 raise HistoryStoreError(f"history store {self.path}: {exc}") from exc
 
     def ping(self) -> bool:
-        with self._lock:
+        with self._read_lock:
             try:
-                self._connection().execute("SELECT 1 FROM history LIMIT 1").fetchall()
+                self._read_connection().execute("SELECT 1 FROM history LIMIT 1").fetchall()
                 return True
             except (sqlite3.Error, HistoryStoreError):
                 return False
@@ -155,6 +175,10 @@ class SQLiteHistoryStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def __repr__(self) -> str:
         return f"SQLiteHistoryStore({str(self.path)!r}, synchronous={self.synchronous!r})"

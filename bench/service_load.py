@@ -1,0 +1,290 @@
+"""Load benchmark of the recommendation service on 127.0.0.1, beside a bare FastAPI endpoint.
+
+Starts ``uvicorn recommendation_service:app`` on the given artefacts (start-up time and peak
+memory to the first healthy /health), gives some users an online history so the four kinds of
+user exist (new, offline only, online only, both), then measures with ``wrk`` (bounded by
+duration; localhost only):
+
+* /recommendations/{user_id} over an equal mix of the four kinds, at 4 and 16 connections,
+  and the bare endpoint (``bench/bare_app.py``, same uvicorn settings) right beside it, in
+  each of ``--runs`` rounds, so the ratio is measured on the same (shared, noisy) machine;
+* each kind of user and the other read endpoints alone at 4 connections.
+
+Medians over the rounds go to stdout as Markdown (and ``--json`` as JSON).
+
+    python bench/make_full_artefacts.py /tmp/fullart
+    python bench/service_load.py --parquet-dir /tmp/fullart --runs 3 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+HOST = "127.0.0.1"  # never anything else: the load stays on this machine
+N_USERS_PER_KIND = 1_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def tree_pids(pid: int) -> list[int]:
+    """The process and all its descendants (uvicorn master and workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            children = (task / "children").read_text().split()
+            todo.extend(int(c) for c in children)
+    return pids
+
+
+class Server:
+    """A uvicorn process serving ``app`` with the settings every measured server shares."""
+
+    def __init__(self, app: str, env: dict[str, str], workers: int, log: Path) -> None:
+        self.app, self.env, self.workers, self.log = app, env, workers, log
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self, ready_path: str, timeout: float = 300) -> float:
+        """Start; seconds until ``ready_path`` answers 200."""
+        started = time.perf_counter()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
+                 "--workers", str(self.workers), "--log-level", "warning",
+                 "--loop", "uvloop", "--http", "httptools", "--no-access-log"],
+                cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        while time.perf_counter() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.app} exited: {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(self.url + ready_path, timeout=5).status_code == 200:
+                    return time.perf_counter() - started
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.app} not ready in {timeout} s")
+
+    def memory(self) -> dict[str, int]:
+        """RSS now and peak RSS, summed over the process tree."""
+        assert self.proc is not None
+        total = {"VmRSS": 0, "VmHWM": 0}
+        for pid in tree_pids(self.proc.pid):
+            for key, value in proc_status(pid).items():
+                total[key] += value
+        return total
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+def user_mix(parquet_dir: Path, service: Server, seed: int) -> dict[str, list[str]]:
+    """Request paths per kind of user; posts the online histories the kinds need."""
+    rng = random.Random(seed)
+    recs = pq.ParquetFile(parquet_dir / "recommendations.parquet")
+    users = sorted(set(recs.read_row_group(0, columns=["user_id"]).column(0).to_pylist()))
+    rng.shuffle(users)
+    n = min(N_USERS_PER_KIND, len(users) // 2)
+    offline_only, both = users[:n], users[n:2 * n]
+    items = pq.ParquetFile(parquet_dir / "items.parquet")
+    tracks = items.read_row_group(0, columns=["track_id"]).column(0).to_pylist()
+    popular = pq.read_table(parquet_dir / "top_popular.parquet", columns=["track_id"])
+    tracks = popular.column(0).to_pylist()[:5_000] + tracks[:5_000]  # tracks with neighbours
+    top = 2_000_000_000
+    new = list(range(top, top + n))
+    online_only = list(range(top + n, top + 2 * n))
+    with requests.Session() as session:
+        for user in online_only + both:
+            listened = rng.sample(tracks, rng.randint(1, 20))
+            response = session.post(f"{service.url}/history/{user}", json=listened, timeout=30)
+            response.raise_for_status()
+    return {kind: [f"/recommendations/{u}" for u in group] for kind, group in
+            (("new", new), ("offline", offline_only), ("online", online_only), ("both", both))}
+
+
+LUA = """
+local paths = {%s}
+local i = math.random(#paths)
+request = function()
+  i = i + 1
+  if i > #paths then i = 1 end
+  return wrk.format("GET", paths[i])
+end
+"""
+
+
+def wrk(url: str, paths: list[str], connections: int, duration: float, work: Path
+        ) -> dict[str, float]:
+    """One wrk run cycling through ``paths``: p50/p99 (ms), requests/s, errors."""
+    script = work / f"paths_{abs(hash(tuple(paths)))}.lua"
+    if not script.exists():
+        script.write_text(LUA % ",".join(json.dumps(p) for p in paths))
+    done = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s",
+         "-s", str(script), url],
+        capture_output=True, text=True, timeout=duration + 60,
+    )
+    text = done.stdout
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stderr}")
+
+    def latency(pct: str) -> float:
+        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        if not match:
+            raise RuntimeError(f"no {pct}% in wrk output:\n{text}")
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    socket_errors = re.search(r"Socket errors: (.*)", text)
+    return {"p50_ms": latency("50"), "p99_ms": latency("99"), "rps": rps,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+
+
+def median_of(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parquet-dir", type=Path, required=True)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
+    parser.add_argument("--kind-duration", type=float, default=5,
+                        help="seconds per single-kind run")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed: apt-get install -y wrk")
+
+    work = Path(tempfile.mkdtemp(prefix="service_load_"))
+    env = {"MUSICREC_PARQUET_DIR": str(args.parquet_dir.resolve()),
+           "MUSICREC_HISTORY_URL": f"sqlite:///{work}/history.db",
+           "MUSICREC_RELOAD_POLL_SECONDS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    service = Server("recommendation_service:app", env, args.workers, work / "service.log")
+    bare = Server("bench.bare_app:app", env, args.workers, work / "bare.log")
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{os.cpu_count()} cores, {ram:.0f} GiB, Python {sys.version.split()[0]}",
+        "loadavg_before": os.getloadavg(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    try:
+        results["startup_seconds"] = round(service.start("/health"), 2)
+        memory = service.memory()
+        results["startup_rss_gib"] = round(memory["VmRSS"] / 2**30, 3)
+        results["startup_peak_rss_gib"] = round(memory["VmHWM"] / 2**30, 3)
+        print(f"start-up {results['startup_seconds']} s, RSS {results['startup_rss_gib']} GiB, "
+              f"peak {results['startup_peak_rss_gib']} GiB", flush=True)
+        bare.start("/bare/1")
+        kinds = user_mix(args.parquet_dir, service, seed=0)
+        mix = [p for group in zip(*kinds.values(), strict=True) for p in group]
+        tracks = requests.get(service.url + "/top_popular/100", timeout=10).json()
+        others = {
+            "top_popular": ["/top_popular"],
+            "similar": [f"/similar/25?track_id={t}" for t in tracks],
+            "history": [p.replace("/recommendations/", "/history/") for p in kinds["online"]],
+        }
+        for path in (mix[0], "/top_popular", others["similar"][0], others["history"][0]):
+            assert requests.get(service.url + path, timeout=10).status_code == 200, path
+        rounds: list[dict[str, Any]] = []
+        for run in range(args.runs):
+            row: dict[str, Any] = {"run": run + 1}
+            for connections in (4, 16):
+                row[f"bare_c{connections}"] = wrk(bare.url, [f"/bare/{i}" for i in range(1000)],
+                                                  connections, args.duration, work)
+                row[f"mix_c{connections}"] = wrk(service.url, mix, connections,
+                                                 args.duration, work)
+            for name, paths in {**kinds, **others}.items():
+                row[f"{name}_c4"] = wrk(service.url, paths, 4, args.kind_duration, work)
+            rounds.append(row)
+            print(json.dumps(row), flush=True)
+        results["rounds"] = rounds
+        memory = service.memory()
+        results["rss_after_gib"] = round(memory["VmRSS"] / 2**30, 3)
+        results["loadavg_after"] = os.getloadavg()
+    finally:
+        service.stop()
+        bare.stop()
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(results: dict[str, Any]) -> None:
+    """Medians over the rounds, as a Markdown table."""
+    rounds = results["rounds"]
+    print(f"\n{results['date']}, {results['machine']}, load average before "
+          f"{results['loadavg_before'][0]:.1f}, {len(rounds)} rounds (medians)\n")
+    print(f"start-up to healthy: {results['startup_seconds']} s; RSS {results['startup_rss_gib']}"
+          f" GiB (peak {results['startup_peak_rss_gib']} GiB); after the load "
+          f"{results['rss_after_gib']} GiB\n")
+    print("| what | connections | p50 ms | p99 ms | requests/s | errors |")
+    print("|---|---|---|---|---|---|")
+    keys = [k for k in rounds[0] if k != "run"]
+    for key in keys:
+        name, _, conn = key.rpartition("_c")
+        rows = [r[key] for r in rounds]
+        errors = sum(r["non_2xx"] for r in rows)
+        print(f"| {name} | {conn} | {median_of(rows, 'p50_ms'):.2f} | "
+              f"{median_of(rows, 'p99_ms'):.2f} | {median_of(rows, 'rps'):.0f} | {errors} |")
+    for conn in (4, 16):
+        ratios = [r[f"mix_c{conn}"]["rps"] / r[f"bare_c{conn}"]["rps"] for r in rounds]
+        print(f"\nthroughput mix / bare at {conn} connections: median "
+              f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+
+
+if __name__ == "__main__":
+    main()
