@@ -19,8 +19,9 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from musicrec.columns import Columns as C
-from musicrec.features import History, IdIndex, build_history, days_decay
+from musicrec.features import History, IdIndex, build_history, days_decay, gather_rows
 from musicrec.settings import Settings
+from musicrec.topk import IvfIndex
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +56,57 @@ def user_items_matrix(history: History, half_life_days: float) -> sp.csr_matrix:
     )
 
 
-def fit_als_history(history: History, settings: Settings) -> AlsModel:
-    """Fit ALS on an already grouped history (the ranker builds one and reuses it)."""
+def fit_als_history(
+    history: History,
+    settings: Settings,
+    warm_start: AlsModel | None = None,
+    iterations: int | None = None,
+) -> AlsModel:
+    """Fit ALS on an already grouped history (the ranker builds one and reuses it).
+
+    With ``warm_start`` the factors of users and tracks that model knows start from its values
+    (new ones start small and random, as implicit would start them), so a few ``iterations``
+    bring a model of a slightly longer history up to date instead of a full fit from scratch.
+    """
     user_items = user_items_matrix(history, settings.recency_half_life_days)
+    iterations = settings.als_iterations if iterations is None else iterations
     model = AlternatingLeastSquares(
         factors=settings.als_factors,
         regularization=settings.als_regularization,
         alpha=settings.als_alpha,
-        iterations=settings.als_iterations,
+        iterations=iterations,
         random_state=settings.seed,
         num_threads=settings.threads,
     )
+    if warm_start is not None:
+        rng = np.random.default_rng(settings.seed)
+        model.user_factors = _carried_factors(warm_start.model.user_factors, warm_start.users,
+                                              history.users.ids, rng)
+        model.item_factors = _carried_factors(warm_start.model.item_factors, warm_start.tracks,
+                                              history.tracks.ids, rng)
     started = time.perf_counter()
     with threadpool_limits(limits=1, user_api="blas"):
         model.fit(user_items, show_progress=log.isEnabledFor(logging.INFO))
-    log.info("ALS fit: %d users x %d tracks, %d events, %d factors, %d iterations in %.1f s",
-             history.n_users, history.n_tracks, history.n_events, settings.als_factors,
-             settings.als_iterations, time.perf_counter() - started)
+    log.info("ALS fit%s: %d users x %d tracks, %d events, %d factors, %d iterations in %.1f s",
+             " (warm start)" if warm_start is not None else "", history.n_users,
+             history.n_tracks, history.n_events, settings.als_factors, iterations,
+             time.perf_counter() - started)
     return AlsModel(model, history.users.ids.astype(np.int32),
                     history.tracks.ids.astype(np.int32), user_items)
+
+
+def _carried_factors(
+    factors: np.ndarray, known: IdIndex, ids: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Rows for ``ids``: the known model's row where it has one, else small random values."""
+    factors = np.asarray(factors, dtype=np.float32)
+    if factors.shape[0] != len(known):
+        raise ValueError("warm-start factors do not match the model's ids")
+    out = rng.random((ids.size, factors.shape[1]), dtype=np.float32) * np.float32(0.01)
+    codes = known.codes(ids)
+    have = codes >= 0
+    out[have] = factors[codes[have]]
+    return out
 
 
 def fit_als(events: pd.DataFrame, settings: Settings, last_day: int) -> AlsModel:
@@ -98,15 +131,24 @@ def als_from_factors(
 
 
 def recommend_codes(
-    model: AlsModel, rows: np.ndarray, n: int, batch_size: int = 4096, progress: bool = True
+    model: AlsModel,
+    rows: np.ndarray,
+    n: int,
+    batch_size: int = 4096,
+    progress: bool = True,
+    index: IvfIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``n`` unheard track codes for user codes ``rows``: (row, track code, score) arrays.
+    """Top-``n`` unheard track codes for user codes ``rows``: (row, track code, score) arrays,
+    grouped by row in the order of ``rows``, best first.
 
-    Brute force over all tracks with implicit's batched top-k; the one place to swap in an
-    approximate index later.
+    Without ``index``: exact, brute force over all tracks with implicit's batched top-k. With
+    an ``IvfIndex`` over the item factors: approximate, only the probed clusters are scored
+    (see ``musicrec.topk``); users whose list comes out short fall back to the exact path.
     """
     rows = np.asarray(rows, dtype=np.int32)
     n = min(n, len(model.track_ids))
+    if index is not None:
+        return _recommend_ann(model, rows, n, index, progress)
     out_rows, out_tracks, out_scores = [], [], []
     batches = range(0, rows.size, batch_size)
     with threadpool_limits(limits=1, user_api="blas"):
@@ -124,6 +166,77 @@ def recommend_codes(
         empty = np.zeros(0, np.int32)
         return empty, empty, np.zeros(0, np.float32)
     return np.concatenate(out_rows), np.concatenate(out_tracks), np.concatenate(out_scores)
+
+
+# The ANN query asks for n + (tracks heard) results so that n survive the heard filter, capped
+# here; heavier listeners whose list comes out short are served by the exact path.
+_MAX_EXTRA = 2048
+
+
+def _recommend_ann(
+    model: AlsModel, rows: np.ndarray, n: int, index: IvfIndex, progress: bool,
+    batch_size: int = 32768,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    user_items = model.user_items
+    n_tracks = len(model.track_ids)
+    heard_count = np.diff(user_items.indptr)[rows]
+    wanted = np.minimum(n, n_tracks - heard_count)  # a list can't be longer than the unheard
+    out_codes = np.full((rows.size, n), -1, dtype=np.int32)
+    out_scores = np.full((rows.size, n), -np.inf, dtype=np.float32)
+    # bucket the query size by powers of two so one search serves many users
+    need = n + np.minimum(heard_count, _MAX_EXTRA)
+    bucket = np.left_shift(1, np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
+    for start in tqdm(range(0, rows.size, batch_size), desc="ALS top-k (ANN)", unit="batch",
+                      disable=not progress, mininterval=2):
+        stop = min(start + batch_size, rows.size)
+        for k in np.unique(bucket[start:stop]):
+            pos = start + np.flatnonzero(bucket[start:stop] == k)
+            batch = rows[pos]
+            codes, scores = index.search(model.model.user_factors[batch], int(k))
+            heard_pos, local = gather_rows(user_items.indptr, batch)
+            heard = np.sort(local.astype(np.int64) * n_tracks + user_items.indices[heard_pos])
+            keys = np.arange(batch.size, dtype=np.int64)[:, None] * n_tracks + codes
+            at = np.minimum(np.searchsorted(heard, keys), max(heard.size - 1, 0))
+            keep = codes >= 0
+            if heard.size:
+                keep &= heard[at] != keys
+            keep &= np.cumsum(keep, axis=1) <= n
+            slot = np.cumsum(keep, axis=1) - 1
+            r, c = np.nonzero(keep)
+            out_codes[pos[r], slot[r, c]] = codes[r, c]
+            out_scores[pos[r], slot[r, c]] = scores[r, c]
+    short = np.flatnonzero((out_codes >= 0).sum(axis=1) < wanted)
+    if short.size:
+        log.info("ALS top-k: %d of %d users got a short ANN list, served exactly",
+                 short.size, rows.size)
+        e_rows, e_tracks, e_scores = recommend_codes(model, rows[short], n, progress=False)
+        starts = np.r_[True, e_rows[1:] != e_rows[:-1]] if e_rows.size else np.zeros(0, bool)
+        slot = np.arange(e_rows.size) - np.maximum.accumulate(
+            np.where(starts, np.arange(e_rows.size), 0))
+        where = short[_positions(rows[short], e_rows)]
+        out_codes[short] = -1
+        out_scores[short] = -np.inf
+        out_codes[where, slot] = e_tracks
+        out_scores[where, slot] = e_scores
+    keep = out_codes >= 0
+    return (np.broadcast_to(rows[:, None], keep.shape)[keep], out_codes[keep],
+            out_scores[keep])
+
+
+def _positions(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position in ``ordered`` (distinct values) of each of ``values``."""
+    order = np.argsort(ordered, kind="stable")
+    return order[np.searchsorted(ordered[order], values)]
+
+
+def item_index(model: AlsModel, settings: Settings, metric: str = "ip") -> IvfIndex | None:
+    """The IVF index over the model's tracks when the settings ask for approximate top-k
+    (``topk_method`` "ann", or "auto" with at least ``ann_min_tracks`` tracks), else None."""
+    method = settings.topk_method
+    if method == "exact" or (method == "auto" and len(model.track_ids) < settings.ann_min_tracks):
+        return None
+    return IvfIndex(model.model.item_factors, metric=metric, nprobe=settings.ann_nprobe,
+                    threads=settings.threads, seed=settings.seed)
 
 
 def recommend_als(

@@ -25,7 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from musicrec import io
-from musicrec.als import als_from_factors, fit_als_history, recommend_codes, recs_frame
+from musicrec.als import (
+    als_from_factors,
+    fit_als_history,
+    item_index,
+    recommend_codes,
+    recs_frame,
+)
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.features import IdIndex, build_history
@@ -58,6 +64,8 @@ class RunContext:
 
     settings: Settings
     out: Path
+    keep_events: bool = False  # run_all reads events.parquet once for every stage
+    _events: pd.DataFrame | None = None
 
     @property
     def parquet(self) -> Path:
@@ -70,10 +78,17 @@ class RunContext:
         return path
 
     def events(self) -> pd.DataFrame:
+        if self._events is not None:
+            return self._events
         path = self.parquet / io.EVENTS
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `python -m musicrec prepare` first")
-        return io.read_events(path)
+        started = time.perf_counter()
+        events = io.read_events(path)
+        log.info("read %d events in %.1f s", len(events), time.perf_counter() - started)
+        if self.keep_events:
+            self._events = events
+        return events
 
     def items(self) -> pa.Table:
         return pq.read_table(self.parquet / io.ITEMS, columns=[C.track, C.genre_ids, C.artist_ids])
@@ -124,7 +139,8 @@ def stage_popular(run: RunContext) -> None:
 
 
 def stage_als(run: RunContext) -> None:
-    """ALS on P1 (candidates of the ranker's training users) and on P1+P2 (personal_als)."""
+    """ALS on P1 (candidates of the ranker's training users), then brought up to P1+P2
+    (personal_als) by a few iterations warm-started from the P1 factors."""
     from musicrec.ranker import recent_tracks, training_users
 
     s, dates, events = run.settings, run.dates(), run.events()
@@ -132,22 +148,30 @@ def stage_als(run: RunContext) -> None:
     label = events[(days >= dates.label_start) & (days < dates.test_start)]
 
     history = build_history(events_before(events, dates.label_start), dates.label_start)
-    model = fit_als_history(history, s)
+    p1_model = fit_als_history(history, s)
     users = training_users(history, label, s)
-    rows, tracks, scores = recommend_codes(model, users, s.n_als_candidates)
-    io.write_table(recs_frame(model.user_ids[rows], model.track_ids[tracks], scores),
+    rows, tracks, scores = recommend_codes(p1_model, users, s.n_als_candidates,
+                                           index=item_index(p1_model, s))
+    io.write_table(recs_frame(p1_model.user_ids[rows], p1_model.track_ids[tracks], scores),
                    run.work / ALS_CANDIDATES_P1, io.RECS_SCHEMA)
     _, recent = recent_tracks(history, users, s.ranker_recent_tracks)
     with io.atomic_path(run.work / SIMILAR_QUERIES_P1) as tmp, open(tmp, "wb") as fh:
         np.save(fh, history.tracks.ids[np.unique(recent)])
-    _save_factors(model, run.work / ALS_P1)
-    del history, model, label
+    _save_factors(p1_model, run.work / ALS_P1)
+    del history, label, rows, tracks, scores
+    p1_model.user_items = None  # the P1 matrix is not needed any more
 
     history = build_history(events_before(events, dates.test_start), dates.test_start)
     del events
-    model = fit_als_history(history, s)
+    if s.als_warm_iterations > 0:
+        model = fit_als_history(history, s, warm_start=p1_model,
+                                iterations=s.als_warm_iterations)
+    else:
+        model = fit_als_history(history, s)
+    del p1_model, history
     n = max(s.n_als_candidates, s.n_recommendations)
-    rows, tracks, scores = recommend_codes(model, np.arange(history.n_users), n)
+    rows, tracks, scores = recommend_codes(model, np.arange(len(model.user_ids)), n,
+                                           index=item_index(model, s))
     io.write_table(recs_frame(model.user_ids[rows], model.track_ids[tracks], scores),
                    run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
     _save_factors(model, run.work / ALS_FULL)
@@ -163,11 +187,13 @@ def stage_similar(run: RunContext) -> None:
     """Similar tracks of every track (P1+P2 model) and of the ranker's query tracks (P1)."""
     s = run.settings
     model = _model_from(run.work / ALS_FULL, s.threads)
-    io.write_table(similar_tracks(model, s.n_similar), run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
+    io.write_table(similar_tracks(model, s.n_similar, index=item_index(model, s, "cosine")),
+                   run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
     model = _model_from(run.work / ALS_P1, s.threads)
     queries = np.load(run.work / SIMILAR_QUERIES_P1)
-    io.write_table(similar_tracks(model, s.n_similar, queries), run.work / SIMILAR_P1,
-                   io.SIMILAR_SCHEMA)
+    io.write_table(similar_tracks(model, s.n_similar, queries,
+                                  index=item_index(model, s, "cosine")),
+                   run.work / SIMILAR_P1, io.SIMILAR_SCHEMA)
 
 
 def stage_rank(run: RunContext) -> None:
@@ -315,7 +341,7 @@ def run_all(settings: Settings) -> dict:
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     staging = parquet / f".staging-{run_id}"
     staging.mkdir(parents=True)
-    run = RunContext(settings, staging)
+    run = RunContext(settings, staging, keep_events=True)
     timings: dict[str, float] = {}
     try:
         for stage in STAGES:

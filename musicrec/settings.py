@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     )
     ranker_iterations: int = Field(300, ge=1)
     threads: int = Field(2, ge=1, description="worker threads for ALS and CatBoost")
+    als_warm_iterations: int = Field(
+        2, ge=0, description="iterations of the P1+P2 ALS fit warm-started from the P1 factors; "
+        "0 = a second full fit from scratch"
+    )
+    topk_method: Literal["auto", "exact", "ann"] = Field(
+        "auto", description="top-k over tracks: exact brute force, an IVF index (ann), or ann "
+        "from ann_min_tracks tracks on (auto)"
+    )
+    ann_min_tracks: int = Field(200_000, ge=1, description="catalogue size where auto uses ann")
+    ann_nprobe: int = Field(32, ge=1, description="IVF clusters scanned per query")
     eval_k: tuple[int, ...] = (5, 10, 25)
 
     # --- service ---------------------------------------------------------------------------

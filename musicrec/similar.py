@@ -11,17 +11,24 @@ from tqdm.auto import tqdm
 
 from musicrec.als import AlsModel
 from musicrec.columns import Columns as C
+from musicrec.topk import IvfIndex
 
 log = logging.getLogger(__name__)
 
 
 def similar_codes(
-    model: AlsModel, codes: np.ndarray, n: int, batch_size: int = 4096, progress: bool = True
+    model: AlsModel,
+    codes: np.ndarray,
+    n: int,
+    batch_size: int = 4096,
+    progress: bool = True,
+    index: IvfIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``n`` most similar track codes of each code in ``codes`` (never itself):
     (query code, similar code, cosine) arrays ordered by query then similarity.
 
-    Brute force with implicit's batched ``similar_items``; a later ANN index goes here.
+    Exact (implicit's batched ``similar_items``) without ``index``; with a cosine
+    ``IvfIndex`` over the item factors, approximate (only the probed clusters are scored).
     """
     codes = np.asarray(codes, dtype=np.int32)
     n = min(n, len(model.track_ids) - 1)
@@ -29,40 +36,51 @@ def similar_codes(
         empty = np.zeros(0, np.int32)
         return empty, empty, np.zeros(0, np.float32)
     out_query, out_similar, out_scores = [], [], []
+    if index is not None:
+        batch_size = max(batch_size, 32768)
     with threadpool_limits(limits=1, user_api="blas"):
         for start in tqdm(range(0, codes.size, batch_size), desc="similar tracks", unit="batch",
                           disable=not progress, mininterval=2):
             batch = codes[start:start + batch_size]
-            ids, scores = model.model.similar_items(batch, N=n + 1)
-            not_self = ids != batch[:, None]
+            if index is None:
+                ids, scores = model.model.similar_items(batch, N=n + 1)
+            else:
+                ids, scores = index.search(model.model.item_factors[batch], n + 1)
+            found = ids >= 0
+            not_self = found & (ids != batch[:, None])
             # A track is normally its own best match; when a tie pushed it out, drop the last.
-            no_self_found = not_self.all(axis=1)
-            not_self[no_self_found, -1] = False
-            out_query.append(np.repeat(batch, n))
+            not_self &= np.cumsum(not_self, axis=1) <= n
+            rows, _ = np.nonzero(not_self)
+            out_query.append(batch[rows])
             out_similar.append(ids[not_self].astype(np.int32))
             out_scores.append(scores[not_self].astype(np.float32))
     return np.concatenate(out_query), np.concatenate(out_similar), np.concatenate(out_scores)
 
 
 def similar_tracks(
-    model: AlsModel, n: int, track_ids: np.ndarray | None = None, batch_size: int = 4096
+    model: AlsModel,
+    n: int,
+    track_ids: np.ndarray | None = None,
+    batch_size: int = 4096,
+    index: IvfIndex | None = None,
 ) -> pd.DataFrame:
     """Similar-tracks table (similar schema, input ids) for ``track_ids`` (default: every track
-    with factors); tracks unknown to the model are skipped."""
+    with factors); tracks unknown to the model are skipped. ``index``: a cosine ``IvfIndex``
+    over the model's item factors for approximate search (``als.item_index``)."""
     if track_ids is None:
         codes = np.arange(len(model.track_ids), dtype=np.int32)
     else:
         codes = model.tracks.codes(np.unique(np.asarray(track_ids)))
         codes = codes[codes >= 0]
-    query, similar, scores = similar_codes(model, codes, n, batch_size)
-    # implicit returns each row best first, so the table is sorted by track then rank
-    per_track = min(n, len(model.track_ids) - 1)
-    ranks = np.tile(np.arange(1, per_track + 1, dtype=np.int16), codes.size)
+    query, similar, scores = similar_codes(model, codes, n, batch_size, index=index)
+    # each query's matches come out together, best first: ranks count within the query
+    starts = np.r_[True, query[1:] != query[:-1]] if query.size else np.zeros(0, bool)
+    first = np.maximum.accumulate(np.where(starts, np.arange(query.size), 0))
     return pd.DataFrame(
         {
             C.track: model.track_ids[query],
             C.similar: model.track_ids[similar],
             C.score: scores,
-            C.rank: ranks,
+            C.rank: (np.arange(query.size) - first + 1).astype(np.int16),
         }
     )

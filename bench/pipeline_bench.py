@@ -1,0 +1,333 @@
+"""Benchmark of the offline pipeline: each stage's wall time and peak memory, the bare ALS fit
+beside it, the recall of the approximate top-k against the exact one, a markdown table.
+
+    OPENBLAS_NUM_THREADS=1 python bench/pipeline_bench.py --parquet-dir /work/fullrun \\
+        --label full --out bench/results/pipeline_full.md [--set als_iterations=8 ...]
+
+The pipeline runs in this process exactly as ``python -m musicrec run`` does (``run_all``);
+a stage's peak memory is the process's peak resident set while the stage runs (the kernel's
+high-water mark is reset at each stage start). The bare fit is implicit ALS with the run's
+factors, iterations and threads on the matrix of every event before the test period (the
+matrix the final model is trained on), in a child process so its memory is its own; only
+``model.fit`` is timed. Recall compares the artefacts with exact brute force on a random
+sample of users and tracks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench")
+
+# log lines of the stages worth quoting under the table (sub-step timings)
+DETAIL = re.compile(r"read \d+ events|ALS fit|IVF index|short ANN|CatBoost:|ranker training:"
+                    r"|stage \w+: done|artefacts|metrics@")
+
+
+def _status(field: str) -> int:
+    """A VmHWM / VmRSS figure of this process in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+class StageWatch(logging.Handler):
+    """Turns the runner's 'stage X: started/done' lines into per-stage wall time and peak."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.stages: dict[str, dict[str, float]] = {}
+        self.details: list[str] = []
+        self._current: str | None = None
+        self._t0 = time.perf_counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        match = re.match(r"stage (\w+): (started|done)", message)
+        if match and record.name == "musicrec.pipeline":
+            stage, what = match.groups()
+            if what == "started":
+                _reset_peak()
+                self._current = stage
+                self.stages[stage] = {"start": time.perf_counter()}
+            else:
+                entry = self.stages[stage]
+                entry["seconds"] = time.perf_counter() - entry["start"]
+                entry["peak_bytes"] = _status("VmHWM")
+        if DETAIL.search(message):
+            elapsed = time.perf_counter() - self._t0
+            self.details.append(f"{elapsed:7.0f} s  {record.name}: {message.splitlines()[0]}")
+
+
+def _settings(args: argparse.Namespace):
+    from musicrec.settings import Settings
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    for key, value in overrides.items():
+        os.environ["MUSICREC_" + key.upper()] = value
+    os.environ["MUSICREC_PARQUET_DIR"] = str(args.parquet_dir)
+    if args.data_dir:
+        os.environ["MUSICREC_DATA_DIR"] = str(args.data_dir)
+    return Settings()
+
+
+def run_pipeline(args: argparse.Namespace) -> dict:
+    from musicrec import pipeline
+
+    settings = _settings(args)
+    watch = StageWatch()
+    root = logging.getLogger("musicrec")
+    root.addHandler(watch)
+    started = time.perf_counter()
+    manifest = pipeline.run_all(settings)
+    wall = time.perf_counter() - started
+    root.removeHandler(watch)
+    return {
+        "settings": settings.model_dump(mode="json"),
+        "wall_seconds": wall,
+        "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "stages": {k: {"seconds": v["seconds"], "peak_bytes": v["peak_bytes"]}
+                   for k, v in watch.stages.items()},
+        "details": watch.details,
+        "metrics": manifest["metrics"],
+        "artefacts": manifest["artefacts"],
+        "split": manifest["split"],
+    }
+
+
+def bare_als(args: argparse.Namespace) -> dict:
+    """(child process) implicit ALS, run's factors/iterations/threads, events before test."""
+    import implicit.cpu.als
+    from threadpoolctl import threadpool_limits
+
+    from musicrec import io
+    from musicrec.als import user_items_matrix
+    from musicrec.features import build_history
+    from musicrec.pipeline import SPLIT_JSON, WORK_DIR
+    from musicrec.split import SplitDates, events_before
+
+    settings = _settings(args)
+    dates = SplitDates.from_dict(io.read_json(Path(args.parquet_dir) / WORK_DIR / SPLIT_JSON))
+    started = time.perf_counter()
+    events = io.read_events(Path(args.parquet_dir) / io.EVENTS)
+    history = build_history(events_before(events, dates.test_start), dates.test_start)
+    del events
+    matrix = user_items_matrix(history, settings.recency_half_life_days)
+    prepare = time.perf_counter() - started
+    iterations = args.bare_iterations or settings.als_iterations
+    model = implicit.cpu.als.AlternatingLeastSquares(
+        factors=settings.als_factors, regularization=settings.als_regularization,
+        alpha=settings.als_alpha, iterations=iterations, random_state=settings.seed,
+        num_threads=settings.threads)
+    started = time.perf_counter()
+    with threadpool_limits(limits=1, user_api="blas"):
+        model.fit(matrix, show_progress=False)
+    fit = time.perf_counter() - started
+    return {"fit_seconds": fit, "prepare_seconds": prepare, "iterations": iterations,
+            "factors": settings.als_factors, "threads": settings.threads,
+            "users": history.n_users, "tracks": history.n_tracks, "events": history.n_events,
+            "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def recall(args: argparse.Namespace, sample: int) -> dict:
+    """Overlap of personal_als / similar with exact brute force on a random sample."""
+    import pandas as pd
+
+    from musicrec import io
+    from musicrec.als import als_from_factors, recommend_codes
+    from musicrec.features import build_history
+    from musicrec.pipeline import ALS_FULL, SPLIT_JSON, WORK_DIR, _load_factors
+    from musicrec.similar import similar_codes
+    from musicrec.split import SplitDates, events_before
+
+    settings = _settings(args)
+    parquet = Path(args.parquet_dir)
+    dates = SplitDates.from_dict(io.read_json(parquet / WORK_DIR / SPLIT_JSON))
+    f = _load_factors(parquet / WORK_DIR / ALS_FULL)
+    rng = np.random.default_rng(0)
+    users = np.sort(rng.choice(f["user_ids"].size, min(sample, f["user_ids"].size), False))
+    tracks = np.sort(rng.choice(f["track_ids"].size, min(sample, f["track_ids"].size), False))
+    events = io.read_events(parquet / io.EVENTS)
+    wanted = np.isin(events["user_id"].to_numpy(), f["user_ids"][users])
+    history = build_history(events_before(events[wanted], dates.test_start), dates.test_start)
+    del events
+    # a matrix with the model's rows: only the sampled users have their heard tracks
+    from musicrec.als import user_items_matrix
+
+    small = user_items_matrix(history, settings.recency_half_life_days).tocoo()
+    import scipy.sparse as sp
+
+    rows = np.searchsorted(f["user_ids"], history.users.ids)[small.row]
+    cols = np.searchsorted(f["track_ids"], history.tracks.ids)[small.col]
+    user_items = sp.csr_matrix((small.data, (rows, cols)),
+                               shape=(f["user_ids"].size, f["track_ids"].size))
+    model = als_from_factors(f["user_factors"], f["item_factors"], f["user_ids"],
+                             f["track_ids"], user_items, threads=settings.threads)
+    n = max(settings.n_als_candidates, settings.n_recommendations)
+    started = time.perf_counter()
+    e_rows, e_tracks, _ = recommend_codes(model, users, n, progress=False)
+    exact_user_seconds = time.perf_counter() - started
+    als = pd.read_parquet(parquet / io.PERSONAL_ALS, filters=[("user_id", "in",
+                                                               f["user_ids"][users].tolist())])
+    exact_keys = set(zip(f["user_ids"][e_rows], f["track_ids"][e_tracks], strict=True))
+    got = set(zip(als["user_id"], als["track_id"], strict=True))
+    started = time.perf_counter()
+    q, s_codes, _ = similar_codes(model, tracks, settings.n_similar, progress=False)
+    exact_track_seconds = time.perf_counter() - started
+    sim = pd.read_parquet(parquet / io.SIMILAR, filters=[("track_id", "in",
+                                                          f["track_ids"][tracks].tolist())])
+    exact_sim = set(zip(f["track_ids"][q], f["track_ids"][s_codes], strict=True))
+    got_sim = set(zip(sim["track_id"], sim["similar_track_id"], strict=True))
+    return {
+        "sample": int(users.size),
+        "als_recall": len(exact_keys & got) / max(len(exact_keys), 1),
+        "similar_recall": len(exact_sim & got_sim) / max(len(exact_sim), 1),
+        "exact_seconds_per_10k_users": exact_user_seconds / users.size * 10_000,
+        "exact_seconds_per_10k_tracks": exact_track_seconds / tracks.size * 10_000,
+    }
+
+
+def _gb(value: float) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def _machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = "?"
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as fh:
+        cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    return f"{os.cpu_count()} cores ({cpu}), {_gb(mem)} GB RAM, {platform.platform()}"
+
+
+def markdown(label: str, command: str, result: dict) -> str:
+    run, bare, rec = result["pipeline"], result.get("bare_als"), result.get("recall")
+    s = run["settings"]
+    lines = [
+        f"## Pipeline benchmark: `{label}`",
+        "",
+        f"- date: {result['date']}",
+        f"- machine: {result['machine']}; load average at start {result['load_at_start']}",
+        f"- command: `{command}`",
+        f"- parameters: {s['als_factors']} factors, {s['als_iterations']} ALS iterations "
+        f"(P1), {s['als_warm_iterations']} warm-start iterations (P1+P2), top-k "
+        f"`{s['topk_method']}` (ann from {s['ann_min_tracks']:,} tracks, nprobe "
+        f"{s['ann_nprobe']}), threads {s['threads']}, ranker users {s['ranker_train_users']:,}",
+        f"- split: {run['split']}",
+        "",
+        "| stage | wall time | peak memory (GB) |",
+        "|---|---:|---:|",
+    ]
+    for stage, v in run["stages"].items():
+        lines.append(f"| {stage} | {v['seconds']:.0f} s | {_gb(v['peak_bytes'])} |")
+    lines.append(f"| **whole pipeline** | **{run['wall_seconds']:.0f} s "
+                 f"({run['wall_seconds'] / 60:.1f} min)** | **{_gb(run['peak_bytes'])}** |")
+    if bare:
+        ratio = run["wall_seconds"] / bare["fit_seconds"]
+        lines += [
+            f"| bare implicit ALS fit ({bare['factors']} factors, {bare['iterations']} "
+            f"iterations, {bare['threads']} threads; {bare['users']:,} x {bare['tracks']:,}, "
+            f"{bare['events']:,} events) | {bare['fit_seconds']:.0f} s "
+            f"(+{bare['prepare_seconds']:.0f} s to read events and build the matrix) | "
+            f"{_gb(bare['peak_bytes'])} |",
+            "",
+            f"**Ratio whole pipeline / bare ALS fit: {ratio:.2f}** "
+            f"(everything but the fits: {run['wall_seconds'] - bare['fit_seconds']:.0f} s).",
+        ]
+    if rec:
+        lines += [
+            "",
+            f"Approximate top-k against exact brute force on {rec['sample']:,} random users / "
+            f"tracks: personal ALS recall {rec['als_recall']:.3f}, similar tracks recall "
+            f"{rec['similar_recall']:.3f} (exact brute force costs "
+            f"{rec['exact_seconds_per_10k_users']:.1f} s per 10,000 users and "
+            f"{rec['exact_seconds_per_10k_tracks']:.1f} s per 10,000 tracks here).",
+        ]
+    metrics = [m for m in run["metrics"] or [] if m["k"] == 10]
+    if metrics:
+        lines += ["", "| source | NDCG@10 | precision@10 | recall@10 | coverage@10 |",
+                  "|---|---:|---:|---:|---:|"]
+        for m in metrics:
+            lines.append(f"| {m['source']} | {m['ndcg']:.4f} | {m['precision']:.4f} | "
+                         f"{m['recall']:.4f} | {m['coverage']:.4f} |")
+    lines += ["", "Artefacts: " + ", ".join(
+        f"{name} {v['rows']:,} rows / {v['bytes'] / 2**20:.0f} MB" if v["rows"] is not None
+        else f"{name} {v['bytes'] / 2**20:.1f} MB" for name, v in run["artefacts"].items()),
+        "", "<details><summary>timed steps inside the stages</summary>", "", "```"]
+    lines += run["details"] + ["```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parquet-dir", type=Path, required=True,
+                        help="folder with items.parquet and events.parquet; artefacts go here")
+    parser.add_argument("--data-dir", type=Path, help="input folder (for the manifest only)")
+    parser.add_argument("--label", default="run", help="name of the run in the report")
+    parser.add_argument("--out", type=Path, help="markdown report (printed when missing)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a Settings field for this run, e.g. als_iterations=8")
+    parser.add_argument("--skip-bare", action="store_true", help="no bare ALS fit")
+    parser.add_argument("--bare-iterations", type=int, help="iterations of the bare fit "
+                        "(default: the run's als_iterations)")
+    parser.add_argument("--recall-sample", type=int, default=2000,
+                        help="users and tracks sampled for the recall check (0 = none)")
+    parser.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    if args.bare_only:
+        print("BARE " + json.dumps(bare_als(args)), flush=True)
+        return
+    result = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
+              "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    result["pipeline"] = run_pipeline(args)
+    log.info("pipeline: %.0f s, peak %s GB", result["pipeline"]["wall_seconds"],
+             _gb(result["pipeline"]["peak_bytes"]))
+    if args.recall_sample:
+        result["recall"] = recall(args, args.recall_sample)
+        log.info("recall: %s", result["recall"])
+    if not args.skip_bare:
+        child = subprocess.run([sys.executable, __file__, "--bare-only", *sys.argv[1:]],
+                               capture_output=True, text=True, check=True)
+        line = next(x for x in child.stdout.splitlines() if x.startswith("BARE "))
+        result["bare_als"] = json.loads(line[5:])
+        log.info("bare ALS: %s", result["bare_als"])
+    command = "OPENBLAS_NUM_THREADS=1 python bench/pipeline_bench.py " + " ".join(sys.argv[1:])
+    text = markdown(args.label, command, result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        log.info("wrote %s", args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""IVF top-k: exact when every cluster is probed, the heard filter, the short-list fallback,
+the cosine variant for similar tracks, and the warm-started ALS fit."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from musicrec import als as als_module
+from musicrec.als import (
+    _carried_factors,
+    als_from_factors,
+    fit_als_history,
+    item_index,
+    recommend_codes,
+)
+from musicrec.features import IdIndex, build_history
+from musicrec.settings import Settings
+from musicrec.similar import similar_tracks
+from musicrec.topk import IvfIndex, default_nlist
+
+
+def random_factors(n: int, d: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def test_default_nlist_keeps_clusters_populated() -> None:
+    assert default_nlist(10) == 1
+    assert default_nlist(1_600) == 100  # 16 items per cluster binds before 4 * sqrt(n) = 160
+    assert default_nlist(1_000_000) == 4000
+
+
+def test_inner_product_search_is_exact_when_every_cluster_is_probed() -> None:
+    items = random_factors(500, 8, seed=1)
+    items[7] *= 5  # a long vector: inner product must find it where cosine would not
+    queries = random_factors(20, 8, seed=2)
+    index = IvfIndex(items, metric="ip", nlist=10, nprobe=10)
+    codes, scores = index.search(queries, k=5)
+    exact = queries @ items.T
+    expected = np.argsort(-exact, axis=1)[:, :5]
+    np.testing.assert_array_equal(codes, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, expected, axis=1), rtol=1e-5)
+
+
+def test_cosine_search_returns_cosines_best_first() -> None:
+    items = np.array([[1, 0], [0.9, 0.1], [0, 3], [-1, 0]], np.float32)
+    index = IvfIndex(items, metric="cosine", nlist=1, nprobe=1)
+    codes, scores = index.search(items[:1] * 10, k=3)
+    assert codes.tolist() == [[0, 1, 2]]
+    np.testing.assert_allclose(scores[0], [1.0, 0.9 / np.hypot(0.9, 0.1), 0.0], atol=1e-6)
+
+
+def test_probing_fewer_clusters_can_miss_but_scores_stay_exact() -> None:
+    items = random_factors(2000, 8, seed=3)
+    queries = random_factors(50, 8, seed=4)
+    index = IvfIndex(items, metric="ip", nlist=40, nprobe=2)
+    codes, scores = index.search(queries, k=10)
+    exact = queries @ items.T
+    found = codes >= 0
+    np.testing.assert_allclose(scores[found], np.take_along_axis(exact, np.where(found, codes, 0),
+                                                                 axis=1)[found], rtol=1e-5)
+    best = np.argsort(-exact, axis=1)[:, :10]
+    recall = np.mean([len(set(c[c >= 0]) & set(b)) / 10 for c, b in zip(codes, best,
+                                                                         strict=True)])
+    assert 0.3 < recall <= 1.0
+
+
+def test_bad_metric_is_refused() -> None:
+    with pytest.raises(ValueError, match="metric"):
+        IvfIndex(random_factors(10, 2, 0), metric="l1")
+
+
+def model_with_history(n_users: int = 30, n_tracks: int = 200, seed: int = 5):
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users, dtype=np.int32) + 100, 12)
+    tracks = np.concatenate([rng.choice(n_tracks, 12, replace=False) for _ in range(n_users)])
+    events = pd.DataFrame({"user_id": users, "track_id": (tracks + 1000).astype(np.int32),
+                           "day": np.full(users.size, 50, np.int16)})
+    history = build_history(events, cutoff=51)
+    settings = Settings(als_factors=6, als_iterations=3, threads=1, seed=3)
+    return fit_als_history(history, settings), history
+
+
+def test_ann_recommendations_equal_exact_ones_when_every_cluster_is_probed() -> None:
+    model, history = model_with_history()
+    rows = np.arange(history.n_users)
+    exact = recommend_codes(model, rows, 10, progress=False)
+    index = IvfIndex(model.model.item_factors, nlist=8, nprobe=8)
+    approx = recommend_codes(model, rows, 10, progress=False, index=index)
+    np.testing.assert_array_equal(approx[0], exact[0])
+    np.testing.assert_array_equal(approx[1], exact[1])
+    np.testing.assert_allclose(approx[2], exact[2], rtol=1e-4, atol=1e-6)
+    heard = set(zip(*np.nonzero(model.user_items.toarray()), strict=True))
+    assert not any((r, t) in heard for r, t in zip(approx[0], approx[1], strict=True))
+
+
+def test_short_ann_lists_fall_back_to_the_exact_path(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, history = model_with_history()
+    rows = np.array([3, 0, 7, 12, 20])  # any order: results follow it
+    exact = recommend_codes(model, rows, 10, progress=False)
+    # ask the index for exactly n results: heard tracks eat into them, lists come out short
+    monkeypatch.setattr(als_module, "_MAX_EXTRA", 0)
+    index = IvfIndex(model.model.item_factors, nlist=8, nprobe=8)
+    with caplog.at_level("INFO", logger="musicrec.als"):
+        approx = recommend_codes(model, rows, 10, progress=False, index=index)
+    assert "short ANN list, served exactly" in caplog.text
+    np.testing.assert_array_equal(approx[0], np.repeat(rows, 10))
+    np.testing.assert_array_equal(approx[1], exact[1])
+
+
+def test_item_index_follows_the_settings() -> None:
+    model, _ = model_with_history()
+    assert item_index(model, Settings(topk_method="exact")) is None
+    assert item_index(model, Settings(topk_method="auto", ann_min_tracks=10_000)) is None
+    assert isinstance(item_index(model, Settings(topk_method="auto", ann_min_tracks=100)),
+                      IvfIndex)
+    assert item_index(model, Settings(topk_method="ann"), "cosine").metric == "cosine"
+
+
+def test_similar_tracks_with_a_full_probe_index_equal_exact_ones() -> None:
+    items = random_factors(300, 6, seed=8)
+    model = als_from_factors(np.ones((1, 6), np.float32), items, np.array([1], np.int32),
+                             np.arange(300, dtype=np.int32) * 3, None)
+    exact = similar_tracks(model, n=7)
+    approx = similar_tracks(model, n=7, index=IvfIndex(items, "cosine", nlist=6, nprobe=6))
+    pd.testing.assert_frame_equal(approx[["track_id", "similar_track_id", "rank"]],
+                                  exact[["track_id", "similar_track_id", "rank"]])
+    np.testing.assert_allclose(approx["score"], exact["score"], atol=1e-5)
+    assert (approx["track_id"] != approx["similar_track_id"]).all()
+
+
+def test_carried_factors_keep_known_rows_and_start_new_ones_small() -> None:
+    known = IdIndex(np.array([10, 20, 30]))
+    factors = np.array([[1, 1], [2, 2], [3, 3]], np.float32)
+    out = _carried_factors(factors, known, np.array([5, 20, 30, 40]), np.random.default_rng(0))
+    np.testing.assert_array_equal(out[1:3], [[2, 2], [3, 3]])
+    assert np.all((out[[0, 3]] >= 0) & (out[[0, 3]] < 0.01))
+    with pytest.raises(ValueError, match="do not match"):
+        _carried_factors(factors[:2], known, np.array([10]), np.random.default_rng(0))
+
+
+def test_warm_start_continues_from_the_previous_factors() -> None:
+    model, history = model_with_history()
+    settings = Settings(als_factors=6, als_iterations=3, threads=1, seed=3)
+    more = fit_als_history(history, settings, warm_start=model, iterations=1)
+    cold_one = fit_als_history(history, settings, iterations=1)
+    assert more.model.iterations == 1
+    # one iteration from the fitted factors stays near them; one from random noise does not
+    drift = np.abs(more.model.item_factors - model.model.item_factors).mean()
+    cold = np.abs(cold_one.model.item_factors - model.model.item_factors).mean()
+    assert drift < cold
