@@ -920,6 +920,14 @@ async def get_artefacts(recs: Annotated[Recommendations, Depends(get_recs)]) -> 
     return recs.artefacts
 
 
+def current(request: Request) -> tuple[Recommendations, Artefacts]:
+    """What ``Recs`` and ``Art`` give, without FastAPI's dependency machinery (hot path)."""
+    recs = request.app.state.recs
+    if recs is None:
+        raise NotReadyError("the service is starting: artefacts are not loaded yet")
+    return recs, recs.artefacts
+
+
 Recs = Annotated[Recommendations, Depends(get_recs)]
 Art = Annotated[Artefacts, Depends(get_artefacts)]
 
@@ -1107,8 +1115,7 @@ def add_routes(app: FastAPI) -> None:
              responses=RECOMMENDATION_HEADERS)
     async def recommendations_get(
         user_id: UserIdPath,
-        recs: Recs,
-        art: Art,
+        http: Request,
         k: KQuery = None,
         blend: Annotated[BlendMode, Query(description="strict or probability")] = "strict",
         p: Annotated[
@@ -1116,6 +1123,7 @@ def add_routes(app: FastAPI) -> None:
         ] = 0.5,
         details: Details = False,
     ) -> JSONBytes:
+        recs, art = current(http)  # the hot path: no dependency resolution
         answer = recs.recommend(user_id, k, blend, p, art=art)
         return _list_response(
             art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
@@ -1124,8 +1132,9 @@ def add_routes(app: FastAPI) -> None:
     @app.post("/recommendations", response_model=TrackList, summary="recommendations",
               responses=RECOMMENDATION_HEADERS)
     async def recommendations_post(
-        request: RecommendationRequest, recs: Recs, art: Art, details: Details = False
+        request: RecommendationRequest, http: Request, details: Details = False
     ) -> JSONBytes:
+        recs, art = current(http)
         recs.check_k(request.k, ("body", "k"))
         answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art)
         return _list_response(
