@@ -167,8 +167,8 @@ def wrk(url: str, paths: list[str], connections: int, duration: float, work: Pat
     if not script.exists():
         script.write_text(LUA % ",".join(json.dumps(p) for p in paths))
     done = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "5s",
-         "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+         "--timeout", "5s", "-s", str(script), url],
         capture_output=True, text=True, timeout=duration + 60,
     )
     text = done.stdout
