@@ -236,6 +236,21 @@ def test_malformed_json_body(client: TestClient) -> None:
     assert client.get("/history/8").json() == []
 
 
+def test_undecodable_body_is_a_422(client: TestClient) -> None:
+    """Bytes that are not even text (found by the fuzzer): 422 like malformed JSON, not 400."""
+    response = client.post("/similar/5", content=b"\xff\x11\x1a\xfe",
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["message"].startswith("body: malformed body")
+
+
+def test_unknown_path_and_method_are_json_problems(client: TestClient) -> None:
+    missing = client.get("/nothing/here")
+    assert missing.status_code == 404 and missing.json()["message"] == "Not Found"
+    wrong = client.delete("/history/1")
+    assert wrong.status_code == 405 and wrong.json()["detail"][0]["type"] == "http_405"
+
+
 def test_unknown_tracks_are_listed(client: TestClient) -> None:
     response = client.post("/history/8", json=[10, 11, 12, 11])
     assert response.json()["unknown_track_ids"] == [11, 12]
