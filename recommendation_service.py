@@ -727,7 +727,7 @@ class Recommendations:
         if unknown:
             raise UnknownTracksError(unknown, ("query", C.track))
         given = list(dict.fromkeys(int(t) for t in track_ids))
-        excluded = np.asarray([*given, *exclude], dtype=np.int64)
+        excluded = np.unique(np.asarray([*given, *exclude], dtype=np.int64))
         ranked = self._similar_ranked(art, given, np.ones(len(given)), excluded)
         return [int(t) for t in ranked[:k]]
 
@@ -805,6 +805,8 @@ class Recommendations:
     def _similar_ranked(
         art: Artefacts, track_ids: Sequence[int], weights: np.ndarray, exclude: np.ndarray
     ) -> np.ndarray:
+        """Tracks similar to ``track_ids``, scores weighted and summed, best first (ties by
+        id), without the tracks of ``exclude`` (sorted and unique)."""
         sim = art.similar
         rows = sim.positions(np.asarray(track_ids, dtype=np.int64))
         found = rows >= 0
@@ -815,11 +817,17 @@ class Recommendations:
             return np.empty(0, np.int32)
         # the concatenated rows, gathered with one index array instead of a loop over rows
         index = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(n)
-        uniq, inverse = np.unique(sim.values[index], return_inverse=True)
-        total = np.bincount(inverse, weights=sim.scores[index] * np.repeat(weights, lengths))
-        keep = ~_member(uniq, np.unique(exclude))
+        values = sim.values[index]
+        scores = sim.scores[index] * np.repeat(weights, lengths)
+        # group equal ids: a stable sort keeps each id's scores in input order, so the sums
+        # are the same as summing row by row
+        order = np.argsort(values, kind="stable")
+        values = values[order]
+        first = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
+        uniq, total = values[first], np.add.reduceat(scores[order], first)
+        keep = ~_member(uniq, exclude)
         uniq, total = uniq[keep], total[keep]
-        return uniq[np.lexsort((uniq, -total))]  # best score first, ties by id
+        return uniq[np.argsort(-total, kind="stable")]  # best first; uniq is sorted: ties by id
 
     @staticmethod
     def _fill(art: Artefacts, tracks: list[int], exclude: np.ndarray, k: int) -> list[int]:
