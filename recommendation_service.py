@@ -8,6 +8,19 @@ At start-up the lifespan loads the artefacts of the offline pipeline from
 CSR form — sorted unique keys, row offsets, values — so a request costs one binary search
 whatever the number of users, and opens the online history store (``settings.history_url``).
 A missing or unusable artefact stops the start-up with a message naming the file.
+
+Checks before a set is used (start-up and reload): every file present; byte size and row count
+as manifest.json records them (files of one run); column names and types; no empty values;
+rows sorted by key and rank; every track id in items.parquet; finite scores; parquet page
+checksums; no file changed while it was read.
+
+Reloading without downtime: each worker watches manifest.json (every
+``reload_poll_seconds``, default 5 s; the pipeline writes it last) and, when it names a new
+run, loads and checks the new set in a background thread, then swaps one reference. ``POST
+/admin/reload`` with ``Authorization: Bearer <admin_token>`` does the same at once in the
+worker that answers. A request takes the set once, so it finishes on the set it started with;
+a broken new set is refused (logged, ``/health`` shows ``reload_error``) and the old one keeps
+serving.
 """
 
 from __future__ import annotations
