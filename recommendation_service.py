@@ -59,6 +59,9 @@ log = logging.getLogger("recommendation_service")
 
 INT32_MAX = 2**31 - 1
 MAX_HISTORY_BATCH = 10_000
+# GET /similar: ids in the query string; 500 keeps the URL (~11 kB) well inside what the HTTP
+# parser accepts, so a longer list is our 422, not the server's bare 400 (found by fuzzing)
+MAX_QUERY_TRACKS = 500
 BLEND_MODES = ("strict", "probability")
 KINDS = ("personal", "similar", "default")
 SOURCE_HEADER = "X-Recommendation-Source"
@@ -1116,8 +1119,9 @@ def add_routes(app: FastAPI) -> None:
         art: Art,
         track_id: Annotated[
             list[TrackId],
-            Query(min_length=1, max_length=MAX_HISTORY_BATCH,
-                  description="a given track id (repeatable)", examples=[[26]]),
+            Query(min_length=1, max_length=MAX_QUERY_TRACKS,
+                  description=f"a given track id (repeatable, up to {MAX_QUERY_TRACKS}; "
+                  "POST for more)", examples=[[26]]),
         ],
         details: Details = False,
     ) -> JSONBytes:

@@ -244,6 +244,14 @@ def test_undecodable_body_is_a_422(client: TestClient) -> None:
     assert response.json()["message"].startswith("body: malformed body")
 
 
+def test_too_many_query_track_ids_is_a_422(client: TestClient) -> None:
+    """A query list longer than the GET limit is our 422 naming it (POST takes more)."""
+    response = client.get("/similar/5", params={"track_id": [10] * 501})
+    assert response.status_code == 422
+    assert "track_id" in response.json()["message"]
+    assert client.post("/similar/5", json=[10] * 501).json() == [20, 30, 40]
+
+
 def test_unknown_path_and_method_are_json_problems(client: TestClient) -> None:
     missing = client.get("/nothing/here")
     assert missing.status_code == 404 and missing.json()["message"] == "Not Found"
