@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -204,6 +205,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                          "startup_seconds": startup, "rows": rows}, indent=2))
+    if not errors:
+        shutil.rmtree(work, ignore_errors=True)  # kept (server.log) only when something failed
     sys.exit(1 if errors else 0)
 
 

@@ -8,6 +8,7 @@ artefacts are built once for all of them (the module-level cache lives for the s
 from __future__ import annotations
 
 import contextlib
+import atexit
 import os
 import shutil
 import signal
@@ -49,6 +50,7 @@ def tiny_artefacts() -> Path:
     global _TINY
     if _TINY is None or not (_TINY / "manifest.json").exists():
         base = Path(tempfile.mkdtemp(prefix="musicrec_tiny_service_"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)  # gone with the session
         data, parquet = base / "data", base / "parquet"
         _cli("generate", "--preset", "tiny", "--out", str(data))
         _cli("prepare", "--data-dir", str(data), "--parquet-dir", str(parquet))
