@@ -7,8 +7,8 @@ artefacts are built once for all of them (the module-level cache lives for the s
 
 from __future__ import annotations
 
-import contextlib
 import atexit
+import contextlib
 import os
 import shutil
 import signal
