@@ -214,6 +214,22 @@ def recall(args: argparse.Namespace, sample: int) -> dict:
     }
 
 
+def prepare_preset(args: argparse.Namespace) -> None:
+    """Generate ``args.preset`` (seed 42) and prepare it: the pipeline's input."""
+    from musicrec.generate import generate
+    from musicrec.prepare import prepare_files
+
+    data = args.data_dir or args.parquet_dir.parent / f"{args.preset}_data"
+    if not (data / "interactions.parquet").exists():
+        started = time.perf_counter()
+        generate(args.preset, data, seed=42)
+        log.info("generated %s into %s in %.0f s", args.preset, data, time.perf_counter() - started)
+    started = time.perf_counter()
+    prepare_files(data, args.parquet_dir)
+    log.info("prepared %s in %.0f s", args.parquet_dir, time.perf_counter() - started)
+    args.data_dir = data
+
+
 def _gb(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
@@ -288,7 +304,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parquet-dir", type=Path, required=True,
                         help="folder with items.parquet and events.parquet; artefacts go here")
-    parser.add_argument("--data-dir", type=Path, help="input folder (for the manifest only)")
+    parser.add_argument("--data-dir", type=Path, help="input folder (the three input files)")
+    parser.add_argument("--preset", choices=("tiny", "small", "full"),
+                        help="generate this preset into --data-dir and prepare it into "
+                        "--parquet-dir first, unless events.parquet is already there")
     parser.add_argument("--label", default="run", help="name of the run in the report")
     parser.add_argument("--out", type=Path, help="markdown report (printed when missing)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -305,6 +324,8 @@ def main() -> None:
     if args.bare_only:
         print("BARE " + json.dumps(bare_als(args)), flush=True)
         return
+    if args.preset and not (args.parquet_dir / "events.parquet").exists():
+        prepare_preset(args)
     result = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
               "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     result["pipeline"] = run_pipeline(args)

@@ -138,9 +138,11 @@ def gather_rows(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
 def _descending_float_key(scores: np.ndarray) -> np.ndarray:
     """uint32-valued int64 keys whose ascending order is the descending order of the
     float32 ``scores`` (the IEEE bit pattern made monotone)."""
-    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).astype(np.int64)
-    ascending = np.where(bits & 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    return 0xFFFFFFFF - ascending
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32)
+    # ascending key: flip every bit of a negative, only the sign bit of a positive; all in
+    # uint32 (10x faster than the same in int64 with np.where), widened once at the end
+    flip = (bits >> np.uint32(31)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000)
+    return (~(bits ^ flip)).astype(np.int64)
 
 
 def top_k_per_group(

@@ -130,12 +130,15 @@ def stage_split(run: RunContext) -> None:
 
 def stage_popular(run: RunContext) -> None:
     s, dates, events = run.settings, run.dates(), run.events()
-    history = events_before(events, dates.test_start)
-    io.write_table(top_popular(history, s.popular_window_days, dates.test_start - 1),
-                   run.out / io.TOP_POPULAR, io.POPULAR_SCHEMA)
-    train = events_before(history, dates.label_start)
-    io.write_table(top_popular(train, s.popular_window_days, dates.label_start - 1),
-                   run.work / POPULAR_P1, io.POPULAR_SCHEMA)
+    # only the track and day columns count listeners: no copy of the user column
+    tracks, days = events[C.track].to_numpy(), events[C.day].to_numpy()
+    for cutoff, path in ((dates.test_start, run.out / io.TOP_POPULAR),
+                         (dates.label_start, run.work / POPULAR_P1)):
+        before = days < cutoff
+        history = pd.DataFrame({C.track: tracks[before], C.day: days[before]})
+        io.write_table(top_popular(history, s.popular_window_days, cutoff - 1), path,
+                       io.POPULAR_SCHEMA)
+        del history, before
 
 
 def stage_als(run: RunContext) -> None:

@@ -38,7 +38,7 @@ class IvfIndex:
         nprobe: int = 32,
         threads: int = 1,
         seed: int = 0,
-        train_size: int = 262_144,
+        train_size: int = 131_072,
     ) -> None:
         import faiss
 
@@ -64,7 +64,7 @@ class IvfIndex:
         quantizer = faiss.IndexFlatL2(dim)
         self.index = faiss.IndexIVFFlat(quantizer, dim, self.nlist, faiss.METRIC_L2)
         self.index.cp.seed = seed
-        self.index.cp.niter = 12
+        self.index.cp.niter = 10
         rng = np.random.default_rng(seed)
         sample = vectors
         if vectors.shape[0] > train_size:
