@@ -341,6 +341,9 @@ def run_all(settings: Settings) -> dict:
     parquet = Path(settings.parquet_dir)
     if not (parquet / io.EVENTS).exists():
         raise DataError(f"{parquet / io.EVENTS} not found: run `python -m musicrec prepare`")
+    for stale in parquet.glob(".staging-*"):  # left by a run that was killed
+        log.warning("removing %s, left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     staging = parquet / f".staging-{run_id}"
     staging.mkdir(parents=True)

@@ -93,6 +93,7 @@ def test_a_killed_run_keeps_the_previous_set_and_a_rerun_finishes(
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    assert list(parquet.glob(".staging-*")), "the killed run should have left its staging folder"
     after = _snapshot(parquet)
     assert {name: after[name] for name in before} == before
     check_manifest(parquet, read_manifest(parquet))
@@ -111,3 +112,4 @@ def test_a_killed_run_keeps_the_previous_set_and_a_rerun_finishes(
     assert manifest["run_id"] != old_run
     check_manifest(parquet, manifest)
     assert (parquet / io.RECOMMENDATIONS).stat().st_size > 0
+    assert not list(parquet.glob(".staging-*")), "the rerun sweeps what the killed run left"
