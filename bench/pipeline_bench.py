@@ -109,10 +109,14 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     manifest = pipeline.run_all(settings)
     wall = time.perf_counter() - started
     root.removeHandler(watch)
+    # resetting the high-water mark per stage also resets ru_maxrss: the run's peak is the
+    # largest stage peak
+    stage_peaks = [v.get("peak_bytes", 0) for v in watch.stages.values()]
     return {
         "settings": settings.model_dump(mode="json"),
         "wall_seconds": wall,
-        "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_bytes": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                           *stage_peaks]),
         "stages": {k: {"seconds": v["seconds"], "peak_bytes": v["peak_bytes"]}
                    for k, v in watch.stages.items()},
         "details": watch.details,
@@ -153,7 +157,8 @@ def bare_als(args: argparse.Namespace) -> dict:
     return {"fit_seconds": fit, "prepare_seconds": prepare, "iterations": iterations,
             "factors": settings.als_factors, "threads": settings.threads,
             "users": history.n_users, "tracks": history.n_tracks, "events": history.n_events,
-            "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork
+            "peak_bytes": _status("VmHWM")}
 
 
 def recall(args: argparse.Namespace, sample: int) -> dict:
@@ -271,7 +276,7 @@ def markdown(label: str, command: str, result: dict) -> str:
             f"iterations, {bare['threads']} threads; {bare['users']:,} x {bare['tracks']:,}, "
             f"{bare['events']:,} events) | {bare['fit_seconds']:.0f} s "
             f"(+{bare['prepare_seconds']:.0f} s to read events and build the matrix) | "
-            f"{_gb(bare['peak_bytes'])} |",
+            f"{_gb(bare['peak_bytes']) if bare.get('peak_bytes') else 'not measured'} |",
             "",
             f"**Ratio whole pipeline / bare ALS fit: {ratio:.2f}** "
             f"(everything but the fits: {run['wall_seconds'] - bare['fit_seconds']:.0f} s).",
