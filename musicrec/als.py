@@ -1,14 +1,12 @@
-"""Implicit ALS over the users x tracks matrix, weighted by the recency of each listen.
+"""Helpers around a fitted implicit ALS model: top-k of unheard tracks for many users
+(exact, or through an IVF index), recommendation tables, rebuilding a model from factors.
 
-The log has no play counts (one row per user and track), so the only strength signal is the
-date: an event weighs ``0.5 ** (age_days / half_life)`` relative to the last training day, and
-implicit turns that into a confidence with ``alpha``.
+The model itself is fitted by ``musicrec.sources.AlsSource`` (confidence 1 + alpha * strength).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from musicrec.columns import Columns as C
-from musicrec.features import History, IdIndex, build_history, days_decay, gather_rows
+from musicrec.features import IdIndex, gather_rows
 from musicrec.settings import Settings
 from musicrec.topk import IvfIndex
 
@@ -45,73 +43,6 @@ class AlsModel:
     @property
     def tracks(self) -> IdIndex:
         return IdIndex(self.track_ids)
-
-
-def user_items_matrix(history: History, half_life_days: float) -> sp.csr_matrix:
-    """users x tracks CSR from the grouped history: no sort, values = recency weights."""
-    weights = days_decay((history.cutoff - 1) - history.days.astype(np.int32), half_life_days)
-    return sp.csr_matrix(
-        (weights, history.track_codes, history.indptr),
-        shape=(history.n_users, history.n_tracks),
-    )
-
-
-def fit_als_history(
-    history: History,
-    settings: Settings,
-    warm_start: AlsModel | None = None,
-    iterations: int | None = None,
-) -> AlsModel:
-    """Fit ALS on an already grouped history (the ranker builds one and reuses it).
-
-    With ``warm_start`` the factors of users and tracks that model knows start from its values
-    (new ones start small and random, as implicit would start them), so a few ``iterations``
-    bring a model of a slightly longer history up to date instead of a full fit from scratch.
-    """
-    user_items = user_items_matrix(history, settings.recency_half_life_days)
-    iterations = settings.als_iterations if iterations is None else iterations
-    model = AlternatingLeastSquares(
-        factors=settings.als_factors,
-        regularization=settings.als_regularization,
-        alpha=settings.als_alpha,
-        iterations=iterations,
-        random_state=settings.seed,
-        num_threads=settings.threads,
-    )
-    if warm_start is not None:
-        rng = np.random.default_rng(settings.seed)
-        model.user_factors = _carried_factors(warm_start.model.user_factors, warm_start.users,
-                                              history.users.ids, rng)
-        model.item_factors = _carried_factors(warm_start.model.item_factors, warm_start.tracks,
-                                              history.tracks.ids, rng)
-    started = time.perf_counter()
-    with threadpool_limits(limits=1, user_api="blas"):
-        model.fit(user_items, show_progress=log.isEnabledFor(logging.INFO))
-    log.info("ALS fit%s: %d users x %d tracks, %d events, %d factors, %d iterations in %.1f s",
-             " (warm start)" if warm_start is not None else "", history.n_users,
-             history.n_tracks, history.n_events, settings.als_factors, iterations,
-             time.perf_counter() - started)
-    return AlsModel(model, history.users.ids.astype(np.int32),
-                    history.tracks.ids.astype(np.int32), user_items)
-
-
-def _carried_factors(
-    factors: np.ndarray, known: IdIndex, ids: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
-    """Rows for ``ids``: the known model's row where it has one, else small random values."""
-    factors = np.asarray(factors, dtype=np.float32)
-    if factors.shape[0] != len(known):
-        raise ValueError("warm-start factors do not match the model's ids")
-    out = rng.random((ids.size, factors.shape[1]), dtype=np.float32) * np.float32(0.01)
-    codes = known.codes(ids)
-    have = codes >= 0
-    out[have] = factors[codes[have]]
-    return out
-
-
-def fit_als(events: pd.DataFrame, settings: Settings, last_day: int) -> AlsModel:
-    """Fit ALS on ``events`` (all on or before ``last_day``), recency-weighted to ``last_day``."""
-    return fit_als_history(build_history(events, last_day + 1), settings)
 
 
 def als_from_factors(

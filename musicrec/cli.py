@@ -11,12 +11,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
-from musicrec.settings import Settings
+from musicrec.settings import Preset, Settings
 
 log = logging.getLogger("musicrec")
-
-PIPELINE_STAGES = ("split", "popular", "als", "similar", "rank", "evaluate")
 
 
 class CommandError(Exception):
@@ -75,7 +74,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from musicrec.prepare import prepare_files
 
     settings = _settings(args)
-    summary = prepare_files(settings.data_dir, settings.parquet_dir)
+    summary = prepare_files(settings.data_dir, settings.parquet_dir, settings)
     print(
         f"wrote {settings.parquet_dir}: {summary['tracks']:,} items, "
         f"{summary['events']:,} events of {summary['users']:,} users"
@@ -111,8 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="write a synthetic data set with the real schema and shape")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], help="size (MUSICREC_PRESET)")
+    p = sub.add_parser(
+        "generate",
+        help="write a synthetic data set with the real schema and shape",
+        description="Write tracks, catalog_names and interactions parquet files with the real "
+        "data's exact schema. Presets tiny, small and full are sizes of the real log's shape "
+        "(one year, day dates, strong artist/genre loyalty); the profiles are small logs of "
+        "other shapes, each a few seconds to generate: multi_year (2017-2022, month dates, "
+        "users come and go, tastes drift), small_dense (2 k tracks, 3 k users, 7 months, "
+        "many listens per user), weak_loyalty (one year, popularity and fresh releases "
+        "dominate, co-listening clusters instead of artist/genre loyalty), repeat_listens "
+        "(one year, 30 % of the rows listen again to a heard track).",
+    )
+    p.add_argument(
+        "--preset", choices=get_args(Preset), help="size or profile, see above (MUSICREC_PRESET)"
+    )
     p.add_argument("--out", type=Path, help="output folder (default: the data folder)")
     p.add_argument("--seed", type=int, help="random seed (MUSICREC_SEED)")
     _common(p)
@@ -141,16 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_run)
 
-    helps = {
-        "split": "split events into train / ranker-label / test periods",
-        "popular": "top popular tracks",
-        "als": "implicit ALS and its personal candidates",
-        "similar": "similar tracks for every track with factors",
-        "rank": "CatBoost ranker over the candidates, final recommendations",
-        "evaluate": "metrics of every source on the test period",
-    }
-    for stage in PIPELINE_STAGES:
-        p = sub.add_parser(stage, help=helps[stage])
+    from musicrec.pipeline import STAGE_HELP
+
+    for stage, text in STAGE_HELP.items():
+        p = sub.add_parser(stage, help=text)
         _common(p)
         p.set_defaults(func=_stage_command(stage))
     return parser

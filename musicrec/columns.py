@@ -9,6 +9,7 @@ class Columns:
     seq = "track_seq"
     started_at = "started_at"
     day = "day"  # days since 1970-01-01 (int16), the in-memory form of started_at
+    plays = "plays"  # listens merged into one event (same user, track and day)
     score = "score"
     rank = "rank"
     similar = "similar_track_id"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
@@ -81,6 +82,7 @@ class History:
     track_codes: np.ndarray  # int32, n_events
     days: np.ndarray  # int16, n_events
     cutoff: int  # first day NOT in the history
+    plays: np.ndarray | None = None  # int32 plays merged into each event; None = one each
 
     @property
     def n_users(self) -> int:
@@ -98,6 +100,25 @@ class History:
         """Events per user code."""
         return np.diff(self.indptr)
 
+    @property
+    def span_days(self) -> int:
+        """Days from the first event to the cut-off."""
+        return int(self.cutoff - int(self.days.min())) if self.n_events else 1
+
+    def matrix(self, half_life_days: float | None = None) -> sp.csr_matrix:
+        """users x tracks CSR of listening strength: plays, times ``0.5 ** (age / half_life)``
+        when a half-life is given (age in days before the cut-off). A track heard on several
+        days is one cell holding the sum."""
+        weights = (np.ones(self.n_events, np.float32) if self.plays is None
+                   else self.plays.astype(np.float32))
+        if half_life_days is not None:
+            weights *= days_decay((self.cutoff - 1) - self.days.astype(np.int32), half_life_days)
+        # copies: scipy shares the arrays it is given and sum_duplicates sorts them in place
+        matrix = sp.csr_matrix((weights, self.track_codes.copy(), self.indptr.copy()),
+                               shape=(self.n_users, self.n_tracks))
+        matrix.sum_duplicates()
+        return matrix
+
 
 def build_history(events: pd.DataFrame, cutoff: int) -> History:
     """Group the events (all before ``cutoff``) by user without sorting them when they are
@@ -107,6 +128,9 @@ def build_history(events: pd.DataFrame, cutoff: int) -> History:
     user_values = events[C.user].to_numpy()
     track_values = events[C.track].to_numpy()
     days = events[C.day].to_numpy().astype(np.int16, copy=False)
+    plays = events[C.plays].to_numpy() if C.plays in events else None
+    if plays is not None and bool(np.all(plays == 1)):
+        plays = None
     if int(days.max()) >= cutoff:
         raise ValueError(f"history events reach day {int(days.max())}, at or after {cutoff}")
     users = IdIndex.from_values(user_values)
@@ -117,9 +141,11 @@ def build_history(events: pd.DataFrame, cutoff: int) -> History:
         # Not grouped by user: order by user, then day (stable keeps the file order in a day).
         order = np.lexsort((days, user_codes))
         user_codes, track_codes, days = user_codes[order], track_codes[order], days[order]
+        plays = plays[order] if plays is not None else None
     indptr = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(np.bincount(user_codes, minlength=len(users)), out=indptr[1:])
-    return History(users, tracks, indptr, track_codes, days, cutoff)
+    return History(users, tracks, indptr, track_codes, days, cutoff,
+                   None if plays is None else plays.astype(np.int32, copy=False))
 
 
 def gather_rows(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

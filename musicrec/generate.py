@@ -14,10 +14,16 @@ names, dtypes and quirks (DATA.md), and with learnable structure:
 
 Everything is vectorised with numpy and streamed to parquet a chunk of users at a time, so the
 full preset (1.37 M users, 1 M tracks, 222 M events) never holds Python objects per event.
+
+Besides the three sizes of that one log (tiny, small, full) there are PROFILES: small presets of
+other log shapes (several years with month-granular dates, a small dense catalogue, weak
+artist/genre loyalty), so that tests see data on which the defaults tuned to the real log are
+wrong. A profile is a preset whose timeline, user and taste fields differ from the defaults.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -34,14 +40,9 @@ from musicrec.columns import Columns as C
 
 log = logging.getLogger(__name__)
 
-YEAR_START = np.datetime64("2022-01-01", "D")
-N_DAYS = 365
-N_MONTHS = 12
 # Events per month in the real log (millions): January and November/December are published,
 # the months between grow about linearly (DATA.md); only the shape matters here.
-MONTH_VOLUME = np.array(
-    [2.29, 5.35, 8.41, 11.47, 14.53, 17.59, 20.65, 23.71, 26.77, 29.83, 32.9, 30.2]
-)
+MONTH_VOLUME = (2.29, 5.35, 8.41, 11.47, 14.53, 17.59, 20.65, 23.71, 26.77, 29.83, 32.9, 30.2)
 
 INTERACTIONS_SCHEMA = pa.schema(
     [
@@ -64,7 +65,11 @@ CATALOG_SCHEMA = pa.schema([("id", pa.int64()), ("type", pa.string()), ("name", 
 
 @dataclass(frozen=True)
 class Preset:
-    """Sizes of one generated data set."""
+    """Sizes and shape of one generated data set.
+
+    The fields after ``chunk_users`` default to the real log's shape (one year of day-granular
+    dates, strong artist/genre loyalty); the profiles change them.
+    """
 
     users: int
     max_user_id: int
@@ -77,6 +82,40 @@ class Preset:
     median_events: float
     max_events: int
     chunk_users: int
+    # --- timeline --------------------------------------------------------------------------
+    start: str = "2022-01-01"  # first day of the log, the first of a month
+    month_volume: tuple[float, ...] = MONTH_VOLUME  # relative events per month; len = months
+    monthly_dates: bool = False  # every started_at is the first day of its month
+    # --- users -----------------------------------------------------------------------------
+    stay_share: float = 0.3  # share of users active until the end of the log
+    mean_lifetime_days: float = 90.0  # mean activity span of the others (exponential)
+    events_sigma: float = 1.15  # lognormal spread of a user's listening rate
+    min_events: int = 1
+    # --- tastes ----------------------------------------------------------------------------
+    # Dirichlet weights of a user's mix of popular / genre / artist listening, and a fourth of
+    # listening in co-listening clusters (tracks grouped across genres and artists) if given
+    mix: tuple[float, ...] = (1.5, 4.0, 3.0)
+    clusters: int = 0  # number of co-listening clusters; 0 = none
+    genre_drift: float = 0.3  # share of favourite genres replaced by the end of a user's window
+    artist_drift: float = 0.0  # share of favourite artists replaced likewise
+    # share of events that listen again to a track the user already heard (0 in the real
+    # log, whose (user, track) pairs are unique): some the same day, most days later
+    repeat_share: float = 0.0
+    # --- catalogue -------------------------------------------------------------------------
+    release_share: float = 0.25  # tracks released during the log, hot for a while
+    release_boost: float = 5.0  # popularity multiplier of a new release (1 + boost)
+    release_decay_months: float = 1.5  # e-folding time of the boost
+
+    @property
+    def months(self) -> int:
+        return len(self.month_volume)
+
+
+def _ramp(months: int, first: float, last: float, seasonal: float = 0.0) -> tuple[float, ...]:
+    """Monthly volume growing linearly from ``first`` to ``last``, with a yearly wobble."""
+    month = np.arange(months)
+    volume = np.linspace(first, last, months) * (1.0 + seasonal * np.cos(2 * np.pi * month / 12))
+    return tuple(float(round(v, 4)) for v in volume)
 
 
 PRESETS: dict[str, Preset] = {
@@ -119,7 +158,94 @@ PRESETS: dict[str, Preset] = {
         max_events=16_600,
         chunk_users=60_000,
     ),
+    # --- profiles: other log shapes, each a few seconds to generate ------------------------
+    # six years of month-granular dates: users join and leave over the years, the catalogue
+    # grows (most tracks are released during the log), tastes drift slowly
+    "multi_year": Preset(
+        users=5_000,
+        max_user_id=5_300,
+        tracks=10_000,
+        max_track_id=1_200_000,
+        albums=6_600,
+        artists=1_500,
+        genres=30,
+        missing_genres=5,
+        median_events=20,
+        max_events=1_500,
+        chunk_users=5_000,
+        start="2017-01-01",
+        month_volume=_ramp(72, 1.0, 3.0, seasonal=0.1),
+        monthly_dates=True,
+        stay_share=0.15,
+        mean_lifetime_days=540.0,
+        events_sigma=1.0,
+        genre_drift=0.5,
+        artist_drift=0.5,
+        release_share=0.7,
+        release_boost=3.0,
+        release_decay_months=4.0,
+    ),
+    # a small dense catalogue, as in a ratings-style log: every user hears a good share of it
+    "small_dense": Preset(
+        users=3_000,
+        max_user_id=3_100,
+        tracks=2_000,
+        max_track_id=200_000,
+        albums=1_300,
+        artists=300,
+        genres=16,
+        missing_genres=3,
+        median_events=55,
+        max_events=900,
+        chunk_users=3_000,
+        start="2019-06-01",
+        month_volume=_ramp(7, 1.0, 1.4),
+        stay_share=0.4,
+        mean_lifetime_days=120.0,
+        events_sigma=0.8,
+        min_events=20,
+        mix=(1.0, 4.0, 3.0),
+        release_share=0.1,
+    ),
+    # weak artist/genre loyalty: fresh releases are hot for a few weeks and a third of the
+    # listening follows the chart; the personal signal left is mostly co-listening clusters
+    # that cut across genres and artists (so artist and genre features explain little)
+    "weak_loyalty": Preset(
+        users=5_000,
+        max_user_id=5_200,
+        tracks=20_000,
+        max_track_id=2_000_000,
+        albums=13_200,
+        artists=3_000,
+        genres=60,
+        missing_genres=10,
+        median_events=18,
+        max_events=1_500,
+        chunk_users=5_000,
+        mix=(3.0, 0.5, 0.3, 5.0),
+        clusters=40,
+        release_share=0.5,
+        release_boost=8.0,
+        release_decay_months=1.0,
+    ),
+    # the real log's shape, but people listen to tracks again (same day or later): the input
+    # has repeated (user, track) pairs, as play logs other than the real one do
+    "repeat_listens": Preset(
+        users=3_000,
+        max_user_id=3_100,
+        tracks=6_000,
+        max_track_id=600_000,
+        albums=4_000,
+        artists=900,
+        genres=30,
+        missing_genres=5,
+        median_events=20,
+        max_events=1_200,
+        chunk_users=3_000,
+        repeat_share=0.3,
+    ),
 }
+PROFILES = ("multi_year", "small_dense", "weak_loyalty", "repeat_listens")
 
 GENRE_NAMES = [
     "pop",
@@ -382,6 +508,19 @@ class _Catalogue:
     by_genre: _Pool
     by_artist: _Pool
     artist_by_genre: _Pool  # favourite artists: one "month", segments are genres
+    by_cluster: _Pool | None = None  # co-listening clusters, if the preset has them
+
+
+def _monthly_popularity(p: Preset, base_pop: np.ndarray, release_month: np.ndarray) -> np.ndarray:
+    """(months, tracks) weights: a base popularity, 0 before a release, a hot spell after it."""
+    months = np.arange(p.months)[:, None]
+    age = months - release_month[None, :]
+    boost = 1.0 + p.release_boost * np.exp(-np.clip(age, 0, None) / p.release_decay_months)
+    return np.where(
+        release_month[None, :] < 0,
+        base_pop[None, :],
+        np.where(age < 0, 0.0, base_pop[None, :] * boost),
+    )
 
 
 def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, pa.Table, pa.Table]:
@@ -402,17 +541,12 @@ def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, p
     rng.shuffle(track_artist)
     track_genre = artist_genre[track_artist]
     base_pop = rng.lognormal(0.0, 1.6, p.tracks) * artist_pop[track_artist]
-    # a quarter of the tracks are released during the year and are hot for a few months
-    release_month = np.where(rng.random(p.tracks) < 0.25, rng.integers(0, N_MONTHS, p.tracks), -1)
-    months = np.arange(N_MONTHS)[:, None]
-    age = months - release_month[None, :]
-    monthly = np.where(
-        release_month[None, :] < 0,
-        base_pop[None, :],
-        np.where(
-            age < 0, 0.0, base_pop[None, :] * (1.0 + 5.0 * np.exp(-np.clip(age, 0, None) / 1.5))
-        ),
+    # a share of the tracks (a quarter in the real log) is released during the log and is hot
+    # for a few months
+    release_month = np.where(
+        rng.random(p.tracks) < p.release_share, rng.integers(0, p.months, p.tracks), -1
     )
+    monthly = _monthly_popularity(p, base_pop, release_month)
 
     pool_size = 4 * p.tracks
     popular = _build_pool(monthly, np.zeros(p.tracks, np.int64), 1, pool_size, 1, rng)
@@ -427,6 +561,13 @@ def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, p
     tracks, catalog = _catalogue_tables(
         p, rng, track_ids, track_artist, track_genre, genre_pop, podcast_genre
     )
+    by_cluster = None
+    if p.clusters:
+        # drawn last, so presets without clusters draw exactly what they always drew; a
+        # cluster mixes tracks of every genre and artist
+        track_cluster = rng.integers(0, p.clusters, p.tracks)
+        monthly = _monthly_popularity(p, base_pop, release_month)
+        by_cluster = _build_pool(monthly, track_cluster, p.clusters, pool_size, 32, rng)
     cat = _Catalogue(
         track_ids=track_ids,
         genre_pop=genre_pop,
@@ -434,6 +575,7 @@ def _build_catalogue(p: Preset, rng: np.random.Generator) -> tuple[_Catalogue, p
         by_genre=by_genre,
         by_artist=by_artist,
         artist_by_genre=artist_by_genre,
+        by_cluster=by_cluster,
     )
     return cat, tracks, catalog
 
@@ -529,56 +671,78 @@ def _catalogue_tables(
     return tracks, catalog
 
 
-_MONTH_OF_DAY = (YEAR_START + np.arange(N_DAYS).astype("timedelta64[D]")).astype(
-    "datetime64[M]"
-).astype(np.int64) - YEAR_START.astype("datetime64[M]").astype(np.int64)
-
-# Users join through the year (a join day follows the year's volume), 30 % stay to the end,
-# the rest leave after an exponential lifetime. Both the day of an event and the size of a
-# user's history follow a daily weight corrected for how many users are active that day, so
-# that the whole log's monthly volume is the real one (MONTH_VOLUME) and a user who is active
-# longer listens more.
-STAY_SHARE = 0.3
-MEAN_LIFETIME_DAYS = 90.0
-EVENTS_SIGMA = 1.15  # lognormal spread of a user's listening rate
+# Users join through the log (a join day follows its volume), ``stay_share`` of them stay to
+# the end, the rest leave after an exponential lifetime. Both the day of an event and the size
+# of a user's history follow a daily weight corrected for how many users are active that day,
+# so that the whole log's monthly volume is the preset's (``month_volume``) and a user who is
+# active longer listens more.
 
 
-def _target_daily() -> np.ndarray:
-    days_in_month = np.bincount(_MONTH_OF_DAY, minlength=N_MONTHS)
-    daily = (MONTH_VOLUME / days_in_month)[_MONTH_OF_DAY]
-    return daily / daily.sum()
+def _user_windows(
+    p: Preset, target_cdf: np.ndarray, rng: np.random.Generator, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """First and last active day of each of ``n`` users (join days follow ``target_cdf``)."""
+    n_days = len(target_cdf)
+    start = np.searchsorted(target_cdf, rng.random(n) * 0.985, side="right")
+    stays = rng.random(n) < p.stay_share
+    lifetime = rng.exponential(p.mean_lifetime_days, n).astype(np.int64)
+    end = np.where(stays, n_days - 1, start + lifetime)
+    return start, np.minimum(end, n_days - 1)
 
 
-_TARGET_CDF = np.cumsum(_target_daily())
+@dataclass(frozen=True, eq=False)
+class _Timeline:
+    """The days of a preset's log and the daily weights that place events on them."""
+
+    preset: Preset
+    start: np.datetime64  # first day
+    n_days: int
+    month_of_day: np.ndarray  # month index of every day
+    target_cdf: np.ndarray  # cumulative target volume per day (join days follow it)
+    w: np.ndarray  # cumulative activity weight: w[d] = weight before day d
+    median_mass: float  # median weight of a user's window
+
+    def user_windows(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return _user_windows(self.preset, self.target_cdf, rng, n)
 
 
-def _user_windows(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and last active day of each of ``n`` users."""
-    start = np.searchsorted(_TARGET_CDF, rng.random(n) * 0.985, side="right")
-    stays = rng.random(n) < STAY_SHARE
-    lifetime = rng.exponential(MEAN_LIFETIME_DAYS, n).astype(np.int64)
-    end = np.where(stays, N_DAYS - 1, start + lifetime)
-    return start, np.minimum(end, N_DAYS - 1)
+@functools.lru_cache(maxsize=16)
+def _timeline(p: Preset) -> _Timeline:
+    """The timeline of a preset.
 
-
-def _activity_weights() -> tuple[np.ndarray, float]:
-    """Cumulative daily weight W (W[d] = weight before day d) and the median window mass.
-
-    The weight of a day is the target volume divided by the expected share of active users,
-    computed once from a fixed sample of windows.
+    The weight of a day is its target volume divided by the expected share of active users,
+    computed from a fixed sample of windows.
     """
-    start, end = _user_windows(np.random.default_rng(0), 200_000)
-    change = np.zeros(N_DAYS + 1)
-    np.add.at(change, start, 1.0)
-    np.add.at(change, end + 1, -1.0)
-    active = np.cumsum(change)[:N_DAYS] / len(start)
-    weight = _target_daily() / np.maximum(active, 1e-3)
+    first_month = np.datetime64(p.start, "M")
+    start = first_month.astype("datetime64[D]")
+    if start != np.datetime64(p.start, "D"):
+        raise ValueError(f"a preset starts on the first of a month, not {p.start}")
+    end = (first_month + p.months).astype("datetime64[D]")
+    n_days = int((end - start).astype(np.int64))
+    days = start + np.arange(n_days).astype("timedelta64[D]")
+    month_of_day = days.astype("datetime64[M]").astype(np.int64) - first_month.astype(np.int64)
+    days_in_month = np.bincount(month_of_day, minlength=p.months)
+    target = (np.asarray(p.month_volume) / days_in_month)[month_of_day]
+    target /= target.sum()
+    target_cdf = np.cumsum(target)
+
+    first, last = _user_windows(p, target_cdf, np.random.default_rng(0), 200_000)
+    change = np.zeros(n_days + 1)
+    np.add.at(change, first, 1.0)
+    np.add.at(change, last + 1, -1.0)
+    active = np.cumsum(change)[:n_days] / len(first)
+    weight = target / np.maximum(active, 1e-3)
     cum = np.concatenate([[0.0], np.cumsum(weight)])
     cum /= cum[-1]
-    return cum, float(np.median(cum[end + 1] - cum[start]))
-
-
-_W, _MEDIAN_MASS = _activity_weights()
+    return _Timeline(
+        preset=p,
+        start=start,
+        n_days=n_days,
+        month_of_day=month_of_day,
+        target_cdf=target_cdf,
+        w=cum,
+        median_mass=float(np.median(cum[last + 1] - cum[first])),
+    )
 
 
 @dataclass
@@ -592,24 +756,35 @@ class _Users:
     late: np.ndarray  # ... and at its end: a few have changed
     genre_cum: np.ndarray  # cumulative preference over the k genre slots
     fav_artist: np.ndarray  # favourite artists (users x k)
-    mix: np.ndarray  # cumulative share of popular / genre / artist listening
+    mix: np.ndarray  # cumulative share of popular / genre / artist [/ cluster] listening
+    late_artist: np.ndarray | None = None  # favourite artists at the end, if they drift
+    fav_cluster: np.ndarray | None = None  # favourite co-listening clusters (users x k)
 
 
 K_GENRES = 4
 K_ARTISTS = 8
+K_CLUSTERS = 3
 
 
-def _draw_users(p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generator) -> _Users:
+def _draw_users(
+    p: Preset, tl: _Timeline, cat: _Catalogue, n_users: int, rng: np.random.Generator
+) -> _Users:
+    """Windows, history sizes and tastes of ``n_users`` users.
+
+    Draws beyond the real log's model (drifting artists, clusters) come last and only when the
+    preset asks for them, so the default presets keep their exact output.
+    """
     n_genres = len(cat.genre_pop)
-    start, end = _user_windows(rng, n_users)
-    mass = _W[end + 1] - _W[start]
-    rate = rng.lognormal(np.log(p.median_events), EVENTS_SIGMA, n_users)
-    n_events = np.clip(np.round(rate * mass / _MEDIAN_MASS), 1, p.max_events).astype(np.int64)
+    start, end = tl.user_windows(rng, n_users)
+    mass = tl.w[end + 1] - tl.w[start]
+    rate = rng.lognormal(np.log(p.median_events), p.events_sigma, n_users)
+    n_events = np.round(rate * mass / tl.median_mass)
+    n_events = np.clip(n_events, p.min_events, p.max_events).astype(np.int64)
     # favourite genres drawn with a flattened popularity, so niche genres have fans
     genre_p = cat.genre_pop**0.6 / (cat.genre_pop**0.6).sum()
     early = rng.choice(n_genres, size=(n_users, K_GENRES), p=genre_p)
     late = early.copy()
-    drift = rng.random((n_users, K_GENRES)) < 0.3
+    drift = rng.random((n_users, K_GENRES)) < p.genre_drift
     late[drift] = rng.choice(n_genres, size=int(drift.sum()), p=genre_p)
     # favourite artists: half from the first genre, half from any favourite genre
     slots = rng.integers(0, K_GENRES, (n_users, K_ARTISTS))
@@ -618,7 +793,7 @@ def _draw_users(p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generat
     fav_artist, _ = cat.artist_by_genre.draw(
         np.zeros(slots.size, np.int64), fav_genre.ravel(), rng.random(slots.size)
     )
-    return _Users(
+    users = _Users(
         n_events=n_events,
         start=start,
         end=end,
@@ -626,11 +801,25 @@ def _draw_users(p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generat
         late=late,
         genre_cum=rng.dirichlet(np.full(K_GENRES, 0.5), n_users).cumsum(1),
         fav_artist=fav_artist.reshape(n_users, K_ARTISTS),
-        mix=rng.dirichlet([1.5, 4.0, 3.0], n_users).cumsum(1),
+        mix=rng.dirichlet(p.mix, n_users).cumsum(1),
     )
+    if p.artist_drift > 0:
+        # replaced artists come from the late favourite genres
+        late_genre = late[np.arange(n_users)[:, None], slots]
+        drawn, _ = cat.artist_by_genre.draw(
+            np.zeros(slots.size, np.int64), late_genre.ravel(), rng.random(slots.size)
+        )
+        replace = rng.random(slots.size) < p.artist_drift
+        users.late_artist = np.where(replace, drawn, users.fav_artist.ravel()).reshape(
+            n_users, K_ARTISTS
+        )
+    if cat.by_cluster is not None:
+        users.fav_cluster = rng.integers(0, p.clusters, (n_users, K_CLUSTERS))
+    return users
 
 
 def _draw_events(
+    tl: _Timeline,
     cat: _Catalogue,
     users: _Users,
     who: np.ndarray,
@@ -640,17 +829,19 @@ def _draw_events(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``n_draws[i]`` events of user ``who[i]``: (user, track index, day), repeats possible."""
     user = np.repeat(who, n_draws)
-    lo, hi = _W[users.start], _W[users.end + 1]
+    lo, hi = tl.w[users.start], tl.w[users.end + 1]
     v = lo[user] + rng.random(len(user)) * (hi[user] - lo[user])
-    day = np.clip(np.searchsorted(_W, v, side="right") - 1, users.start[user], users.end[user])
-    month = _MONTH_OF_DAY[day]
+    day = np.clip(np.searchsorted(tl.w, v, side="right") - 1, users.start[user], users.end[user])
+    month = tl.month_of_day[day]
     span = np.maximum(users.end - users.start, 1)[user]
     is_late = rng.random(len(user)) < (day - users.start[user]) / span
     if popular_only:
         source = np.zeros(len(user), np.int64)
-    else:  # 0 popular, 1 genre, 2 artist
+    else:  # 0 popular, 1 genre, 2 artist, 3 cluster
         r = rng.random(len(user))
-        source = (r > users.mix[user, 0]).astype(np.int8) + (r > users.mix[user, 1])
+        source = np.zeros(len(user), np.int8)
+        for column in range(users.mix.shape[1] - 1):
+            source += r > users.mix[user, column]
 
     u = rng.random(len(user))
     track, _ = cat.popular.draw(month, np.zeros(len(user), np.int64), u)
@@ -661,14 +852,22 @@ def _draw_events(
     drawn, ok = cat.by_genre.draw(month[sel], genres, u[sel])
     track[sel[ok]] = drawn[ok]
     sel = np.flatnonzero(source == 2)
-    artists = users.fav_artist[user[sel], rng.integers(0, K_ARTISTS, len(sel))]
+    slot = rng.integers(0, K_ARTISTS, len(sel))
+    artists = users.fav_artist[user[sel], slot]
+    if users.late_artist is not None:
+        artists = np.where(is_late[sel], users.late_artist[user[sel], slot], artists)
     drawn, ok = cat.by_artist.draw(month[sel], artists, u[sel])
     track[sel[ok]] = drawn[ok]
+    if cat.by_cluster is not None and users.fav_cluster is not None:
+        sel = np.flatnonzero(source == 3)
+        clusters = users.fav_cluster[user[sel], rng.integers(0, K_CLUSTERS, len(sel))]
+        drawn, ok = cat.by_cluster.draw(month[sel], clusters, u[sel])
+        track[sel[ok]] = drawn[ok]
     return user, track.astype(np.int64), day
 
 
 def _chunk_events(
-    p: Preset, cat: _Catalogue, n_users: int, rng: np.random.Generator
+    p: Preset, tl: _Timeline, cat: _Catalogue, n_users: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Events of one chunk of users: (user index, track index, day), unique pairs.
 
@@ -676,7 +875,7 @@ def _chunk_events(
     users still short (a heavy listener exhausts their favourite genres, so the last rounds
     draw from overall popularity), then keeps a random subset of the wanted size per user.
     """
-    users = _draw_users(p, cat, n_users, rng)
+    users = _draw_users(p, tl, cat, n_users, rng)
     n_tracks = len(cat.track_ids)
     user = np.zeros(0, np.int64)
     track = np.zeros(0, np.int64)
@@ -684,6 +883,7 @@ def _chunk_events(
     who, need = np.arange(n_users), users.n_events
     for attempt in range(4):
         got = _draw_events(
+            tl,
             cat,
             users,
             who,
@@ -708,10 +908,49 @@ def _chunk_events(
     user, track, day = user[order], track[order], day[order]
     rank = np.arange(len(user)) - np.searchsorted(user, user)
     keep = rank < users.n_events[user]
-    return user[keep], track[keep], day[keep]
+    user, track, day = user[keep], track[keep], day[keep]
+    if p.repeat_share > 0:
+        user, track, day = _add_repeats(p.repeat_share, users, user, track, day, rng)
+    return user, track, day
+
+
+SAME_DAY_REPEATS = 0.35  # share of repeated listens on the day of the listen they repeat
+REPEAT_GAP_DAYS = 20.0  # mean gap of the others (geometric)
+
+
+def _add_repeats(
+    share: float,
+    users: _Users,
+    user: np.ndarray,
+    track: np.ndarray,
+    day: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Append listens again to already heard tracks so that ``share`` of all rows repeat one.
+
+    A repeat copies a random listen of the user (a track heard often attracts more) to the
+    same day or a later day inside the user's window; rows stay grouped by user.
+    """
+    n_repeats = rng.poisson(len(user) * share / (1.0 - share))
+    source = np.sort(rng.integers(0, len(user), n_repeats))
+    gap = np.where(
+        rng.random(n_repeats) < SAME_DAY_REPEATS,
+        0,
+        rng.geometric(1.0 / REPEAT_GAP_DAYS, n_repeats),
+    )
+    who = user[source]
+    new_day = np.minimum(day[source] + gap, users.end[who])
+    user, track, day = (
+        np.concatenate([a, b])
+        for a, b in zip((user, track, day), (who, track[source], new_day), strict=True)
+    )
+    order = np.argsort(user, kind="stable")
+    return user[order], track[order], day[order]
 
 
 def _events_table(
+    tl: _Timeline,
+    monthly_dates: bool,
     user_ids: np.ndarray,
     user: np.ndarray,
     track_ids: np.ndarray,
@@ -720,13 +959,18 @@ def _events_table(
 ) -> pa.Table:
     """Sort a chunk by user and day and number each user's events (track_seq).
 
-    Events of one day keep their (random) draw order.
+    Events of one day keep their (random) draw order. With ``monthly_dates`` the written date
+    is the first day of the month, while track_seq still follows the drawn days (a log that
+    only keeps months still knows the order of its events).
     """
-    order = np.argsort(user.astype(np.int64) * N_DAYS + day, kind="stable")
+    order = np.argsort(user.astype(np.int64) * tl.n_days + day, kind="stable")
     user, track, day = user[order], track[order], day[order]
     group_start = np.searchsorted(user, user)
     seq = np.arange(len(user)) - group_start + 1
-    started = (YEAR_START + day.astype("timedelta64[D]")).astype("datetime64[ns]")
+    dates = tl.start + day.astype("timedelta64[D]")
+    if monthly_dates:
+        dates = dates.astype("datetime64[M]").astype("datetime64[D]")
+    started = dates.astype("datetime64[ns]")
     return pa.table(
         {
             C.user: pa.array(user_ids[user].astype(np.int32)),
@@ -746,6 +990,7 @@ def generate(preset: str, out_dir: Path, seed: int = 42) -> dict[str, int]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
+    tl = _timeline(p)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -773,11 +1018,13 @@ def generate(preset: str, out_dir: Path, seed: int = 42) -> dict[str, int]:
         ):
             chunk_rng = np.random.default_rng([seed, index])
             ids = user_ids[first : first + p.chunk_users]
-            user, track, day = _chunk_events(p, cat, len(ids), chunk_rng)
+            user, track, day = _chunk_events(p, tl, cat, len(ids), chunk_rng)
             seen[track] = True
             if first + p.chunk_users >= p.users:
-                user, track, day = _cover_unseen(seen, user, track, day, len(ids), chunk_rng)
-            table = _events_table(ids, user, cat.track_ids, track, day)
+                user, track, day = _cover_unseen(
+                    seen, user, track, day, len(ids), tl.n_days, chunk_rng
+                )
+            table = _events_table(tl, p.monthly_dates, ids, user, cat.track_ids, track, day)
             writer.write_table(table, row_group_size=2_000_000)
             n_events += table.num_rows
     log.info(
@@ -797,6 +1044,7 @@ def _cover_unseen(
     track: np.ndarray,
     day: np.ndarray,
     n_users: int,
+    n_days: int,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Give every track nobody drew one listener, so each track appears at least once.
@@ -814,7 +1062,7 @@ def _cover_unseen(
     extra_day = np.where(
         has_events,
         day[np.minimum(first_of_user, len(day) - 1)],
-        rng.integers(0, N_DAYS, len(unseen)),
+        rng.integers(0, n_days, len(unseen)),
     )
     return (
         np.concatenate([user, extra_user]),

@@ -25,37 +25,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from musicrec import io
-from musicrec.als import (
-    als_from_factors,
-    fit_als_history,
-    item_index,
-    recommend_codes,
-    recs_frame,
-)
+from musicrec.als import recs_frame
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.features import IdIndex, build_history
-from musicrec.popular import popular_for_users, top_popular
+from musicrec.features import History, build_history
+from musicrec.selection import Choice, Truth, ndcg_per_user, recommend_batched, search
 from musicrec.settings import Settings
-from musicrec.similar import similar_tracks
+from musicrec.sources import AlsSource, Lists, PopularSource, Source, TrainData, make_source
 from musicrec.split import SplitDates, events_before, split_dates
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = "work"
 SPLIT_JSON = "split.json"
-POPULAR_P1 = "popular_p1.parquet"
-ALS_P1 = "als_p1.npz"
-ALS_FULL = "als_full.npz"
-ALS_CANDIDATES_P1 = "als_candidates_p1.parquet"
-SIMILAR_QUERIES_P1 = "similar_queries_p1.npy"
-SIMILAR_P1 = "similar_p1.parquet"
-SIMILAR_RECENT = "similar_recent.parquet"
+SEARCH_JSON = "search.json"
+SELECTION_JSON = "selection.json"
+RANKER = "ranker"  # the name of the ranked union among the sources' names
 
 # Files of one run, in the order they are published (the manifest is written after them).
 ARTEFACTS = (io.TOP_POPULAR, io.PERSONAL_ALS, io.SIMILAR, io.RANKER_MODEL, io.RECOMMENDATIONS,
-             io.METRICS, io.METRICS_PNG)
-STAGES = ("split", "popular", "als", "similar", "rank", "evaluate")
+             io.METRICS, io.CANDIDATE_RECALL, io.METRICS_PNG)
+STAGES = ("split", "search", "rank", "evaluate", "serve")
+STAGE_HELP = {
+    "split": "train / validation (label) / test periods by date",
+    "search": "each source's configuration by NDCG@10 on the validation period",
+    "rank": "train the ranker; pick the served model on held-out validation users",
+    "evaluate": "refit before the test period; metrics with intervals on it",
+    "serve": "refit on the whole log; write the lists the service serves",
+}
 
 
 @dataclass
@@ -94,32 +91,95 @@ class RunContext:
         return pq.read_table(self.parquet / io.ITEMS, columns=[C.track, C.genre_ids, C.artist_ids])
 
     def dates(self) -> SplitDates:
-        path = self.work / SPLIT_JSON
+        return SplitDates.from_dict(self._work_json(SPLIT_JSON, "split"))
+
+    def choices(self) -> dict[str, Choice]:
+        return {name: Choice(name, c["params"], c["ndcg"])
+                for name, c in self._work_json(SEARCH_JSON, "search").items()}
+
+    def selection(self) -> dict:
+        return self._work_json(SELECTION_JSON, "rank")
+
+    def ranker(self):
+        """The ranker this run trained (None when it trained none)."""
+        from catboost import CatBoostRanker
+
+        path = self.out / io.RANKER_MODEL
         if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run the split stage first")
-        return SplitDates.from_dict(io.read_json(path))
+            return None
+        model = CatBoostRanker()
+        model.load_model(str(path))
+        return model
 
-    def read(self, name: str, max_rank: int | None = None) -> pd.DataFrame:
-        """An artefact of this run (staging first), else the published one; with
-        ``max_rank`` only its rows of rank <= max_rank."""
-        filters = None if max_rank is None else [(C.rank, "<=", max_rank)]
-        for folder in (self.out, self.parquet):
-            if (folder / name).exists():
-                return pd.read_parquet(folder / name, filters=filters)
-        raise FileNotFoundError(f"{name} not found in {self.out}: run the stage that writes it")
+    def _work_json(self, name: str, stage: str) -> dict:
+        path = self.work / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the {stage} stage first")
+        return io.read_json(path)
+
+    def train_data(self, cutoff: int | None) -> TrainData:
+        """The history before ``cutoff`` (None = every event) and the catalogue."""
+        events = self.events()
+        if cutoff is None:
+            cutoff = int(events[C.day].max()) + 1
+        else:
+            events = events_before(events, cutoff)
+        return TrainData.build(build_history(events, cutoff), self.items())
+
+    def later(self, start: int, stop: int | None = None) -> pd.DataFrame:
+        """Events on or after ``start`` (and before ``stop``)."""
+        events = self.events()
+        days = events[C.day].to_numpy()
+        mask = days >= start if stop is None else (days >= start) & (days < stop)
+        return events[mask].reset_index(drop=True)
 
 
-def _save_factors(model, path: Path) -> None:
-    with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, user_factors=model.model.user_factors, item_factors=model.model.item_factors,
-                 user_ids=model.user_ids, track_ids=model.track_ids)
+def _fit_sources(data: TrainData, choices: dict[str, Choice], settings: Settings
+                 ) -> dict[str, Source]:
+    sources = {}
+    for name, choice in choices.items():
+        started = time.perf_counter()
+        sources[name] = make_source(name, settings, choice.params).fit(data)
+        log.info("fitted %s in %.1f s", sources[name], time.perf_counter() - started)
+    return sources
 
 
-def _load_factors(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the als stage first")
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+def validation_split(truth: Truth, settings: Settings) -> tuple[np.ndarray, ...]:
+    """Rows of ``truth``'s users for (ranker training, early stopping, choosing the served
+    model): a seeded sample of ``settings.validation_users``, split 60 / 20 / 20."""
+    rng = np.random.default_rng(settings.seed)
+    rows = rng.permutation(truth.users.size)[: settings.validation_users]
+    n_fit = int(round(rows.size * 0.6))
+    n_stop = int(round(rows.size * 0.2))
+    return (np.sort(rows[:n_fit]), np.sort(rows[n_fit:n_fit + n_stop]),
+            np.sort(rows[n_fit + n_stop:]))
+
+
+def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ...]]:
+    dates = run.dates()
+    data = run.train_data(dates.label_start)
+    truth = Truth.build(data.history, run.later(dates.label_start, dates.test_start))
+    if truth.users.size < 3:
+        raise DataError(f"only {truth.users.size} users listen to new tracks in the validation "
+                        "period: too few to choose models; widen it (MUSICREC_LABEL_START)")
+    return data, truth, validation_split(truth, run.settings)
+
+
+def served_lists(winner: str, sources: dict[str, Source], ranker, data: TrainData,
+                 users: np.ndarray, n: int, settings: Settings, progress: bool = False
+                 ) -> Lists:
+    """The lists of the served model (a source's own, or the ranker's) for ``users``."""
+    from musicrec.ranker import rank
+
+    if winner == RANKER:
+        return rank(ranker, data, sources, users, n, settings.n_candidates, progress=progress)
+    return recommend_batched(sources[winner], users, n)
+
+
+def _frame(lists: Lists, history: History, users: np.ndarray) -> pd.DataFrame:
+    """A recs table (input ids) of ``lists`` for the user codes ``users``."""
+    return recs_frame(history.users.ids[users[lists.local()]],
+                      history.tracks.ids[lists.tracks], lists.scores)
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -130,161 +190,148 @@ def stage_split(run: RunContext) -> None:
     io.write_json(dates.as_dict(), run.work / SPLIT_JSON)
 
 
-def stage_popular(run: RunContext) -> None:
-    s, dates, events = run.settings, run.dates(), run.events()
-    # only the track and day columns count listeners: no copy of the user column
-    tracks, days = events[C.track].to_numpy(), events[C.day].to_numpy()
-    for cutoff, path in ((dates.test_start, run.out / io.TOP_POPULAR),
-                         (dates.label_start, run.work / POPULAR_P1)):
-        before = days < cutoff
-        history = pd.DataFrame({C.track: tracks[before], C.day: days[before]})
-        io.write_table(top_popular(history, s.popular_window_days, cutoff - 1), path,
-                       io.POPULAR_SCHEMA)
-        del history, before
-
-
-def stage_als(run: RunContext) -> None:
-    """ALS on P1 (candidates of the ranker's training users), then brought up to P1+P2
-    (personal_als) by a few iterations warm-started from the P1 factors."""
-    from musicrec.ranker import recent_tracks, training_users
-
-    s, dates, events = run.settings, run.dates(), run.events()
-    days = events[C.day].to_numpy()
-    label = events[(days >= dates.label_start) & (days < dates.test_start)]
-
-    history = build_history(events_before(events, dates.label_start), dates.label_start)
-    p1_model = fit_als_history(history, s)
-    users = training_users(history, label, s)
-    rows, tracks, scores = recommend_codes(p1_model, users, s.n_als_candidates,
-                                           index=item_index(p1_model, s))
-    io.write_table(recs_frame(p1_model.user_ids[rows], p1_model.track_ids[tracks], scores),
-                   run.work / ALS_CANDIDATES_P1, io.RECS_SCHEMA)
-    _, recent = recent_tracks(history, users, s.ranker_recent_tracks)
-    with io.atomic_path(run.work / SIMILAR_QUERIES_P1) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, history.tracks.ids[np.unique(recent)])
-    _save_factors(p1_model, run.work / ALS_P1)
-    del history, label, rows, tracks, scores
-    p1_model.user_items = None  # the P1 matrix is not needed any more
-
-    history = build_history(events_before(events, dates.test_start), dates.test_start)
-    del events
-    if s.als_warm_iterations > 0:
-        model = fit_als_history(history, s, warm_start=p1_model,
-                                iterations=s.als_warm_iterations)
-    else:
-        model = fit_als_history(history, s)
-    del p1_model, history
-    n = max(s.n_als_candidates, s.n_recommendations)
-    rows, tracks, scores = recommend_codes(model, np.arange(len(model.user_ids)), n,
-                                           index=item_index(model, s))
-    io.write_table(recs_frame(model.user_ids[rows], model.track_ids[tracks], scores),
-                   run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
-    _save_factors(model, run.work / ALS_FULL)
-
-
-def _model_from(path: Path, threads: int):
-    f = _load_factors(path)
-    return als_from_factors(f["user_factors"], f["item_factors"], f["user_ids"],
-                            f["track_ids"], None, threads=threads)
-
-
-def stage_similar(run: RunContext) -> None:
-    """Similar tracks of every track (P1+P2 model) and of the ranker's query tracks (P1)."""
-    s = run.settings
-    model = _model_from(run.work / ALS_FULL, s.threads)
-    io.write_table(similar_tracks(model, s.n_similar, index=item_index(model, s, "cosine")),
-                   run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
-    model = _model_from(run.work / ALS_P1, s.threads)
-    queries = np.load(run.work / SIMILAR_QUERIES_P1)
-    io.write_table(similar_tracks(model, s.n_similar, queries,
-                                  index=item_index(model, s, "cosine")),
-                   run.work / SIMILAR_P1, io.SIMILAR_SCHEMA)
+def stage_search(run: RunContext) -> None:
+    """Each source's configuration by NDCG@10 on validation users (models fitted on P1)."""
+    data, truth, (fit_rows, _, _) = _validation(run)
+    rows = fit_rows[: run.settings.search_users]
+    choices = search(data, truth.subset(rows), run.settings)
+    io.write_json({name: choice.as_dict() for name, choice in choices.items()},
+                  run.work / SEARCH_JSON)
 
 
 def stage_rank(run: RunContext) -> None:
-    """Train the ranker on P1 candidates labelled by P2, then rank P1+P2 candidates."""
-    from musicrec.ranker import build_context, rank_users, train_ranker, training_frame
+    """Train the ranker on P1 candidates labelled by P2, then compare it with every source on
+    held-out users and record the winner: the ranker is served only where it wins."""
+    from musicrec.metrics import bootstrap_interval
+    from musicrec.ranker import rank, train_ranker, training_set
 
-    s, dates, events, items = run.settings, run.dates(), run.events(), run.items()
-    days = events[C.day].to_numpy()
-    label = events[(days >= dates.label_start) & (days < dates.test_start)]
-
-    history = build_history(events_before(events, dates.label_start), dates.label_start)
-    f = _load_factors(run.work / ALS_P1)
-    ctx = build_context(history, f["user_factors"], f["item_factors"], f["user_ids"],
-                        f["track_ids"], pd.read_parquet(run.work / ALS_CANDIDATES_P1),
-                        pd.read_parquet(run.work / SIMILAR_P1),
-                        pd.read_parquet(run.work / POPULAR_P1), items, s)
-    features, target, _ = training_frame(ctx, label, s)
-    model = train_ranker(features, target, s)
-    with io.atomic_path(run.out / io.RANKER_MODEL) as tmp:
-        model.save_model(str(tmp))
-    del ctx, history, features, target, label
-
-    history = build_history(events_before(events, dates.test_start), dates.test_start)
-    del events
-    f = _load_factors(run.work / ALS_FULL)
-    ctx = build_context(history, f["user_factors"], f["item_factors"], f["user_ids"],
-                        f["track_ids"], run.read(io.PERSONAL_ALS), run.read(io.SIMILAR),
-                        run.read(io.TOP_POPULAR), items, s)
-    recs, similar_recent = rank_users(ctx, model, s)
-    io.write_table(recs, run.out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
-    io.write_table(similar_recent, run.work / SIMILAR_RECENT, io.RECS_SCHEMA)
+    s = run.settings
+    data, truth, (fit_rows, stop_rows, valid_rows) = _validation(run)
+    sources = _fit_sources(data, run.choices(), s)
+    model = train_ranker(training_set(data, sources, truth.subset(fit_rows), s),
+                         training_set(data, sources, truth.subset(stop_rows), s), s)
+    valid = truth.subset(valid_rows)
+    per_user = {name: ndcg_per_user(recommend_batched(src, valid.users, 10), valid)
+                for name, src in sources.items()}
+    (run.out / io.RANKER_MODEL).unlink(missing_ok=True)
+    if model is not None:
+        per_user[RANKER] = ndcg_per_user(rank(model, data, sources, valid.users, 10,
+                                              s.n_candidates), valid)
+        with io.atomic_path(run.out / io.RANKER_MODEL) as tmp:
+            model.save_model(str(tmp))
+    scores = {}
+    for name, values in per_user.items():
+        low, high = bootstrap_interval(values, max(s.bootstrap, 1), s.seed)
+        scores[name] = {"ndcg": float(values.mean()), "low": low, "high": high}
+    winner = max(scores, key=lambda name: scores[name]["ndcg"])
+    best_source = max((n for n in scores if n != RANKER), key=lambda n: scores[n]["ndcg"])
+    reason = (f"{winner} has the best NDCG@10 on {valid.users.size} held-out validation users "
+              f"({scores[winner]['ndcg']:.4f}; best single source {best_source} "
+              f"{scores[best_source]['ndcg']:.4f}, popular {scores['popular']['ndcg']:.4f})"
+              if "popular" in scores else f"{winner} has the best NDCG@10")
+    if model is None:
+        reason += "; no ranker: too few positives to train one"
+    log.info("served model: %s", reason)
+    io.write_json({"winner": winner, "reason": reason, "users": int(valid.users.size),
+                   "ndcg@10": scores}, run.work / SELECTION_JSON)
 
 
 def stage_evaluate(run: RunContext) -> None:
-    """Metrics of every source on the test period, for users with history before it."""
-    from musicrec.metrics import evaluate
+    """Refit the chosen sources before the test period and score every list on it, with
+    bootstrap intervals, by user activity, and the candidates' recall."""
+    from musicrec.metrics import activity_segments, candidate_recall, evaluate
     from musicrec.plots import plot_metrics
 
-    s, dates, events = run.settings, run.dates(), run.events()
-    days = events[C.day].to_numpy()
-    history = events[days < dates.test_start]
-    test = events[days >= dates.test_start]
-    del events
-    # warm test users (with history): the ones every offline source can serve
-    history_users = IdIndex.from_values(history[C.user].to_numpy())
-    warm = history_users.codes(test[C.user].to_numpy()) >= 0
-    test = test[warm].reset_index(drop=True)
-    test_index = IdIndex.from_values(test[C.user].to_numpy())
-    test_users = test_index.ids
-    log.info("test period: %d users with history before it are evaluated, %d events of new "
-             "users left out", len(test_index), int((~warm).sum()))
-    heard = history[test_index.codes(history[C.user].to_numpy()) >= 0]
+    s, dates = run.settings, run.dates()
+    data = run.train_data(dates.test_start)
+    h = data.history
+    test = run.later(dates.test_start)
+    test_users = h.users.codes(np.unique(test[C.user].to_numpy()))
+    users = np.sort(test_users[test_users >= 0]).astype(np.int64)
+    if s.report_users is not None and users.size > s.report_users:
+        rng = np.random.default_rng(s.seed)
+        users = np.sort(rng.choice(users, s.report_users, replace=False))
+        test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
+    log.info("test period: %d users with history are evaluated", users.size)
+    choices = run.choices()
+    sources = _fit_sources(data, choices, s)
     n = max(s.eval_k)
-    top_popular = popular_for_users(run.read(io.TOP_POPULAR), test_users, heard, n)
-    del heard
-
-    def evaluated(table: pd.DataFrame) -> pd.DataFrame:
-        return table[test_index.codes(table[C.user].to_numpy()) >= 0].reset_index(drop=True)
-
-    # Metrics look at ranks <= max(k) only: reading just those rows of the 100-long lists
-    # keeps this stage's memory a fraction of the full tables' (137 M rows each at full size).
-    recs = {
-        "top_popular": evaluated(top_popular),
-        "als": evaluated(run.read(io.PERSONAL_ALS, max_rank=n)),
-        "similar_recent": evaluated(pd.read_parquet(run.work / SIMILAR_RECENT,
-                                                    filters=[(C.rank, "<=", n)])),
-        "ranker": evaluated(run.read(io.RECOMMENDATIONS, max_rank=n)),
-    }
-    del top_popular
+    recs = {name: _frame(recommend_batched(src, users, max(n, s.n_candidates)), h, users)
+            for name, src in sources.items()}
+    plain = AlsSource.space(s)[0]
+    if "als" in choices and choices["als"].params != plain:
+        recs["als_plain"] = _frame(recommend_batched(make_source("als", s, plain).fit(data),
+                                                     users, n), h, users)
+    selection = run.selection()
+    model = run.ranker()
+    if model is not None:
+        recs[RANKER] = _frame(served_lists(RANKER, sources, model, data, users, n, s), h, users)
+    recs["served"] = recs[selection["winner"]]
+    train = pd.DataFrame({C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
+                          C.track: h.tracks.ids[h.track_codes]})
+    candidates = {name: recs[name] for name in sources}
+    recall = candidate_recall(candidates, test, train, users=h.users.ids[users])
+    io.write_table(recall, run.out / io.CANDIDATE_RECALL)
+    heads = {name: table[table[C.rank].to_numpy() <= n] for name, table in recs.items()}
     n_items = pq.ParquetFile(run.parquet / io.ITEMS).metadata.num_rows
-    metrics = evaluate(recs, test, history, n_items, ks=tuple(s.eval_k))
+    metrics = evaluate(heads, test, train, n_items, ks=tuple(s.eval_k), bootstrap=s.bootstrap,
+                       seed=s.seed, segments=activity_segments(train, h.users.ids[users]))
     io.write_table(metrics, run.out / io.METRICS)
-    io.write_figure(plot_metrics(metrics), run.out / io.METRICS_PNG)
+    io.write_figure(plot_metrics(metrics[metrics["segment"] == "all"]),
+                    run.out / io.METRICS_PNG)
     k = 10 if 10 in s.eval_k else max(s.eval_k)
-    table = metrics[metrics["k"] == k].set_index("source")
-    log.info("metrics@%d on the test period (NDCG is the headline):\n%s", k,
-             table[["ndcg", "precision", "recall", "map", "coverage", "novelty"]].to_string())
+    table = metrics[(metrics["k"] == k) & (metrics["segment"] == "all")].set_index("source")
+    shown = [c for c in ("ndcg", "ndcg_low", "ndcg_high", "precision", "recall", "coverage")
+             if c in table]
+    log.info("metrics@%d on the test period (served = %s):\n%s", k, selection["winner"],
+             table[shown].to_string())
+    log.info("candidate recall on the test period:\n%s", recall.to_string())
+
+
+def _popular_table(source: PopularSource) -> pd.DataFrame:
+    """The top_popular artefact from a fitted popular source: every heard track, best first."""
+    h = source.data.history
+    order = source.order
+    return pd.DataFrame({
+        C.track: h.tracks.ids[order].astype(np.int32),
+        C.listeners: source.data.listeners(None)[order].astype(np.int64),
+        C.score: source.scores[order].astype(np.float32),
+        C.rank: np.arange(1, order.size + 1, dtype=np.int32),
+    })
+
+
+def stage_serve(run: RunContext) -> None:
+    """Refit the chosen sources on the whole log and write what the service serves."""
+    s = run.settings
+    data = run.train_data(None)
+    h = data.history
+    choices = run.choices()
+    choices.setdefault("popular", Choice("popular", PopularSource.space(s)[0], 0.0))
+    sources = _fit_sources(data, choices, s)
+    users = np.arange(h.n_users, dtype=np.int64)
+    io.write_table(_popular_table(sources["popular"]), run.out / io.TOP_POPULAR,
+                   io.POPULAR_SCHEMA)
+    als = sources.get("als") or make_source("als", s, AlsSource.space(s)[0]).fit(data)
+    io.write_table(_frame(recommend_batched(als, users, s.n_recommendations), h, users),
+                   run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
+    item_to_item = sources.get("item_knn") or als
+    query, similar, score = item_to_item.similar(s.n_similar)
+    io.write_table(recs_frame(h.tracks.ids[query], h.tracks.ids[similar], score)
+                   .rename(columns={C.user: C.track, C.track: C.similar}),
+                   run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
+    winner = run.selection()["winner"]
+    lists = served_lists(winner, sources, run.ranker(), data, users, s.n_recommendations, s,
+                         progress=True)
+    io.write_table(_frame(lists, h, users), run.out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
+    log.info("served lists (%s) for %d users", winner, h.n_users)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
     "split": stage_split,
-    "popular": stage_popular,
-    "als": stage_als,
-    "similar": stage_similar,
+    "search": stage_search,
     "rank": stage_rank,
     "evaluate": stage_evaluate,
+    "serve": stage_serve,
 }
 
 
@@ -313,6 +360,10 @@ def _file_stats(folder: Path) -> dict[str, dict[str, int]]:
     return stats
 
 
+def _read_json_if(path: Path) -> dict | None:
+    return io.read_json(path) if path.exists() else None
+
+
 def build_manifest(settings: Settings, run_id: str, timings: dict[str, float]) -> dict:
     """The manifest of the artefacts now in the parquet folder."""
     parquet = Path(settings.parquet_dir)
@@ -329,6 +380,8 @@ def build_manifest(settings: Settings, run_id: str, timings: dict[str, float]) -
                            for name in (io.ITEMS, io.EVENTS) if (parquet / name).exists()},
         "parameters": settings.model_dump(mode="json"),
         "split": io.read_json(split_path) if split_path.exists() else None,
+        "search": _read_json_if(parquet / WORK_DIR / SEARCH_JSON),
+        "selection": _read_json_if(parquet / WORK_DIR / SELECTION_JSON),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
         "metrics": (pd.read_parquet(metrics_path).to_dict(orient="records")
                     if metrics_path.exists() else None),
@@ -365,6 +418,8 @@ def run_all(settings: Settings) -> dict:
         for name in ARTEFACTS:
             if (staging / name).exists():
                 os.replace(staging / name, parquet / name)
+            else:  # not made by this run (e.g. no ranker was trained): no stale copy stays
+                (parquet / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest = build_manifest(settings, run_id, timings)

@@ -13,7 +13,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Preset = Literal["tiny", "small", "full"]
+# tiny / small / full: sizes of the real log's shape; the others are profiles of other log
+# shapes (musicrec.generate.PRESETS says what each one changes)
+Preset = Literal[
+    "tiny", "small", "full", "multi_year", "small_dense", "weak_loyalty", "repeat_listens"
+]
 
 
 class Settings(BaseSettings):
@@ -28,7 +32,11 @@ class Settings(BaseSettings):
     parquet_dir: Path = Field(Path("parquet"), description="folder of the artefacts")
 
     # --- built-in data generator -----------------------------------------------------------
-    preset: Preset = Field("small", description="size of the generated data set")
+    preset: Preset = Field(
+        "small",
+        description="generated data set: a size of the real log's shape (tiny, small, full) "
+        "or a profile of another shape (multi_year, small_dense, weak_loyalty, repeat_listens)",
+    )
     seed: int = Field(42, description="random seed of the generator and of every model")
 
     # --- the real data (public bucket) -----------------------------------------------------
@@ -48,34 +56,70 @@ class Settings(BaseSettings):
     label_start: date | None = Field(None, description="first day of the ranker-label period")
     test_share: float = Field(0.06, gt=0, lt=0.5, description="share of events for test")
 
-    # --- models ----------------------------------------------------------------------------
-    popular_window_days: int = Field(30, ge=1, description="recent window for popularity")
-    als_factors: int = Field(64, ge=2)
-    als_iterations: int = Field(15, ge=1)
-    als_regularization: float = Field(0.05, ge=0)
-    als_alpha: float = Field(20.0, gt=0, description="confidence scale of an event")
-    recency_half_life_days: float = Field(
-        60.0, gt=0, description="an event this many days old weighs half as much"
+    # --- prepare ---------------------------------------------------------------------------
+    min_plausible_date: date | None = Field(
+        None,
+        description="prepare warns about events dated before this day or after today; "
+        "None = 1990-01-01",
     )
-    n_als_candidates: int = Field(100, ge=1, description="ALS candidates per user")
+    drop_implausible_dates: bool = Field(
+        False,
+        description="prepare drops the events with implausible dates instead of keeping them "
+        "with a warning",
+    )
+
+    # --- models: every source is chosen by validation on the label period -----------------
+    sources: tuple[str, ...] = Field(
+        ("popular", "als", "item_knn", "ease", "artist"),
+        description="candidate sources (musicrec.sources.SOURCES); each is searched, the ranker "
+        "sees them all, and the best on validation is served",
+    )
+    search_trials: int = Field(
+        6, ge=1, description="configurations tried per source (its plain default first)"
+    )
+    search_seconds: float = Field(
+        1800.0, ge=0, description="time budget of the search; past it each source runs only "
+        "its first configuration"
+    )
+    search_users: int = Field(
+        10_000, ge=1, description="validation users that score each search trial"
+    )
+    validation_users: int = Field(
+        50_000, ge=3, description="label-period users sampled for validation: 60 % train the "
+        "ranker (the search scores a sample of them), 20 % early-stop it, 20 % pick the "
+        "served model"
+    )
+    popular_window_days: int = Field(
+        30, ge=1, description="recent window of the popularity figures in the notebook"
+    )
+    als_factors: int = Field(64, ge=2, description="factors of the configured ALS trial")
+    als_iterations: int = Field(15, ge=1, description="iterations of every ALS fit")
+    als_regularization: float = Field(0.1, ge=0, description="of the configured ALS trial")
+    als_alpha: float = Field(
+        4.0, ge=0, description="configured ALS trial: confidence = 1 + alpha * strength"
+    )
+    recency_half_life: float | None = Field(
+        0.125, gt=0, description="configured ALS trial: half-life of an event's strength as a "
+        "share of the history's span; None = no decay"
+    )
+    ease_max_items: int = Field(
+        4000, ge=2, description="EASE runs on this many most listened tracks (a dense "
+        "inversion: 2k tracks ~1 s, 4k ~3 s, 8k ~18 s on 2 cores)"
+    )
+    n_candidates: int = Field(50, ge=1, description="candidates per source for the ranker")
     n_similar: int = Field(50, ge=1, description="similar tracks kept per track")
     n_recommendations: int = Field(100, ge=1, description="final list length per user")
     ranker_negatives: int = Field(20, ge=1, description="negatives sampled per positive")
-    n_similar_candidates: int = Field(
-        50, ge=1, description="ranker candidates similar to the user's recent tracks"
+    ranker_min_positives: int = Field(
+        200, ge=1, description="fewer positives than this: no ranker is trained"
     )
-    n_popular_candidates: int = Field(30, ge=1, description="popular unheard ranker candidates")
-    ranker_recent_tracks: int = Field(
-        20, ge=1, description="last listened tracks that seed similar-track candidates"
-    )
-    ranker_train_users: int = Field(
-        50_000, ge=1, description="label-period users sampled to train the ranker"
-    )
-    ranker_iterations: int = Field(300, ge=1)
+    ranker_iterations: int = Field(500, ge=1, description="most trees (early stopping)")
     threads: int = Field(2, ge=1, description="worker threads for ALS and CatBoost")
-    als_warm_iterations: int = Field(
-        2, ge=0, description="iterations of the P1+P2 ALS fit warm-started from the P1 factors; "
-        "0 = a second full fit from scratch"
+    bootstrap: int = Field(
+        1000, ge=0, description="bootstrap resamples of the 95 % intervals; 0 = none"
+    )
+    report_users: int | None = Field(
+        None, ge=1, description="test users sampled for the report; None = all"
     )
     topk_method: Literal["auto", "exact", "ann"] = Field(
         "auto", description="top-k over tracks: exact brute force, an IVF index (ann), or ann "

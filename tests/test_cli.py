@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from musicrec.checkdata import check_data, format_report
-from musicrec.cli import PIPELINE_STAGES, build_parser, main
+from musicrec.cli import build_parser, main
+from musicrec.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["generate", "download", "s3", "prepare", "check-data", "run", *PIPELINE_STAGES]
+COMMANDS = ["generate", "download", "s3", "prepare", "check-data", "run", *STAGES]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

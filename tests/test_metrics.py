@@ -10,15 +10,22 @@ import pytest
 
 from musicrec.errors import DataError
 from musicrec.metrics import (
+    CANDIDATE_COLUMNS,
     MAP,
     METRIC_COLUMNS,
     NDCG,
     Coverage,
+    HitTable,
     Novelty,
     NoveltyBits,
     Precision,
     Recall,
+    activity_segments,
+    bootstrap_difference,
+    bootstrap_interval,
+    candidate_recall,
     evaluate,
+    evaluated_users,
 )
 
 L3 = math.log2(3)  # the discount at rank 2 is 1 / log2(3)
@@ -249,3 +256,309 @@ def test_matches_a_plain_loop_on_random_data() -> None:
         actual = row(got, "x", k)
         for name, value in expected.items():
             assert actual[name] == pytest.approx(value), (name, k)
+
+
+# --- per-user values ---------------------------------------------------------------------------
+
+
+def test_per_user_values_match_hand_computation() -> None:
+    # Evaluated users u1, u2, u3 (in id order); the per-user values at k=2 are the ones spelled
+    # out in test_accuracy_at_2, and u3 (no list) scores 0.
+    table = HitTable.build(RECO_A, 3, test=TEST, users=np.array([1, 2, 3]))
+    expected = {
+        Precision(2): [0.5, 0.5, 0.0],
+        Recall(2): [0.5, 1.0, 0.0],
+        NDCG(2): [1 / (1 + 1 / L3), 1 / L3, 0.0],
+        MAP(2): [0.5, 0.5, 0.0],
+        # k=3: u1 AP = (1/1 + 2/3) / 3 = 5/9, u2 AP = (1/2) / 1
+        MAP(3): [5 / 9, 0.5, 0.0],
+        NDCG(3): [1.5 / (1.5 + 1 / L3), 1 / L3, 0.0],
+    }
+    for metric, values in expected.items():
+        per_user = metric.per_user_from(table)
+        assert per_user == pytest.approx(values), metric
+        assert metric.calc_from(table) == pytest.approx(np.mean(values)), metric
+
+
+def test_evaluated_users_are_warm_test_users() -> None:
+    # test users 1, 2, 3, 5; u5 has no train events
+    assert evaluated_users(TEST, TRAIN).tolist() == [1, 2, 3]
+
+
+# --- bootstrap intervals -----------------------------------------------------------------------
+
+
+def _width(interval: tuple[float, float]) -> float:
+    return interval[1] - interval[0]
+
+
+def test_bootstrap_interval_contains_mean_and_is_deterministic() -> None:
+    values = np.random.default_rng(1).random(500)
+    low, high = bootstrap_interval(values, n_boot=500, seed=4)
+    assert low < values.mean() < high
+    assert bootstrap_interval(values, n_boot=500, seed=4) == (low, high)
+    assert bootstrap_interval(values, n_boot=500, seed=5) != (low, high)
+    # a wider level gives a wider interval from the same resamples
+    assert _width(bootstrap_interval(values, n_boot=500, seed=4, level=0.99)) > high - low
+
+
+def test_bootstrap_interval_narrows_with_more_users() -> None:
+    rng = np.random.default_rng(2)
+    small, large = rng.random(200), rng.random(20_000)
+    # the width falls like 1/sqrt(n): 10 times narrower for 100 times the users
+    ratio = _width(bootstrap_interval(small)) / _width(bootstrap_interval(large))
+    assert 7 < ratio < 14
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # few distinct values: the exact multinomial over distinct values
+        (np.random.default_rng(3).random(30_000) < 0.2).astype(float),
+        # 2 000 distinct values: still exact
+        np.random.default_rng(4).random(2_000),
+        # 30 000 distinct values: groups of sorted values with the normal within-group term
+        np.random.default_rng(5).exponential(size=30_000),
+    ],
+    ids=["binary", "exact", "grouped"],
+)
+def test_bootstrap_interval_matches_normal_theory(values: np.ndarray) -> None:
+    # For a mean of many users the bootstrap interval is close to mean +- 1.96 sd / sqrt(n)
+    low, high = bootstrap_interval(values, n_boot=1000, seed=0)
+    half = 1.959964 * values.std() / math.sqrt(len(values))
+    assert (low + high) / 2 == pytest.approx(values.mean(), abs=0.15 * half)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.12)
+
+
+def test_bootstrap_groups_keep_the_within_group_variance(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two groups of sorted values: 0/1 hits (p = 0.3) made distinct by tiny noise. The upper
+    # half mixes zeros and ones, so the spread inside it is most of the variance: a group-mean
+    # approximation alone would give an interval about 0.65 times too narrow.
+    monkeypatch.setattr("musicrec.metrics._BOOT_GROUPS", 2)
+    rng = np.random.default_rng(9)
+    values = (rng.random(20_000) < 0.3) + rng.random(20_000) * 1e-9
+    low, high = bootstrap_interval(values, n_boot=1000, seed=1)
+    half = 1.959964 * values.std() / math.sqrt(len(values))
+    assert (high - low) / 2 == pytest.approx(half, rel=0.12)
+
+
+def test_bootstrap_difference_is_paired() -> None:
+    rng = np.random.default_rng(6)
+    n = 2_000
+    a = rng.random(n)
+    # b is a minus 0.01 for half of the users: a is better by 0.005 on average, far less than
+    # the spread of either mean (their own intervals overlap), but the pairs show it clearly.
+    b = a - 0.01 * (rng.random(n) < 0.5)
+    low_a, high_a = bootstrap_interval(a)
+    low_b, high_b = bootstrap_interval(b)
+    assert low_a < high_b and low_b < high_a  # unpaired, the two sources are not told apart
+    low, high = bootstrap_difference(a, b)
+    assert 0 < low < a.mean() - b.mean() < high
+    low, high = bootstrap_difference(b, a)
+    assert high < 0
+    # the same source against itself, and against its values given to other users
+    assert bootstrap_difference(a, a) == (0.0, 0.0)
+    low, high = bootstrap_difference(a, rng.permutation(a))
+    assert low < 0 < high
+    with pytest.raises(ValueError, match="same users"):
+        bootstrap_difference(a, a[:-1])
+
+
+def test_bootstrap_edge_cases() -> None:
+    assert all(math.isnan(x) for x in bootstrap_interval(np.array([])))
+    assert bootstrap_interval(np.array([0.25])) == (0.25, 0.25)
+    assert bootstrap_interval(np.full(10, 0.5)) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        bootstrap_interval(np.array([0.1, np.nan]))
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_interval(np.array([0.1]), n_boot=0)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval(np.array([0.1]), level=95)
+
+
+def test_evaluate_with_bootstrap(result: pd.DataFrame) -> None:
+    recs = {"a": RECO_A, "empty": RECO_A.iloc[:0]}
+    got = evaluate(recs, TEST, TRAIN, n_items=N_ITEMS, ks=(3, 2), bootstrap=300, seed=7)
+    assert list(got.columns) == ["source", "k", *METRIC_COLUMNS, "ndcg_low", "ndcg_high"]
+    pd.testing.assert_frame_equal(got[result.columns], result)
+    table = HitTable.build(RECO_A, 3, test=TEST, users=np.array([1, 2, 3]))
+    for k in (2, 3):
+        r = row(got, "a", k)
+        expected = bootstrap_interval(NDCG(k).per_user_from(table), n_boot=300, seed=7)
+        assert (r["ndcg_low"], r["ndcg_high"]) == pytest.approx(expected)
+        # three users: the resampled means lie between the smallest and largest user value
+        assert 0.0 <= r["ndcg_low"] < r["ndcg"] < r["ndcg_high"] <= 1.0
+    assert (row(got, "empty", 3)["ndcg_low"], row(got, "empty", 3)["ndcg_high"]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="bootstrap"):
+        evaluate(recs, TEST, TRAIN, n_items=N_ITEMS, bootstrap=-1)
+
+
+# --- segments ----------------------------------------------------------------------------------
+
+
+def test_segments_match_evaluate_on_the_segment_users() -> None:
+    recs = {"a": RECO_A, "empty": RECO_A.iloc[:0]}
+    # s2: u3 (evaluated, no list), u4 (list, no test events), u5 (list, cold)
+    segments = {"s1": np.array([1, 2]), "s2": np.array([3, 4, 5])}
+    kw = {"n_items": N_ITEMS, "ks": (2, 3), "bootstrap": 100, "seed": 3}
+    got = evaluate(recs, TEST, TRAIN, segments=segments, **kw)
+    plain = evaluate(recs, TEST, TRAIN, **kw)
+    assert list(got.columns) == ["segment", *plain.columns]
+    assert list(dict.fromkeys(got["segment"])) == ["all", "s1", "s2"]
+    part = got[got["segment"] == "all"].drop(columns="segment").reset_index(drop=True)
+    pd.testing.assert_frame_equal(part, plain)
+    for name, ids in segments.items():
+        cut = {s: r[r["user_id"].isin(ids)] for s, r in recs.items()}
+        alone = evaluate(cut, TEST[TEST["user_id"].isin(ids)], TRAIN, **kw)
+        part = got[got["segment"] == name].drop(columns="segment").reset_index(drop=True)
+        pd.testing.assert_frame_equal(part, alone)
+    # by hand, s1 at k=2: u1 and u2 (see test_accuracy_at_2); coverage counts their lists only:
+    # {20, 99} and {10, 30} -> 4 / 10 (all users: 5 / 10)
+    s1 = got[(got["segment"] == "s1") & (got["source"] == "a") & (got["k"] == 2)].iloc[0]
+    assert s1["precision"] == pytest.approx(0.5)
+    assert s1["ndcg"] == pytest.approx((1 / (1 + 1 / L3) + 1 / L3) / 2)
+    assert s1["coverage"] == pytest.approx(0.4)
+    assert s1["users_covered"] == 1.0
+    # s2 at k=2: u3 alone is evaluated and has no list; lists of u4 {11}, u5 {20} -> 2 / 10
+    s2 = got[(got["segment"] == "s2") & (got["source"] == "a") & (got["k"] == 2)].iloc[0]
+    assert s2["precision"] == 0.0 and s2["users_covered"] == 0.0
+    assert s2["coverage"] == pytest.approx(0.2)
+    assert math.isnan(s2["novelty"])
+
+
+def test_segment_without_evaluated_users_and_reserved_name() -> None:
+    got = evaluate({"a": RECO_A}, TEST, TRAIN, N_ITEMS, ks=(2,), segments={"none": np.array([4])})
+    r = got[got["segment"] == "none"].iloc[0]
+    assert math.isnan(r["precision"]) and math.isnan(r["ndcg"])
+    assert r["coverage"] == pytest.approx(0.1)  # u4's list {11}
+    with pytest.raises(ValueError, match="reserved"):
+        evaluate({"a": RECO_A}, TEST, TRAIN, N_ITEMS, segments={"all": np.array([1])})
+
+
+def test_activity_segments_terciles(caplog: pytest.LogCaptureFixture) -> None:
+    # train events: u1..u6 have 1..6 events, u7 none, u8 has 20 but is not among the users.
+    pairs = [(u, 100 + t) for u in range(1, 7) for t in range(u)] + [(8, t) for t in range(20)]
+    users = np.array([7, 1, 2, 3, 4, 5, 6, 6])  # any order, repeats ignored
+    # counts of the 7 users, sorted: 0 1 2 3 4 5 6 -> 1/3 quantile at position 2 = 2,
+    # 2/3 quantile at position 4 = 4: light <= 2 < medium <= 4 < heavy
+    with caplog.at_level("INFO", logger="musicrec.metrics"):
+        got = activity_segments(events(pairs), users)
+    assert list(got) == ["light", "medium", "heavy"]
+    assert got["light"].tolist() == [1, 2, 7]
+    assert got["medium"].tolist() == [3, 4]
+    assert got["heavy"].tolist() == [5, 6]
+    assert "light <= 2 < medium <= 4 < heavy" in caplog.text
+    # terciles are of the given users: without u7, counts 1..6 -> cuts 2.667 and 4.333
+    got = activity_segments(events(pairs), np.arange(1, 7))
+    assert [len(got[s]) for s in ("light", "medium", "heavy")] == [2, 2, 2]
+
+
+# --- candidate recall --------------------------------------------------------------------------
+
+# Train: u1 heard 10, 11; u2 heard 12; u3 heard 13; u9 heard 10 (no test events).
+TRAIN_C = events([(1, 10), (1, 11), (2, 12), (3, 13), (9, 10)])
+# Test: u1 -> {20, 21, 10}, but 10 was heard in train: out of the denominator; u2 -> {30};
+# u3 -> {40, 41}; u7 is cold. Evaluated: u1, u2, u3; relevant pairs: 2 + 1 + 2 = 5.
+TEST_C = events([(1, 20), (1, 21), (1, 10), (2, 30), (3, 40), (3, 41), (7, 20)])
+# a: u1 -> 20 (hit), 10 (heard test pair: not a hit), 99; u2 -> 31; u3 -> 40 (hit); u7 ignored
+CAND_A = reco([(1, 1, 20), (1, 2, 10), (1, 3, 99), (2, 1, 31), (3, 1, 40), (7, 1, 20)])
+# b: u1 -> 21 (hit), 20 (hit, also in a); u2 -> 30 (hit); u3 -> 98
+CAND_B = reco([(1, 1, 21), (1, 2, 20), (2, 1, 30), (3, 1, 98)])
+
+
+def test_candidate_recall_by_hand() -> None:
+    got = candidate_recall({"a": CAND_A, "b": CAND_B}, TEST_C, TRAIN_C, k=3).set_index("source")
+    assert list(got.reset_index().columns) == list(CANDIDATE_COLUMNS)
+    assert list(got.index) == ["a", "b", "union"]
+    # pairs: a 3 + 1 + 1 = 5; b 2 + 1 + 1 = 4; union u1 {20, 10, 99, 21}, u2 {31, 30},
+    # u3 {40, 98} = 8 (20 of u1 is in both)
+    assert got["pairs"].tolist() == [5, 4, 8]
+    assert got["per_user"].tolist() == pytest.approx([5 / 3, 4 / 3, 8 / 3])
+    assert (got["relevant"] == 5).all()
+    # hits: a {(1, 20), (3, 40)}; b {(1, 21), (1, 20), (2, 30)}; union 4 of 5
+    assert got["hits"].tolist() == [2, 3, 4]
+    assert got["recall"].tolist() == pytest.approx([0.4, 0.6, 0.8])
+    # ceiling@3; ideal DCG of min(3, |test items|) with |test items| counting the heard one:
+    # u1 3 items -> I3, u2 1 -> 1, u3 2 -> I2
+    i2, i3 = 1 + 1 / L3, 1 + 1 / L3 + 0.5
+    assert got.loc["a", "ceiling_ndcg"] == pytest.approx((1 / i3 + 0 + 1 / i2) / 3)
+    assert got.loc["b", "ceiling_ndcg"] == pytest.approx((i2 / i3 + 1 + 0) / 3)
+    assert got.loc["union", "ceiling_ndcg"] == pytest.approx((i2 / i3 + 1 + 1 / i2) / 3)
+    # at k=1 every user has a hit in the union: a perfect ordering scores 1
+    at1 = candidate_recall({"a": CAND_A, "b": CAND_B}, TEST_C, TRAIN_C, k=1)
+    assert at1["ceiling_ndcg"].tolist() == pytest.approx([2 / 3, 2 / 3, 1.0])
+
+
+def test_candidate_recall_users_and_repeated_pairs() -> None:
+    repeated = pd.concat([CAND_A, reco([(1, 4, 20)])])  # (1, 20) listed twice counts once
+    got = candidate_recall({"a": repeated}, TEST_C, TRAIN_C, users=np.array([1, 2]), k=3)
+    # users u1, u2: relevant {(1, 20), (1, 21), (2, 30)}; a has (1, 20) -> 1 / 3
+    a = got.set_index("source").loc["a"]
+    assert (a["pairs"], a["hits"], a["relevant"]) == (4, 1, 3)
+    assert a["recall"] == pytest.approx(1 / 3)
+    assert got.set_index("source").loc["union", "pairs"] == 4
+    with pytest.raises(DataError, match="no evaluated user"):
+        candidate_recall({"a": CAND_A}, events([(9, 1)]), events([(8, 1)]))
+
+
+def _brute_candidates(
+    cands: dict[str, pd.DataFrame], test: pd.DataFrame, train: pd.DataFrame, k: int
+) -> dict[str, tuple[int, int, float]]:
+    """(pairs, hits, ceiling) per source and for the union, as a plain loop per user."""
+    heard = train.groupby("user_id").track_id.apply(set)
+    test_sets = test.groupby("user_id").track_id.apply(set)
+    users = [u for u in test_sets.index if u in heard.index]
+    sets = {name: c.groupby("user_id").track_id.apply(set) for name, c in cands.items()}
+    lists = {name: {u: s.get(u, set()) for u in users} for name, s in sets.items()}
+    lists["union"] = {u: set().union(*(lists[name][u] for name in sets)) for u in users}
+    ideal = [sum(1 / math.log2(i + 2) for i in range(n)) for n in range(k + 1)]
+    out = {}
+    for name, by_user in lists.items():
+        pairs = hits = 0
+        ceiling = 0.0
+        for u in users:
+            h = len(by_user[u] & (test_sets[u] - heard[u]))
+            pairs += len(by_user[u])
+            hits += h
+            ceiling += ideal[min(h, k)] / ideal[min(k, len(test_sets[u]))]
+        out[name] = (pairs, hits, ceiling / len(users))
+    return out
+
+
+def test_candidate_recall_matches_a_plain_loop_and_bounds_ndcg() -> None:
+    rng = np.random.default_rng(8)
+    n_users, n_tracks = 50, 60
+
+    def random_events(n: int) -> pd.DataFrame:
+        pairs = {(int(u), int(t)) for u, t in rng.integers(0, [n_users, n_tracks], (n, 2))}
+        return events(sorted(pairs))
+
+    def random_lists(every: int, length: int) -> pd.DataFrame:
+        rows = [
+            (u, rank, int(t))
+            for u in range(0, n_users, every)
+            for rank, t in enumerate(rng.choice(n_tracks, length, replace=False), start=1)
+        ]
+        return reco(rows)
+
+    train, test = random_events(700), random_events(400)
+    cands = {"x": random_lists(1, 15), "y": random_lists(2, 25)}
+    got = candidate_recall(cands, test, train, k=5).set_index("source")
+    expected = _brute_candidates(cands, test, train, k=5)
+    n_relevant = sum(
+        len(set(g.track_id) - set(train.track_id[train.user_id == u]))
+        for u, g in test.groupby("user_id")
+        if u in set(train.user_id)
+    )
+    for name, (pairs, hits, ceiling) in expected.items():
+        assert got.loc[name, "pairs"] == pairs, name
+        assert got.loc[name, "hits"] == hits, name
+        assert got.loc[name, "recall"] == pytest.approx(hits / n_relevant), name
+        assert got.loc[name, "ceiling_ndcg"] == pytest.approx(ceiling), name
+    assert got.loc["union", "recall"] > max(got.loc["x", "recall"], got.loc["y", "recall"])
+    # any ordering of x's candidates (heard tracks dropped) scores at most the ceiling
+    x = cands["x"].merge(train, on=["user_id", "track_id"], how="left", indicator=True)
+    x = x[x["_merge"] == "left_only"].drop(columns="_merge")
+    x["rank"] = x.groupby("user_id").cumcount() + 1
+    ndcg = evaluate({"x": x}, test, train, n_items=n_tracks, ks=(5,))["ndcg"].iloc[0]
+    assert 0 < ndcg <= got.loc["x", "ceiling_ndcg"]

@@ -27,7 +27,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict]:
     generate("tiny", root / "data", seed=5)
     prepare_files(root / "data", root / "parquet")
     settings = Settings(data_dir=root / "data", parquet_dir=root / "parquet", als_factors=16,
-                        als_iterations=5, ranker_iterations=30, n_similar=20, threads=2, seed=5)
+                        als_iterations=5, ranker_iterations=30, n_similar=20, threads=2, seed=5,
+                        search_trials=2, ease_max_items=300, bootstrap=50,
+                        ranker_min_positives=20)
     return settings, pipeline.run_all(settings)
 
 
@@ -38,19 +40,20 @@ def test_every_artefact_with_its_schema(built: tuple[Settings, dict]) -> None:
         table = pq.read_table(parquet / name)
         assert table.schema.equals(schema, check_metadata=False), name
         assert table.num_rows > 0, name
-    for name in (io.RANKER_MODEL, io.METRICS, io.METRICS_PNG, io.MANIFEST):
+    for name in (io.METRICS, io.CANDIDATE_RECALL, io.METRICS_PNG, io.MANIFEST):
         assert (parquet / name).stat().st_size > 0, name
+    served_by_ranker = io.read_json(parquet / io.MANIFEST)["selection"]["winner"] == "ranker"
+    assert (parquet / io.RANKER_MODEL).exists() == served_by_ranker
     assert not list(parquet.glob(".staging-*"))
 
 
-def test_lists_are_sorted_unheard_and_cover_users_with_history(
+def test_served_lists_are_sorted_unheard_and_cover_every_user_of_the_whole_log(
     built: tuple[Settings, dict],
 ) -> None:
-    settings, manifest = built
+    """What is served is refitted on every event, the test period included."""
+    settings, _ = built
     parquet = Path(settings.parquet_dir)
-    events = io.read_events(parquet / io.EVENTS)
-    test_start = io.date_to_day(manifest["split"]["test_start"])
-    history = events[events["day"] < test_start]
+    history = io.read_events(parquet / io.EVENTS)
     recs = pd.read_parquet(parquet / io.RECOMMENDATIONS)
     assert set(recs["user_id"]) == set(history["user_id"])
     assert recs.groupby("user_id")["rank"].max().max() <= settings.n_recommendations
@@ -78,8 +81,28 @@ def test_manifest_records_the_run(built: tuple[Settings, dict]) -> None:
         assert entry["rows"] == pq.ParquetFile(parquet / name).metadata.num_rows
         assert entry["bytes"] == (parquet / name).stat().st_size
     sources = {row["source"] for row in on_disk["metrics"]}
-    assert {"top_popular", "als", "ranker"} <= sources
+    assert {"popular", "als", "item_knn", "ease", "artist", "served"} <= sources
     assert {row["k"] for row in on_disk["metrics"]} == set(settings.eval_k)
+    assert set(on_disk["search"]) == set(settings.sources)
+    assert all(len(choice["trials"]) == 2 for choice in on_disk["search"].values())
+    selection = on_disk["selection"]
+    scores = selection["ndcg@10"]
+    assert selection["winner"] == max(scores, key=lambda name: scores[name]["ndcg"])
+    assert scores[selection["winner"]]["ndcg"] >= scores["popular"]["ndcg"]
+
+
+def test_the_report_scores_the_served_list_with_intervals(built: tuple[Settings, dict]) -> None:
+    settings, manifest = built
+    metrics = pd.read_parquet(Path(settings.parquet_dir) / io.METRICS)
+    all_users = metrics[metrics["segment"] == "all"].set_index(["source", "k"])
+    winner = manifest["selection"]["winner"]
+    served = all_users.loc[("served", 10)]
+    assert served["ndcg"] == all_users.loc[(winner, 10), "ndcg"]
+    assert served["ndcg_low"] <= served["ndcg"] <= served["ndcg_high"]
+    assert {"light", "medium", "heavy"} <= set(metrics["segment"])
+    recall = pd.read_parquet(Path(settings.parquet_dir) / io.CANDIDATE_RECALL)
+    union = recall.set_index("source").loc["union", "recall"]
+    assert union >= recall.set_index("source").drop("union")["recall"].max()
 
 
 def test_a_failed_run_leaves_the_previous_set(
@@ -104,9 +127,9 @@ def test_a_failed_run_leaves_the_previous_set(
 def test_a_single_stage_runs_alone(built: tuple[Settings, dict]) -> None:
     settings, _ = built
     parquet = Path(settings.parquet_dir)
-    pipeline.run_stage("popular", settings)
+    pipeline.run_stage("serve", settings)
     top = pd.read_parquet(parquet / io.TOP_POPULAR)
     assert top["rank"].tolist() == list(range(1, len(top) + 1))
-    assert io.read_json(parquet / io.MANIFEST)["run_id"].startswith("stage-popular")
+    assert io.read_json(parquet / io.MANIFEST)["run_id"].startswith("stage-serve")
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.run_stage("nope", settings)

@@ -1,27 +1,36 @@
-"""Candidates and features on a hand-built context: no duplicate pairs, no label/test data,
-hand-computed feature values; training pairs and final lists."""
+"""The ranker's candidates and features on a hand-built history (no duplicate pairs, nothing
+heard, hand-computed values), its training pairs, and the final lists."""
+
+from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from musicrec.features import build_history
-from musicrec.popular import top_popular
 from musicrec.ranker import (
-    FEATURES,
-    MISSING_RANK,
-    build_context,
+    TrackFeatures,
     candidates,
-    rank_users,
+    feature_names,
+    rank,
     train_ranker,
-    training_frame,
+    training_set,
 )
+from musicrec.selection import Truth
 from musicrec.settings import Settings
+from musicrec.sources import TrainData, make_source
 
-SETTINGS = Settings(n_similar_candidates=5, n_popular_candidates=2, ranker_recent_tracks=2,
-                    popular_window_days=5, ranker_negatives=1, ranker_iterations=5,
-                    n_recommendations=2, threads=1, seed=3)
-CUTOFF = 110  # history = days before 110; the label period starts on day 110
+SETTINGS = Settings(n_candidates=3, ranker_negatives=1, ranker_iterations=20,
+                    ranker_min_positives=1, threads=1, seed=3)
+CUTOFF = 20
+
+# user 1: tracks 10, 11 (artist 100), 20 (artist 200); users 2..5 make tracks popular
+HISTORY = [(1, 10, 15), (1, 11, 16), (1, 20, 17),
+           (2, 12, 18), (3, 12, 18), (4, 13, 18), (2, 22, 18), (3, 22, 18), (5, 30, 19),
+           (5, 10, 19)]
+ARTISTS = {10: [100], 11: [100], 12: [100], 13: [100], 20: [200], 22: [200], 30: [300]}
+LATER = [(1, 12, 21), (1, 30, 22), (2, 10, 21), (5, 99, 21)]  # 99: unknown track
 
 
 def frame(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
@@ -31,116 +40,107 @@ def frame(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
                          "day": np.array(day, np.int16)})
 
 
-HISTORY = frame([(1, 10, 100), (1, 11, 101), (1, 12, 105),
-                 (2, 10, 102), (2, 13, 108),
-                 (3, 14, 109)])
-# label period: 15 is first heard here; user 3 listens to a track that is not its candidate
-LABEL = frame([(1, 13, 110), (1, 15, 111), (2, 11, 112), (3, 11, 113)])
-ITEMS = pd.DataFrame({
-    "track_id": np.array([10, 11, 12, 13, 14, 15], np.int32),
-    "genre_ids": [[1], [1, 2], [2], [1], [3], [1]],
-    "artist_ids": [[100], [100], [101], [102], [103], [100]],
-})
-ALS_CANDIDATES = pd.DataFrame({
-    "user_id": np.array([1, 1, 2, 2, 3], np.int32),
-    "track_id": np.array([13, 14, 11, 12, 10], np.int32),
-    "score": np.array([0.9, 0.8, 0.7, 0.6, 0.5], np.float32),
-    "rank": np.array([1, 2, 1, 2, 1], np.int16),
-})
-SIMILAR = pd.DataFrame({
-    "track_id": np.array([10, 10, 11, 11, 12, 13, 14], np.int32),
-    "similar_track_id": np.array([11, 13, 10, 13, 14, 10, 12], np.int32),
-    "score": np.array([0.9, 0.5, 0.9, 0.4, 0.3, 0.5, 0.3], np.float32),
-    "rank": np.array([1, 2, 1, 2, 1, 1, 1], np.int16),
-})
-USER_FACTORS = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)  # users 1, 2, 3
-ITEM_FACTORS = np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8], [0.9, 1.0]],
-                        np.float32)  # tracks 10..14
+@pytest.fixture(scope="module")
+def fitted() -> tuple[TrainData, dict]:
+    ids = sorted(ARTISTS)
+    items = pa.table({"track_id": pa.array(ids, pa.int32()),
+                      "artist_ids": pa.array([ARTISTS[i] for i in ids], pa.list_(pa.int64())),
+                      "genre_ids": pa.array([[1] if i < 20 else [2] for i in ids],
+                                            pa.list_(pa.int64()))})
+    data = TrainData.build(build_history(frame(HISTORY), CUTOFF), items)
+    sources = {"popular": make_source("popular", SETTINGS, {"window": None}).fit(data),
+               "artist": make_source("artist", SETTINGS, {"window": None, "per_artist": 30})
+               .fit(data)}
+    return data, sources
 
 
-def context():
-    history = build_history(HISTORY, CUTOFF)
-    popular = top_popular(HISTORY, SETTINGS.popular_window_days, CUTOFF - 1)
-    return build_context(history, USER_FACTORS, ITEM_FACTORS, history.users.ids,
-                         history.tracks.ids, ALS_CANDIDATES, SIMILAR, popular, ITEMS, SETTINGS)
+def test_union_without_duplicates_or_heard_tracks(fitted: tuple[TrainData, dict]) -> None:
+    data, sources = fitted
+    users = np.arange(data.history.n_users, dtype=np.int64)
+    cand = candidates(data, sources, TrackFeatures.build(data), users, 3)
+    keys = cand.local.astype(np.int64) * data.history.n_tracks + cand.tracks
+    assert np.unique(keys).size == keys.size
+    h = data.history
+    heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
+                    h.track_codes.tolist(), strict=True))
+    assert not any((int(users[u]), int(t)) in heard
+                   for u, t in zip(cand.local, cand.tracks, strict=True))
+    assert list(cand.features.columns) == feature_names(sources)
+    assert len(cand.features) == keys.size
 
 
-def pairs_of(batch, ctx) -> pd.DataFrame:
-    out = batch.features.copy()
-    out.insert(0, "user_id", ctx.history.users.ids[batch.users[batch.local]])
-    out.insert(1, "track_id", ctx.history.tracks.ids[batch.track_codes])
-    return out.set_index(["user_id", "track_id"])
+def test_features_hand_computed(fitted: tuple[TrainData, dict]) -> None:
+    data, sources = fitted
+    h = data.history
+    user = h.users.codes(np.array([1])).astype(np.int64)
+    cand = candidates(data, sources, TrackFeatures.build(data), user, 3)
+    got = pd.DataFrame(cand.features).assign(track=h.tracks.ids[cand.tracks]).set_index("track")
+    # popular (all-time listeners): 10 (2, heard), 12 (2), 22 (2), 11/13/20/30 (1); user 1
+    # heard 10, 11, 20
+    assert got.loc[12, "popular_rank"] == 1 and got.loc[22, "popular_rank"] == 2
+    assert got.loc[12, "popular_norm"] == pytest.approx(1.0)
+    # artist: 12 = 2/3 log1p(2), 13 = 2/3 log1p(1), 22 = 1/3 log1p(2): 12, 13, 22
+    assert got.loc[12, "artist_rank"] == 1 and got.loc[13, "artist_rank"] == 2
+    assert got.loc[13, "popular_rank"] == 3  # ties (1 listener) by track id: 13 before 30
+    assert 30 not in got.index  # fourth for popular, not by a played artist
+    assert got.loc[12, "n_sources"] == 2
+    assert got.loc[12, "artist_share"] == pytest.approx(2 / 3)
+    assert got.loc[22, "artist_share"] == pytest.approx(1 / 3)
+    assert got.loc[12, "genre_share"] == pytest.approx(2 / 3)  # genre 1: tracks 10, 11
+    assert got.loc[12, "track_listeners"] == pytest.approx(np.log1p(2))
+    # artist 100 by recent listeners (last 2 days: 18, 19): 12 (2), 10 (1), 13 (1), 11 (0)
+    assert got.loc[12, "track_rank_in_artist"] == 1
+    assert got.loc[13, "track_rank_in_artist"] == 3
+    assert got.loc[12, "user_events"] == 3
+    assert got.loc[12, "user_days_since_last"] == CUTOFF - 17
+    assert got.loc[12, "user_days_active_span"] == 3
 
 
-def test_candidates_union_without_duplicates_or_heard_tracks() -> None:
-    ctx = context()
-    pairs = pairs_of(candidates(ctx, np.arange(3), SETTINGS), ctx)
-    assert pairs.index.is_unique
-    assert sorted(pairs.index) == [(1, 13), (1, 14), (2, 11), (2, 12), (2, 14),
-                                   (3, 10), (3, 12), (3, 13)]
-    heard = set(zip(HISTORY["user_id"], HISTORY["track_id"], strict=True))
-    assert not heard & set(pairs.index)
+def test_truth_keeps_unheard_known_tracks_only(fitted: tuple[TrainData, dict]) -> None:
+    data, _ = fitted
+    truth = Truth.build(data.history, frame(LATER))
+    h = data.history
+    # user 1: 12 and 30 (both unheard); user 2: 10 (unheard); user 5: only an unknown track
+    np.testing.assert_array_equal(h.users.ids[truth.users], [1, 2])
+    np.testing.assert_array_equal(truth.counts, [2, 1])
 
 
-def test_features_hand_computed() -> None:
-    ctx = context()
-    pairs = pairs_of(candidates(ctx, np.arange(3), SETTINGS), ctx)
-    row = pairs.loc[(1, 13)]
-    assert row["als_score"] == pytest.approx(0.7)  # (1, 0) . (0.7, 0.8)
-    assert row["als_rank"] == 1
-    assert row["sim_score"] == pytest.approx(0.4)  # recent 11 -> 13 (0.4); 12 does not point
-    assert (row["sim_count"], row["sim_max"], row["sim_rank"]) == (1, pytest.approx(0.4), 1)
-    # popularity over days 105..109: 12, 13, 14 one listener each; then 10 (2), 11 (1)
-    assert row["pop_rank"] == 2
-    assert (row["track_listeners"], row["track_recent_listeners"], row["track_trend"]) == (1, 1, 1)
-    assert row["track_age_days"] == 2  # first heard on day 108
-    assert row["genre_share"] == pytest.approx(2 / 3)  # genre 1: tracks 10 and 11 of 3
-    assert row["artist_share"] == 0
-    assert (row["user_events"], row["user_days"], row["user_recent_events"]) == (3, 3, 1)
-    assert row["user_days_since_last"] == 5
-    assert row["n_sources"] == 3
-    # (2, 11): ALS and similar (recent 10 -> 11, 0.9), not popular enough for user 2's top 2
-    row = pairs.loc[(2, 11)]
-    assert (row["als_rank"], row["sim_score"], row["n_sources"]) == (1, pytest.approx(0.9), 2)
-    assert row["pop_rank"] == 5
-    assert row["genre_share"] == pytest.approx(1.0)  # user 2: genre 1 in both tracks (max)
-    assert row["artist_share"] == pytest.approx(0.5)  # artist 100 (track 10) of 2 tracks
-    # (3, 13): only popular
-    row = pairs.loc[(3, 13)]
-    assert (row["als_rank"], row["sim_rank"], row["sim_score"]) == (MISSING_RANK, MISSING_RANK, 0)
-    assert row["als_score"] == pytest.approx(1.5)
+def test_training_pairs_keep_positive_users_and_sample_negatives(
+        fitted: tuple[TrainData, dict]) -> None:
+    data, sources = fitted
+    truth = Truth.build(data.history, frame(LATER))
+    train = training_set(data, sources, truth, SETTINGS)
+    # each user with a positive keeps its positives and ranker_negatives (1) per positive
+    assert train.target.sum() >= 1
+    for user in np.unique(train.group):
+        target = train.target[train.group == user]
+        assert (target == 0).sum() <= SETTINGS.ranker_negatives * target.sum()
+    assert np.all(np.diff(train.group) >= 0)  # grouped by user
 
 
-def test_features_do_not_see_the_label_period() -> None:
-    ctx = context()
-    assert 15 not in ctx.history.tracks.ids  # first heard in the label period: no candidate
-    pairs = pairs_of(candidates(ctx, np.arange(3), SETTINGS), ctx)
-    # 13 is heard again in the label period, but its popularity is the history's
-    assert pairs.loc[(1, 13), "track_listeners"] == 1
-    assert pairs["user_days_since_last"].min() >= 1
-    assert (pairs["track_age_days"] >= 1).all()
+def test_no_ranker_without_enough_positives(fitted: tuple[TrainData, dict]) -> None:
+    data, sources = fitted
+    truth = Truth.build(data.history, frame(LATER))
+    train = training_set(data, sources, truth, SETTINGS)
+    strict = SETTINGS.model_copy(update={"ranker_min_positives": 1000})
+    assert train_ranker(train, train, strict) is None
 
 
-def test_training_pairs_drop_users_without_positives_and_sample_negatives() -> None:
-    ctx = context()
-    features, target, groups = training_frame(ctx, LABEL, SETTINGS)
-    users = ctx.history.users.ids[groups]
-    # user 3's label listen (11) is not among its candidates: dropped; one negative per positive
-    assert sorted(users.tolist()) == [1, 1, 2, 2]
-    assert target.sum() == 2
-    assert list(features.columns) == FEATURES
-    for user in (1, 2):
-        assert target[users == user].tolist().count(1) == 1
-
-
-def test_final_lists_are_unheard_ranked_and_capped() -> None:
-    ctx = context()
-    features, target, _ = training_frame(ctx, LABEL, SETTINGS)
-    model = train_ranker(features, target, SETTINGS)
-    recs, similar_recent = rank_users(ctx, model, SETTINGS)
-    assert recs["user_id"].tolist() == [1, 1, 2, 2, 3, 3]
-    assert recs["rank"].tolist() == [1, 2] * 3
-    heard = set(zip(HISTORY["user_id"], HISTORY["track_id"], strict=True))
-    assert not heard & set(zip(recs["user_id"], recs["track_id"], strict=True))
-    assert recs.groupby("user_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
-    assert similar_recent[similar_recent["user_id"] == 1]["track_id"].tolist() == [13, 14]
+def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict]) -> None:
+    data, sources = fitted
+    truth = Truth.build(data.history, frame(LATER))
+    train = training_set(data, sources, truth, SETTINGS.model_copy(update={
+        "ranker_negatives": 5}))
+    model = train_ranker(train, train, SETTINGS)
+    assert model is not None
+    users = np.arange(data.history.n_users, dtype=np.int64)
+    lists = rank(model, data, sources, users, 2, 3)
+    assert np.all(np.diff(lists.indptr) <= 2)
+    local = lists.local()
+    same = local[1:] == local[:-1]
+    assert np.all(lists.scores[1:][same] <= lists.scores[:-1][same])
+    h = data.history
+    heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
+                    h.track_codes.tolist(), strict=True))
+    assert not any((int(users[u]), int(t)) in heard
+                   for u, t in zip(local, lists.tracks, strict=True))

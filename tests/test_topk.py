@@ -1,21 +1,16 @@
 """IVF top-k: exact when every cluster is probed, the heard filter, the short-list fallback,
-the cosine variant for similar tracks, and the warm-started ALS fit."""
+and the cosine variant for similar tracks."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from musicrec import als as als_module
-from musicrec.als import (
-    _carried_factors,
-    als_from_factors,
-    fit_als_history,
-    item_index,
-    recommend_codes,
-)
-from musicrec.features import IdIndex, build_history
+from musicrec.als import als_from_factors, item_index, recommend_codes
+from musicrec.features import build_history
 from musicrec.settings import Settings
 from musicrec.similar import similar_tracks
+from musicrec.sources import TrainData, make_source
 from musicrec.topk import IvfIndex, default_nlist
 
 
@@ -76,8 +71,10 @@ def model_with_history(n_users: int = 30, n_tracks: int = 200, seed: int = 5):
     events = pd.DataFrame({"user_id": users, "track_id": (tracks + 1000).astype(np.int32),
                            "day": np.full(users.size, 50, np.int16)})
     history = build_history(events, cutoff=51)
-    settings = Settings(als_factors=6, als_iterations=3, threads=1, seed=3)
-    return fit_als_history(history, settings), history
+    settings = Settings(als_iterations=3, threads=1, seed=3, topk_method="exact")
+    params = {"factors": 6, "regularization": 0.1, "alpha": 4.0, "half_life": None}
+    source = make_source("als", settings, params).fit(TrainData.build(history, None))
+    return source.model, history
 
 
 def test_ann_recommendations_equal_exact_ones_when_every_cluster_is_probed() -> None:
@@ -128,25 +125,3 @@ def test_similar_tracks_with_a_full_probe_index_equal_exact_ones() -> None:
                                   exact[["track_id", "similar_track_id", "rank"]])
     np.testing.assert_allclose(approx["score"], exact["score"], atol=1e-5)
     assert (approx["track_id"] != approx["similar_track_id"]).all()
-
-
-def test_carried_factors_keep_known_rows_and_start_new_ones_small() -> None:
-    known = IdIndex(np.array([10, 20, 30]))
-    factors = np.array([[1, 1], [2, 2], [3, 3]], np.float32)
-    out = _carried_factors(factors, known, np.array([5, 20, 30, 40]), np.random.default_rng(0))
-    np.testing.assert_array_equal(out[1:3], [[2, 2], [3, 3]])
-    assert np.all((out[[0, 3]] >= 0) & (out[[0, 3]] < 0.01))
-    with pytest.raises(ValueError, match="do not match"):
-        _carried_factors(factors[:2], known, np.array([10]), np.random.default_rng(0))
-
-
-def test_warm_start_continues_from_the_previous_factors() -> None:
-    model, history = model_with_history()
-    settings = Settings(als_factors=6, als_iterations=3, threads=1, seed=3)
-    more = fit_als_history(history, settings, warm_start=model, iterations=1)
-    cold_one = fit_als_history(history, settings, iterations=1)
-    assert more.model.iterations == 1
-    # one iteration from the fitted factors stays near them; one from random noise does not
-    drift = np.abs(more.model.item_factors - model.model.item_factors).mean()
-    cold = np.abs(cold_one.model.item_factors - model.model.item_factors).mean()
-    assert drift < cold

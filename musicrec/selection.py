@@ -1,0 +1,142 @@
+"""Choosing by validation: the label period inside the training data scores every trial.
+
+``Truth`` holds, for a sample of users, what they listened to in the validation period among
+the tracks the history knows and they had not heard (the only tracks a list can hit).
+``search`` fits each source's configurations in turn (the plain default first) within a
+trial count and a time budget and keeps the one with the best NDCG@k on those users.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from musicrec.columns import Columns as C
+from musicrec.features import History
+from musicrec.settings import Settings
+from musicrec.sources import HeardFilter, Lists, Source, TrainData, join_lists, make_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Truth:
+    """Validation listens of ``users`` (sorted history user codes): sorted keys
+    ``local * n_tracks + track code`` and the count per user."""
+
+    users: np.ndarray
+    keys: np.ndarray
+    counts: np.ndarray
+    n_tracks: int
+
+    @classmethod
+    def build(cls, history: History, later: pd.DataFrame) -> Truth:
+        """Listens in ``later`` (events after the history's cut-off) of users with history, on
+        known tracks they had not heard before; users left without one are dropped."""
+        u = history.users.codes(later[C.user].to_numpy())
+        t = history.tracks.codes(later[C.track].to_numpy())
+        ok = (u >= 0) & (t >= 0)
+        n_tracks = history.n_tracks
+        keys = np.unique(u[ok].astype(np.int64) * n_tracks + t[ok])
+        users = np.unique(keys // n_tracks)
+        local = np.searchsorted(users, keys // n_tracks)
+        unheard = HeardFilter(history, users).unheard(local, keys % n_tracks)
+        keys, local = keys[unheard], local[unheard]
+        kept = np.unique(local)
+        local = np.searchsorted(kept, local)
+        return cls(users[kept], local * n_tracks + keys % n_tracks,
+                   np.bincount(local, minlength=kept.size), n_tracks)
+
+    def subset(self, rows: np.ndarray) -> Truth:
+        """The truth of ``self.users[rows]`` (``rows`` sorted, unique)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        local = self.keys // self.n_tracks
+        new = np.full(self.users.size, -1, dtype=np.int64)
+        new[rows] = np.arange(rows.size)
+        keep = new[local] >= 0
+        keys = new[local[keep]] * self.n_tracks + self.keys[keep] % self.n_tracks
+        return Truth(self.users[rows], keys, self.counts[rows], self.n_tracks)
+
+    def hits(self, lists: Lists) -> np.ndarray:
+        """Whether each list entry is a validation listen."""
+        keys = lists.local().astype(np.int64) * self.n_tracks + lists.tracks
+        if not self.keys.size:
+            return np.zeros(keys.size, dtype=bool)
+        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        return self.keys[pos] == keys
+
+
+def ndcg_per_user(lists: Lists, truth: Truth, k: int = 10) -> np.ndarray:
+    """NDCG@k of each truth user's list (binary relevance, ideal = min(k, listens) hits)."""
+    top = lists.head(k)
+    gain = truth.hits(top) / np.log2(top.ranks() + 1.0)
+    dcg = np.bincount(top.local(), weights=gain, minlength=truth.users.size)
+    ideal = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))]
+    return dcg / ideal[np.minimum(truth.counts, k)]
+
+
+def recommend_batched(source: Source, users: np.ndarray, n: int, batch: int = 4096) -> Lists:
+    """``source.recommend`` over batches of users, joined into one ``Lists``."""
+    return join_lists([source.recommend(users[start:start + batch], n)
+                       for start in range(0, users.size, batch)])
+
+
+@dataclass
+class Trial:
+    source: str
+    params: dict[str, Any]
+    ndcg: float
+    seconds: float
+
+
+@dataclass
+class Choice:
+    """The configuration kept for one source and every trial that led to it."""
+
+    source: str
+    params: dict[str, Any]
+    ndcg: float
+    trials: list[Trial] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def search(
+    data: TrainData, truth: Truth, settings: Settings, names: list[str] | None = None
+) -> dict[str, Choice]:
+    """The best configuration of each source by NDCG@10 on ``truth``'s users.
+
+    Each source tries up to ``settings.search_trials`` configurations of its space in order
+    (its plain default first); once ``settings.search_seconds`` have passed, every source
+    still runs its first configuration and nothing more.
+    """
+    names = list(settings.sources if names is None else names)
+    started = time.perf_counter()
+    choices: dict[str, Choice] = {}
+    for name in names:
+        space = make_source(name, settings, {}).space(settings)
+        trials: list[Trial] = []
+        for params in space[: max(settings.search_trials, 1)]:
+            if trials and time.perf_counter() - started > settings.search_seconds:
+                log.info("search: time budget of %.0f s spent, %s stops after %d trials",
+                         settings.search_seconds, name, len(trials))
+                break
+            t0 = time.perf_counter()
+            source = make_source(name, settings, params).fit(data)
+            lists = recommend_batched(source, truth.users, 10)
+            score = float(ndcg_per_user(lists, truth).mean())
+            trials.append(Trial(name, params, score, round(time.perf_counter() - t0, 2)))
+            log.info("search %s %s: NDCG@10 %.4f (%.1f s)", name, params, score,
+                     trials[-1].seconds)
+            del source
+        best = max(trials, key=lambda trial: trial.ndcg)
+        choices[name] = Choice(name, best.params, best.ndcg, trials)
+        log.info("search %s: kept %s (NDCG@10 %.4f of %d trials)", name, best.params,
+                 best.ndcg, len(trials))
+    return choices

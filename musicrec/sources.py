@@ -1,0 +1,487 @@
+"""Candidate sources: named models that give each user a ranked list of unheard tracks.
+
+A source is fitted on a ``TrainData`` (a history of events before a cut-off, with the
+catalogue's artists) and answers, for a batch of that history's user codes, grouped arrays
+(``Lists``: indptr, track codes, scores; best first, unheard, no duplicates). The pipeline,
+the search and the ranker loop over ``SOURCES``: a new source is one class here and one entry
+in that dict, and its ranker features are named after it.
+
+Every source has a search space (``space``): its first configuration is the plain default,
+the others are what validation may prefer. Values that depend on time (recency half-lives,
+popularity windows) are fractions of the history's span and never finer than its date
+granularity, so a six-year log with month-granular dates gets sensible candidates too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+from implicit.cpu.als import AlternatingLeastSquares
+from implicit.nearest_neighbours import ItemItemRecommender, bm25_weight, normalize
+from threadpoolctl import threadpool_limits
+
+from musicrec.als import AlsModel, item_index, recommend_codes
+from musicrec.columns import Columns as C
+from musicrec.features import History, IdIndex, gather_rows, top_k_per_group
+from musicrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The last events of a user that item-to-item sources score from (older ones weigh ~0 with
+# any useful half-life; the cap bounds the cost of a heavy listener's sparse product).
+KNN_MAX_HISTORY = 500
+
+
+# --- lists ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lists:
+    """Ranked lists of a batch of users: ``tracks[indptr[i]:indptr[i + 1]]`` is the list of
+    the batch's i-th user, best first."""
+
+    indptr: np.ndarray  # int64, n_users + 1
+    tracks: np.ndarray  # int32 track codes
+    scores: np.ndarray  # float32
+
+    @property
+    def n_users(self) -> int:
+        return self.indptr.size - 1
+
+    def local(self) -> np.ndarray:
+        """The batch row of each entry."""
+        return np.repeat(np.arange(self.n_users, dtype=np.int32), np.diff(self.indptr))
+
+    def ranks(self) -> np.ndarray:
+        """1-based position of each entry in its list."""
+        return (np.arange(self.tracks.size) - np.repeat(self.indptr[:-1], np.diff(self.indptr))
+                + 1).astype(np.int32)
+
+    def head(self, n: int) -> Lists:
+        """The first ``n`` entries of each list."""
+        keep = self.ranks() <= n
+        lengths = np.minimum(np.diff(self.indptr), n)
+        indptr = np.zeros_like(self.indptr)
+        np.cumsum(lengths, out=indptr[1:])
+        return Lists(indptr, self.tracks[keep], self.scores[keep])
+
+    @classmethod
+    def from_flat(cls, n_users: int, local: np.ndarray, tracks: np.ndarray,
+                  scores: np.ndarray) -> Lists:
+        """From entries already grouped by ``local`` (ascending) and best first."""
+        indptr = np.zeros(n_users + 1, dtype=np.int64)
+        np.cumsum(np.bincount(local, minlength=n_users), out=indptr[1:])
+        return cls(indptr, np.asarray(tracks, np.int32), np.asarray(scores, np.float32))
+
+    @classmethod
+    def best(cls, n_users: int, local: np.ndarray, tracks: np.ndarray, scores: np.ndarray,
+             n: int) -> Lists:
+        """The ``n`` best (local, track, score) entries of each user, ties by track code."""
+        top, _ = top_k_per_group(np.asarray(local), np.asarray(scores, np.float32), n,
+                                 tiebreak=np.asarray(tracks))
+        return cls.from_flat(n_users, np.asarray(local)[top], np.asarray(tracks)[top],
+                             np.asarray(scores)[top])
+
+
+def join_lists(parts: list[Lists]) -> Lists:
+    """Lists of consecutive batches of users as one ``Lists``."""
+    if not parts:
+        return Lists(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    lengths = np.concatenate([np.diff(p.indptr) for p in parts])
+    indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return Lists(indptr, np.concatenate([p.tracks for p in parts]),
+                 np.concatenate([p.scores for p in parts]))
+
+
+class HeardFilter:
+    """Which (batch row, track code) pairs a batch of users has already heard."""
+
+    def __init__(self, history: History, users: np.ndarray) -> None:
+        positions, local = gather_rows(history.indptr, users)
+        self.n_tracks = history.n_tracks
+        self.keys = np.unique(local.astype(np.int64) * self.n_tracks
+                              + history.track_codes[positions])
+
+    def unheard(self, local: np.ndarray, tracks: np.ndarray) -> np.ndarray:
+        keys = np.asarray(local, np.int64) * self.n_tracks + tracks
+        if not self.keys.size:
+            return np.ones(keys.size, dtype=bool)
+        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
+        return self.keys[pos] != keys
+
+
+def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int) -> Lists:
+    """Top-``n`` unheard positive entries of each row of a batch x tracks score matrix."""
+    coo = scores.tocoo()
+    keep = (coo.data > 0) & heard.unheard(coo.row, coo.col)
+    return Lists.best(scores.shape[0], coo.row[keep].astype(np.int32),
+                      coo.col[keep].astype(np.int32), coo.data[keep].astype(np.float32), n)
+
+
+# --- what sources are fitted on ------------------------------------------------------------
+
+
+def _granularity_days(days: np.ndarray) -> int:
+    """The typical gap between consecutive distinct event days: 1 for daily dates, ~30 for
+    month-granular ones."""
+    distinct = np.unique(days)
+    if distinct.size < 2:
+        return 1
+    return max(int(np.median(np.diff(distinct))), 1)
+
+
+def _attribute_matrix(items: pa.Table | None, column: str, tracks: IdIndex) -> sp.csr_matrix:
+    """tracks x attribute 0/1 matrix from a list column of the catalogue (no per-row Python)."""
+    if items is None or column not in items.column_names:
+        return sp.csr_matrix((len(tracks), 1), dtype=np.float32)
+    lists = items.column(column).combine_chunks()
+    codes = tracks.codes(items.column(C.track).to_numpy())
+    offsets = lists.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    if lists.null_count:
+        lengths = np.where(lists.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    starts = np.repeat(offsets[:-1], lengths)
+    values = lists.values.to_numpy()[starts + _ranges(lengths)] if lengths.sum() else \
+        np.zeros(0, np.int64)
+    rows = np.repeat(codes, lengths)
+    keep = rows >= 0
+    rows, values = rows[keep], values[keep]
+    attr = IdIndex.from_values(values) if values.size else IdIndex(np.zeros(0, np.int64))
+    matrix = sp.csr_matrix((np.ones(values.size, np.float32), (rows, attr.codes(values))),
+                           shape=(len(tracks), max(len(attr), 1)))
+    matrix.data[:] = 1.0  # an attribute repeated in one list counts once
+    return matrix
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n in ``lengths``, concatenated."""
+    starts = np.zeros(lengths.size, dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
+
+
+@dataclass
+class TrainData:
+    """A history and what every source may derive from it (built once per cut-off)."""
+
+    history: History
+    artists: sp.csr_matrix  # tracks x artists, 0/1
+    genres: sp.csr_matrix  # tracks x genres, 0/1
+    granularity: int  # days between consecutive distinct dates (1 daily, ~30 monthly)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, history: History, items: pa.Table | None) -> TrainData:
+        return cls(history, _attribute_matrix(items, C.artist_ids, history.tracks),
+                   _attribute_matrix(items, C.genre_ids, history.tracks),
+                   _granularity_days(history.days))
+
+    def window(self, fraction: float | None) -> int | None:
+        """A window of ``fraction`` of the span in days, at least two date steps; None = all."""
+        if fraction is None:
+            return None
+        return max(int(round(self.history.span_days * fraction)), 2 * self.granularity)
+
+    def binary(self) -> sp.csr_matrix:
+        """users x tracks, 1 where heard (cached)."""
+        if "binary" not in self._cache:
+            matrix = self.history.matrix()
+            matrix.data[:] = 1.0
+            self._cache["binary"] = matrix
+        return self._cache["binary"]
+
+    def listeners(self, window_days: int | None = None) -> np.ndarray:
+        """Distinct listeners per track code, in the last ``window_days`` (None = all)."""
+        key = ("listeners", window_days)
+        if key not in self._cache:
+            h = self.history
+            if window_days is None:
+                counts = np.bincount(self.binary().indices, minlength=h.n_tracks)
+            else:
+                recent = np.flatnonzero(h.days >= h.cutoff - window_days)
+                users = np.searchsorted(h.indptr, recent, side="right") - 1
+                pairs = np.unique(users.astype(np.int64) * h.n_tracks + h.track_codes[recent])
+                counts = np.bincount(pairs % h.n_tracks, minlength=h.n_tracks)
+            self._cache[key] = counts.astype(np.float32)
+        return self._cache[key]
+
+
+# --- the sources ------------------------------------------------------------------------------
+
+
+class Source:
+    """A candidate source. Subclasses set ``name``, implement ``space``, ``fit`` and
+    ``recommend``; ``pair_scores`` and ``similar`` are optional."""
+
+    name: ClassVar[str]
+
+    def __init__(self, settings: Settings, **params: Any) -> None:
+        self.settings = settings
+        self.params = params
+        self.data: TrainData | None = None
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
+
+    @classmethod
+    def space(cls, settings: Settings) -> list[dict[str, Any]]:
+        """Configurations to try, the plain default first."""
+        raise NotImplementedError
+
+    def fit(self, data: TrainData) -> Source:
+        raise NotImplementedError
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        """Top-``n`` unheard tracks of each user code in ``users`` (sorted, unique)."""
+        raise NotImplementedError
+
+    def pair_scores(self, users: np.ndarray, local: np.ndarray, tracks: np.ndarray
+                    ) -> np.ndarray | None:
+        """This source's score of any (user, track) pair, where it has one."""
+        return None
+
+    def similar(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(track code, similar track code, score), the ``n`` nearest of every track, best
+        first, never the track itself; None when the source has no item-to-item notion."""
+        return None
+
+
+class PopularSource(Source):
+    """Tracks with the most distinct listeners in a recent window (all time breaks ties)."""
+
+    name = "popular"
+
+    @classmethod
+    def space(cls, settings: Settings) -> list[dict[str, Any]]:
+        return [{"window": 1 / 12}, {"window": 1 / 52}, {"window": 1 / 4}, {"window": None}]
+
+    def fit(self, data: TrainData) -> PopularSource:
+        self.data = data
+        window = data.window(self.params["window"])
+        all_time = data.listeners(None)
+        recent = data.listeners(window) if window is not None else all_time
+        # recent listeners first, all-time listeners as a fraction to break ties
+        self.scores = recent + all_time / (all_time.max() + 1)
+        self.order = np.argsort(-self.scores, kind="stable").astype(np.int32)
+        return self
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        heard = HeardFilter(self.data.history, users)
+        pool = self.order[: n * 3 + 100]
+        local = np.repeat(np.arange(users.size, dtype=np.int32), pool.size)
+        tracks = np.tile(pool, users.size)
+        ok = heard.unheard(local, tracks)
+        local, tracks = local[ok], tracks[ok]
+        rank = np.arange(local.size) - np.repeat(
+            np.r_[0, np.cumsum(np.bincount(local, minlength=users.size))[:-1]],
+            np.bincount(local, minlength=users.size))
+        keep = rank < n
+        return Lists.from_flat(users.size, local[keep], tracks[keep],
+                               self.scores[tracks[keep]])
+
+
+class AlsSource(Source):
+    """implicit ALS with confidence 1 + alpha * strength (strength = plays, recency-decayed
+    when a half-life is set); alpha 0 is plain ALS on the 0/1 matrix."""
+
+    name = "als"
+
+    @classmethod
+    def space(cls, settings: Settings) -> list[dict[str, Any]]:
+        plain = {"factors": 100, "regularization": 0.01, "alpha": 0.0, "half_life": None}
+        configured = {"factors": settings.als_factors, "regularization":
+                      settings.als_regularization, "alpha": settings.als_alpha,
+                      "half_life": settings.recency_half_life}
+        grid = [{"factors": f, "regularization": r, "alpha": a, "half_life": h}
+                for f in (32, 64, 128) for r in (0.01, 0.1, 1.0) for a in (1.0, 4.0, 16.0)
+                for h in (None, 1 / 2, 1 / 8)]
+        rng = np.random.default_rng(settings.seed)
+        return [plain, configured, *[grid[i] for i in rng.permutation(len(grid))]]
+
+    def fit(self, data: TrainData) -> AlsSource:
+        self.data = data
+        p, s = self.params, self.settings
+        half_life = data.window(p["half_life"])
+        matrix = data.history.matrix(half_life)
+        matrix.data = (1.0 + p["alpha"] * matrix.data).astype(np.float32)
+        model = AlternatingLeastSquares(
+            factors=p["factors"], regularization=p["regularization"], alpha=1.0,
+            iterations=s.als_iterations, random_state=s.seed, num_threads=s.threads)
+        started = time.perf_counter()
+        with threadpool_limits(limits=1, user_api="blas"):
+            model.fit(matrix, show_progress=False)
+        log.debug("ALS %s fitted in %.1f s", self.params, time.perf_counter() - started)
+        h = data.history
+        self.model = AlsModel(model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32),
+                              matrix)
+        self.index = item_index(self.model, s)
+        return self
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        rows, tracks, scores = recommend_codes(self.model, users, n, progress=False,
+                                               index=self.index)
+        return Lists.from_flat(users.size, np.searchsorted(users, rows), tracks, scores)
+
+    def pair_scores(self, users: np.ndarray, local: np.ndarray, tracks: np.ndarray
+                    ) -> np.ndarray:
+        out = np.empty(local.size, dtype=np.float32)
+        uf, itf = self.model.model.user_factors, self.model.model.item_factors
+        for start in range(0, local.size, 200_000):
+            sl = slice(start, start + 200_000)
+            out[sl] = np.einsum("ij,ij->i", uf[users[local[sl]]], itf[tracks[sl]])
+        return out
+
+    def similar(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from musicrec.similar import similar_codes
+
+        codes = np.arange(self.data.history.n_tracks, dtype=np.int32)
+        return similar_codes(self.model, codes, n, progress=False,
+                             index=item_index(self.model, self.settings, "cosine"))
+
+
+class ItemKnnSource(Source):
+    """Item-to-item co-occurrence neighbours (implicit's cosine or BM25 kNN), scored from each
+    user's recent tracks with time decay: score(u, j) = sum over heard i of w_ui * sim(i, j)."""
+
+    name = "item_knn"
+
+    @classmethod
+    def space(cls, settings: Settings) -> list[dict[str, Any]]:
+        grid = [{"weighting": w, "neighbours": k, "half_life": h}
+                for w in ("bm25", "cosine") for k in (50, 200) for h in (None, 1 / 8, 1 / 32)]
+        return [{"weighting": "cosine", "neighbours": 100, "half_life": None}, *grid]
+
+    def fit(self, data: TrainData) -> ItemKnnSource:
+        self.data = data
+        p = self.params
+        # the weighting implicit's BM25/Cosine recommenders apply, handed over as CSR (their
+        # own fit passes a COO matrix on and warns)
+        items_users = data.binary().T
+        weighted = (bm25_weight(items_users, K1=1.2, B=0.75) if p["weighting"] == "bm25"
+                    else normalize(items_users)).T.tocsr()
+        model = ItemItemRecommender(K=p["neighbours"], num_threads=self.settings.threads)
+        model.fit(weighted, show_progress=False)
+        similarity = model.similarity.tocsr()
+        similarity.setdiag(0)
+        similarity.eliminate_zeros()
+        self.similarity = similarity.astype(np.float32)
+        self.half_life = data.window(p["half_life"])
+        return self
+
+    def _user_rows(self, users: np.ndarray) -> sp.csr_matrix:
+        """batch x tracks: the last KNN_MAX_HISTORY events of each user, decayed by age."""
+        h = self.data.history
+        positions, local = gather_rows(h.indptr, users)
+        ends = h.indptr[users + 1]
+        keep = positions >= ends[local] - KNN_MAX_HISTORY
+        positions, local = positions[keep], local[keep]
+        weights = np.ones(positions.size, np.float32)
+        if h.plays is not None:
+            weights *= h.plays[positions]
+        if self.half_life is not None:
+            age = (h.cutoff - 1) - h.days[positions].astype(np.int32)
+            weights *= np.power(np.float32(0.5), age / np.float32(self.half_life))
+        return sp.csr_matrix((weights, (local, h.track_codes[positions])),
+                             shape=(users.size, h.n_tracks))
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        scores = self._user_rows(users) @ self.similarity
+        return _sparse_top(scores, HeardFilter(self.data.history, users), n)
+
+    def similar(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        coo = self.similarity.tocoo()
+        top, _ = top_k_per_group(coo.row, coo.data, n, tiebreak=coo.col)
+        return (coo.row[top].astype(np.int32), coo.col[top].astype(np.int32),
+                coo.data[top].astype(np.float32))
+
+
+class EaseSource(Source):
+    """EASE (Steck 2019) on the most listened ``ease_max_items`` tracks: a closed-form
+    item-to-item model, B = I - P / diag(P) with P = (X'X + l2 I)^-1, zero diagonal."""
+
+    name = "ease"
+
+    @classmethod
+    def space(cls, settings: Settings) -> list[dict[str, Any]]:
+        return [{"l2": 500.0}, {"l2": 100.0}, {"l2": 2000.0}, {"l2": 20.0}, {"l2": 8000.0}]
+
+    def fit(self, data: TrainData) -> EaseSource:
+        self.data = data
+        listeners = data.listeners(None)
+        m = min(self.settings.ease_max_items, data.history.n_tracks)
+        self.head = np.sort(np.argsort(-listeners, kind="stable")[:m]).astype(np.int32)
+        x = data.binary()[:, self.head]
+        gram = (x.T @ x).toarray().astype(np.float64)
+        gram[np.diag_indices(m)] += self.params["l2"]
+        started = time.perf_counter()
+        inverse = np.linalg.inv(gram)
+        weights = -inverse / np.diag(inverse)
+        np.fill_diagonal(weights, 0.0)
+        self.weights = weights.astype(np.float32)
+        self.x = x.tocsr()
+        log.debug("EASE on %d tracks in %.1f s", m, time.perf_counter() - started)
+        return self
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        x = self.x[users]
+        scores = np.asarray(x @ self.weights)
+        scores[x.nonzero()] = -np.inf  # heard head tracks
+        n = min(n, self.head.size)
+        if n == 0:
+            return Lists.from_flat(users.size, np.zeros(0, np.int32), np.zeros(0, np.int32),
+                                   np.zeros(0, np.float32))
+        part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        local = np.repeat(np.arange(users.size, dtype=np.int32), n)
+        cols, vals = part.ravel(), part_scores.ravel()
+        ok = np.isfinite(vals)
+        return Lists.best(users.size, local[ok], self.head[cols[ok]], vals[ok], n)
+
+
+class ArtistSource(Source):
+    """Tracks of the artists a user already plays that the user has not heard, ranked by the
+    user's share of listens on the artist times the track's recent listeners (log)."""
+
+    name = "artist"
+
+    @classmethod
+    def space(cls, settings: Settings) -> list[dict[str, Any]]:
+        return [{"window": 1 / 12, "per_artist": 30}, {"window": 1 / 4, "per_artist": 30},
+                {"window": 1 / 52, "per_artist": 30}, {"window": 1 / 12, "per_artist": 100}]
+
+    def fit(self, data: TrainData) -> ArtistSource:
+        self.data = data
+        popularity = np.log1p(data.listeners(data.window(self.params["window"])))
+        popularity += np.log1p(data.listeners(None)) * 1e-3  # breaks ties between quiet tracks
+        by_artist = data.artists.T.tocoo()  # artists x tracks
+        top, _ = top_k_per_group(by_artist.row, popularity[by_artist.col],
+                                 self.params["per_artist"], tiebreak=by_artist.col)
+        self.artist_tracks = sp.csr_matrix(
+            (popularity[by_artist.col[top]], (by_artist.row[top], by_artist.col[top])),
+            shape=by_artist.shape)
+        return self
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        rows = self.data.binary()[users]
+        shares = sp.diags(1.0 / np.maximum(np.diff(rows.indptr), 1)) @ (rows @ self.data.artists)
+        return _sparse_top(shares @ self.artist_tracks, HeardFilter(self.data.history, users),
+                           n)
+
+
+SOURCES: dict[str, type[Source]] = {
+    cls.name: cls for cls in (PopularSource, AlsSource, ItemKnnSource, EaseSource, ArtistSource)
+}
+
+
+def make_source(name: str, settings: Settings, params: dict[str, Any]) -> Source:
+    """A source by name with its parameters."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; sources: {', '.join(SOURCES)}")
+    return SOURCES[name](settings, **params)
