@@ -1,5 +1,5 @@
 """Benchmark of the offline pipeline: each stage's wall time and peak memory, the bare ALS fit
-beside it, the recall of the approximate top-k against the exact one, a markdown table.
+beside it, a markdown table.
 
     OPENBLAS_NUM_THREADS=1 python bench/pipeline_bench.py --parquet-dir /work/fullrun \\
         --label full --out bench/results/pipeline_full.md [--set als_iterations=8 ...]
@@ -9,8 +9,7 @@ a stage's peak memory is the process's peak resident set while the stage runs (t
 high-water mark is reset at each stage start). The bare fit is implicit ALS with the run's
 factors, iterations and threads on the matrix of every event before the test period (the
 matrix the final model is trained on), in a child process so its memory is its own; only
-``model.fit`` is timed. Recall compares the artefacts with exact brute force on a random
-sample of users and tracks.
+``model.fit`` is timed (with the ALS configuration the run's search chose).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("bench")
 
 # log lines of the stages worth quoting under the table (sub-step timings)
-DETAIL = re.compile(r"read \d+ events|ALS fit|IVF index|short ANN|CatBoost:|ranker training:"
-                    r"|stage \w+: done|artefacts|metrics@")
+DETAIL = re.compile(r"read \d+ events|fitted |search \w+: kept|IVF index|short ANN|"
+                    r"CatBoostRanker:|ranker pairs:|served model|stage \w+: done|metrics@")
 
 
 def _status(field: str) -> int:
@@ -127,96 +127,42 @@ def run_pipeline(args: argparse.Namespace) -> dict:
 
 
 def bare_als(args: argparse.Namespace) -> dict:
-    """(child process) implicit ALS, run's factors/iterations/threads, events before test."""
+    """(child process) implicit ALS with the run's chosen ALS configuration (or the plain one),
+    its iterations and threads, on the matrix of every event before the test period."""
     import implicit.cpu.als
     from threadpoolctl import threadpool_limits
 
     from musicrec import io
-    from musicrec.als import user_items_matrix
     from musicrec.features import build_history
-    from musicrec.pipeline import SPLIT_JSON, WORK_DIR
+    from musicrec.pipeline import SEARCH_JSON, SPLIT_JSON, WORK_DIR
+    from musicrec.sources import AlsSource
     from musicrec.split import SplitDates, events_before
 
     settings = _settings(args)
-    dates = SplitDates.from_dict(io.read_json(Path(args.parquet_dir) / WORK_DIR / SPLIT_JSON))
+    work = Path(args.parquet_dir) / WORK_DIR
+    dates = SplitDates.from_dict(io.read_json(work / SPLIT_JSON))
+    chosen = io.read_json(work / SEARCH_JSON).get("als") if (work / SEARCH_JSON).exists() else None
+    params = chosen["params"] if chosen else AlsSource.space(settings)[0]
     started = time.perf_counter()
     events = io.read_events(Path(args.parquet_dir) / io.EVENTS)
     history = build_history(events_before(events, dates.test_start), dates.test_start)
     del events
-    matrix = user_items_matrix(history, settings.recency_half_life_days)
+    matrix = history.matrix()
+    matrix.data = (1.0 + params["alpha"] * matrix.data).astype(np.float32)
     prepare = time.perf_counter() - started
     iterations = args.bare_iterations or settings.als_iterations
     model = implicit.cpu.als.AlternatingLeastSquares(
-        factors=settings.als_factors, regularization=settings.als_regularization,
-        alpha=settings.als_alpha, iterations=iterations, random_state=settings.seed,
-        num_threads=settings.threads)
+        factors=params["factors"], regularization=params["regularization"], alpha=1.0,
+        iterations=iterations, random_state=settings.seed, num_threads=settings.threads)
     started = time.perf_counter()
     with threadpool_limits(limits=1, user_api="blas"):
         model.fit(matrix, show_progress=False)
     fit = time.perf_counter() - started
     return {"fit_seconds": fit, "prepare_seconds": prepare, "iterations": iterations,
-            "factors": settings.als_factors, "threads": settings.threads,
+            "factors": params["factors"], "threads": settings.threads,
             "users": history.n_users, "tracks": history.n_tracks, "events": history.n_events,
             # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork
             "peak_bytes": _status("VmHWM")}
-
-
-def recall(args: argparse.Namespace, sample: int) -> dict:
-    """Overlap of personal_als / similar with exact brute force on a random sample."""
-    import pandas as pd
-
-    from musicrec import io
-    from musicrec.als import als_from_factors, recommend_codes
-    from musicrec.features import build_history
-    from musicrec.pipeline import ALS_FULL, SPLIT_JSON, WORK_DIR, _load_factors
-    from musicrec.similar import similar_codes
-    from musicrec.split import SplitDates, events_before
-
-    settings = _settings(args)
-    parquet = Path(args.parquet_dir)
-    dates = SplitDates.from_dict(io.read_json(parquet / WORK_DIR / SPLIT_JSON))
-    f = _load_factors(parquet / WORK_DIR / ALS_FULL)
-    rng = np.random.default_rng(0)
-    users = np.sort(rng.choice(f["user_ids"].size, min(sample, f["user_ids"].size), False))
-    tracks = np.sort(rng.choice(f["track_ids"].size, min(sample, f["track_ids"].size), False))
-    events = io.read_events(parquet / io.EVENTS)
-    wanted = np.isin(events["user_id"].to_numpy(), f["user_ids"][users])
-    history = build_history(events_before(events[wanted], dates.test_start), dates.test_start)
-    del events
-    # a matrix with the model's rows: only the sampled users have their heard tracks
-    from musicrec.als import user_items_matrix
-
-    small = user_items_matrix(history, settings.recency_half_life_days).tocoo()
-    import scipy.sparse as sp
-
-    rows = np.searchsorted(f["user_ids"], history.users.ids)[small.row]
-    cols = np.searchsorted(f["track_ids"], history.tracks.ids)[small.col]
-    user_items = sp.csr_matrix((small.data, (rows, cols)),
-                               shape=(f["user_ids"].size, f["track_ids"].size))
-    model = als_from_factors(f["user_factors"], f["item_factors"], f["user_ids"],
-                             f["track_ids"], user_items, threads=settings.threads)
-    n = max(settings.n_als_candidates, settings.n_recommendations)
-    started = time.perf_counter()
-    e_rows, e_tracks, _ = recommend_codes(model, users, n, progress=False)
-    exact_user_seconds = time.perf_counter() - started
-    als = pd.read_parquet(parquet / io.PERSONAL_ALS, filters=[("user_id", "in",
-                                                               f["user_ids"][users].tolist())])
-    exact_keys = set(zip(f["user_ids"][e_rows], f["track_ids"][e_tracks], strict=True))
-    got = set(zip(als["user_id"], als["track_id"], strict=True))
-    started = time.perf_counter()
-    q, s_codes, _ = similar_codes(model, tracks, settings.n_similar, progress=False)
-    exact_track_seconds = time.perf_counter() - started
-    sim = pd.read_parquet(parquet / io.SIMILAR, filters=[("track_id", "in",
-                                                          f["track_ids"][tracks].tolist())])
-    exact_sim = set(zip(f["track_ids"][q], f["track_ids"][s_codes], strict=True))
-    got_sim = set(zip(sim["track_id"], sim["similar_track_id"], strict=True))
-    return {
-        "sample": int(users.size),
-        "als_recall": len(exact_keys & got) / max(len(exact_keys), 1),
-        "similar_recall": len(exact_sim & got_sim) / max(len(exact_sim), 1),
-        "exact_seconds_per_10k_users": exact_user_seconds / users.size * 10_000,
-        "exact_seconds_per_10k_tracks": exact_track_seconds / tracks.size * 10_000,
-    }
 
 
 def prepare_preset(args: argparse.Namespace) -> None:
@@ -230,7 +176,7 @@ def prepare_preset(args: argparse.Namespace) -> None:
         generate(args.preset, data, seed=42)
         log.info("generated %s into %s in %.0f s", args.preset, data, time.perf_counter() - started)
     started = time.perf_counter()
-    prepare_files(data, args.parquet_dir)
+    prepare_files(data, args.parquet_dir, _settings(args))
     log.info("prepared %s in %.0f s", args.parquet_dir, time.perf_counter() - started)
     args.data_dir = data
 
@@ -248,7 +194,7 @@ def _machine() -> str:
 
 
 def markdown(label: str, command: str, result: dict) -> str:
-    run, bare, rec = result["pipeline"], result.get("bare_als"), result.get("recall")
+    run, bare = result["pipeline"], result.get("bare_als")
     s = run["settings"]
     lines = [
         f"## Pipeline benchmark: `{label}`",
@@ -256,10 +202,10 @@ def markdown(label: str, command: str, result: dict) -> str:
         f"- date: {result['date']}",
         f"- machine: {result['machine']}; load average at start {result['load_at_start']}",
         f"- command: `{command}`",
-        f"- parameters: {s['als_factors']} factors, {s['als_iterations']} ALS iterations "
-        f"(P1), {s['als_warm_iterations']} warm-start iterations (P1+P2), top-k "
-        f"`{s['topk_method']}` (ann from {s['ann_min_tracks']:,} tracks, nprobe "
-        f"{s['ann_nprobe']}), threads {s['threads']}, ranker users {s['ranker_train_users']:,}",
+        f"- parameters: sources {', '.join(s['sources'])}, {s['search_trials']} search trials "
+        f"each, {s['als_iterations']} ALS iterations per fit, top-k `{s['topk_method']}` (ann "
+        f"from {s['ann_min_tracks']:,} tracks, nprobe {s['ann_nprobe']}), threads "
+        f"{s['threads']}, validation users {s['validation_users']:,}",
         f"- split: {run['split']}",
         "",
         "| stage | wall time | peak memory (GB) |",
@@ -281,16 +227,7 @@ def markdown(label: str, command: str, result: dict) -> str:
             f"**Ratio whole pipeline / bare ALS fit: {ratio:.2f}** "
             f"(everything but the fits: {run['wall_seconds'] - bare['fit_seconds']:.0f} s).",
         ]
-    if rec:
-        lines += [
-            "",
-            f"Approximate top-k against exact brute force on {rec['sample']:,} random users / "
-            f"tracks: personal ALS recall {rec['als_recall']:.3f}, similar tracks recall "
-            f"{rec['similar_recall']:.3f} (exact brute force costs "
-            f"{rec['exact_seconds_per_10k_users']:.1f} s per 10,000 users and "
-            f"{rec['exact_seconds_per_10k_tracks']:.1f} s per 10,000 tracks here).",
-        ]
-    metrics = [m for m in run["metrics"] or [] if m["k"] == 10]
+    metrics = [m for m in run["metrics"] or [] if m["k"] == 10 and m.get("segment", "all") == "all"]
     if metrics:
         lines += ["", "| source | NDCG@10 | precision@10 | recall@10 | coverage@10 |",
                   "|---|---:|---:|---:|---:|"]
@@ -306,11 +243,13 @@ def markdown(label: str, command: str, result: dict) -> str:
 
 
 def main() -> None:
+    from musicrec.settings import Preset
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parquet-dir", type=Path, required=True,
                         help="folder with items.parquet and events.parquet; artefacts go here")
     parser.add_argument("--data-dir", type=Path, help="input folder (the three input files)")
-    parser.add_argument("--preset", choices=("tiny", "small", "full"),
+    parser.add_argument("--preset", choices=get_args(Preset),
                         help="generate this preset into --data-dir and prepare it into "
                         "--parquet-dir first, unless events.parquet is already there")
     parser.add_argument("--label", default="run", help="name of the run in the report")
@@ -320,8 +259,6 @@ def main() -> None:
     parser.add_argument("--skip-bare", action="store_true", help="no bare ALS fit")
     parser.add_argument("--bare-iterations", type=int, help="iterations of the bare fit "
                         "(default: the run's als_iterations)")
-    parser.add_argument("--recall-sample", type=int, default=2000,
-                        help="users and tracks sampled for the recall check (0 = none)")
     parser.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
@@ -336,9 +273,6 @@ def main() -> None:
     result["pipeline"] = run_pipeline(args)
     log.info("pipeline: %.0f s, peak %s GB", result["pipeline"]["wall_seconds"],
              _gb(result["pipeline"]["peak_bytes"]))
-    if args.recall_sample:
-        result["recall"] = recall(args, args.recall_sample)
-        log.info("recall: %s", result["recall"])
     if not args.skip_bare:
         child = subprocess.run([sys.executable, __file__, "--bare-only", *sys.argv[1:]],
                                capture_output=True, text=True, check=True)

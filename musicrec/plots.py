@@ -99,6 +99,51 @@ def plot_metrics(metrics: pd.DataFrame, names: Sequence[str] = PLOTTED_METRICS) 
     return fig
 
 
+def plot_ndcg_intervals(
+    metrics: pd.DataFrame,
+    k: int = 10,
+    segment: str = "all",
+    highlight: str | None = "served",
+    title: str | None = None,
+) -> Figure:
+    """NDCG@k of each source as a point with its interval (``ndcg_low`` .. ``ndcg_high``) as an
+    error bar, one row per source, the best on top; ``highlight`` is drawn in red.
+
+    ``metrics`` has the columns ``source, k, ndcg, ndcg_low, ndcg_high`` (and ``segment``, of
+    which only ``segment`` is drawn, when present) — the table ``evaluate`` writes with
+    bootstrap intervals. A row without an interval (NaN bounds) is drawn as a bare point.
+    """
+    missing = [c for c in ("source", "k", "ndcg", "ndcg_low", "ndcg_high") if c not in metrics]
+    if missing:
+        raise ValueError(f"metrics table lacks column(s) {missing}")
+    rows = metrics[metrics["k"] == k]
+    if "segment" in rows.columns:
+        rows = rows[rows["segment"] == segment]
+    if rows.empty:
+        raise ValueError(f"no rows at k={k}" + (f", segment {segment!r}"
+                                                 if "segment" in metrics else ""))
+    rows = rows.drop_duplicates("source").sort_values("ndcg", kind="stable")  # best on top
+    value = rows["ndcg"].to_numpy(dtype=float)
+    low = np.where(np.isnan(rows["ndcg_low"].to_numpy(dtype=float)), value, rows["ndcg_low"])
+    high = np.where(np.isnan(rows["ndcg_high"].to_numpy(dtype=float)), value, rows["ndcg_high"])
+    fig, axes = _figure(size=(8, 0.45 * len(rows) + 1.5))
+    ax: Axes = axes[0][0]
+    y = np.arange(len(rows))
+    colors = ["tab:red" if s == highlight else "tab:blue" for s in rows["source"]]
+    ax.errorbar(value, y, xerr=np.vstack([value - low, high - value]), fmt="none",
+                ecolor="grey", capsize=4, linewidth=1.2)
+    ax.scatter(value, y, c=colors, zorder=3)
+    for yi, v, h in zip(y, value, high, strict=True):
+        ax.annotate(f"{v:.3f}", (h, yi), xytext=(5, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_yticks(y, [_short(s) for s in rows["source"]])
+    ax.set_xlabel(f"NDCG@{k} (bar: 95 % bootstrap interval over users)")
+    ax.set_xlim(left=0, right=float(np.nanmax(high)) * 1.15 or 1.0)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title or f"NDCG@{k} by source, segment {segment}")
+    return fig
+
+
 # --- EDA -----------------------------------------------------------------------------------
 
 

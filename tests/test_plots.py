@@ -14,6 +14,7 @@ from musicrec.plots import (
     plot_activity_by_month,
     plot_events_per_user,
     plot_metrics,
+    plot_ndcg_intervals,
     plot_popularity_long_tail,
     plot_top_names,
     top_names,
@@ -84,6 +85,39 @@ def test_plot_metrics_groups_bars_by_k_and_source() -> None:
     assert [t.get_text() for t in legend.get_texts()] == ["als", "top_popular"]
     with pytest.raises(ValueError, match="lacks column"):
         plot_metrics(metrics.drop(columns="ndcg"))
+
+
+def test_plot_ndcg_intervals_draws_each_source_with_its_interval() -> None:
+    metrics = pd.DataFrame(
+        {
+            "segment": ["all", "all", "all", "all", "light"],
+            "source": ["popular", "als", "served", "als", "als"],
+            "k": [10, 10, 10, 5, 10],
+            "ndcg": [0.10, 0.30, 0.20, 0.9, 0.9],
+            "ndcg_low": [0.08, 0.25, np.nan, 0.8, 0.8],
+            "ndcg_high": [0.12, 0.35, np.nan, 1.0, 1.0],
+        }
+    )
+    fig = plot_ndcg_intervals(metrics, k=10)
+    ax = fig.axes[0]
+    # only segment "all" at k=10, best on top (the last y tick is the top row)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["popular", "served", "als"]
+    points = ax.collections[-1]  # the scatter of the values
+    assert list(points.get_offsets()[:, 0]) == pytest.approx([0.10, 0.20, 0.30])
+    colors = points.get_facecolors()
+    assert tuple(colors[1][:3]) != tuple(colors[0][:3]) == tuple(colors[2][:3])  # served red
+    bars = ax.collections[0].get_segments()  # the error bars: low .. high per source
+    ends = [x for segment in bars for x in (segment[0][0], segment[1][0])]
+    assert ends == pytest.approx([0.08, 0.12, 0.20, 0.20, 0.25, 0.35])  # no interval: length 0
+    assert [t.get_text() for t in ax.texts] == ["0.100", "0.200", "0.300"]
+    assert "NDCG@10" in ax.get_xlabel()
+    # a table without segments (e.g. the validation selection) and the errors
+    plain = metrics[metrics["segment"] == "all"].drop(columns="segment")
+    assert len(plot_ndcg_intervals(plain, k=5).axes[0].get_yticklabels()) == 1
+    with pytest.raises(ValueError, match="lacks column"):
+        plot_ndcg_intervals(metrics.drop(columns="ndcg_low"))
+    with pytest.raises(ValueError, match="no rows"):
+        plot_ndcg_intervals(metrics, k=25)
 
 
 def test_events_per_user_marks_mean_and_median() -> None:
