@@ -19,7 +19,15 @@ import pandas as pd
 from musicrec.columns import Columns as C
 from musicrec.features import History
 from musicrec.settings import Settings
-from musicrec.sources import HeardFilter, Lists, Source, TrainData, join_lists, make_source
+from musicrec.sources import (
+    SOURCES,
+    HeardFilter,
+    Lists,
+    Source,
+    TrainData,
+    join_lists,
+    make_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +120,23 @@ def search(
 ) -> dict[str, Choice]:
     """The best configuration of each source by NDCG@10 on ``truth``'s users.
 
-    Each source tries up to ``settings.search_trials`` configurations of its space in order
-    (its plain default first); once ``settings.search_seconds`` have passed, every source
-    still runs its first configuration and nothing more.
+    Each source walks its space (``Source.space``: the plain default, then steps from the best
+    configuration so far) for up to ``settings.search_trials`` scored configurations; once
+    ``settings.search_seconds`` have passed, every source still runs its first configuration
+    and nothing more.
     """
     names = list(settings.sources if names is None else names)
     started = time.perf_counter()
     choices: dict[str, Choice] = {}
     for name in names:
-        space = make_source(name, settings, {}).space(settings)
         trials: list[Trial] = []
-        for params in space[: max(settings.search_trials, 1)]:
+        best: dict[str, Any] = {}
+        for step in SOURCES[name].space(settings):
+            params = {**best, **step}
+            if any(trial.params == params for trial in trials):
+                continue  # a step that leads back to a configuration already scored
+            if len(trials) >= max(settings.search_trials, 1):
+                break
             if trials and time.perf_counter() - started > settings.search_seconds:
                 log.info("search: time budget of %.0f s spent, %s stops after %d trials",
                          settings.search_seconds, name, len(trials))
@@ -135,8 +149,10 @@ def search(
             log.info("search %s %s: NDCG@10 %.4f (%.1f s)", name, params, score,
                      trials[-1].seconds)
             del source
-        best = max(trials, key=lambda trial: trial.ndcg)
-        choices[name] = Choice(name, best.params, best.ndcg, trials)
-        log.info("search %s: kept %s (NDCG@10 %.4f of %d trials)", name, best.params,
-                 best.ndcg, len(trials))
+            if len(trials) == 1 or score > max(trial.ndcg for trial in trials[:-1]):
+                best = params
+        best_trial = max(trials, key=lambda trial: trial.ndcg)  # the first of equals
+        choices[name] = Choice(name, best_trial.params, best_trial.ndcg, trials)
+        log.info("search %s: kept %s (NDCG@10 %.4f of %d trials)", name, best_trial.params,
+                 best_trial.ndcg, len(trials))
     return choices

@@ -232,7 +232,9 @@ class Source:
 
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
-        """Configurations to try, the plain default first."""
+        """What the search tries, in order: the plain default first (a whole configuration),
+        then steps — a whole configuration, or a change of some parameters applied to the best
+        configuration so far (a greedy coordinate search)."""
         raise NotImplementedError
 
     def fit(self, data: TrainData) -> Source:
@@ -299,11 +301,9 @@ class AlsSource(Source):
         configured = {"factors": settings.als_factors, "regularization":
                       settings.als_regularization, "alpha": settings.als_alpha,
                       "half_life": settings.recency_half_life}
-        grid = [{"factors": f, "regularization": r, "alpha": a, "half_life": h}
-                for f in (32, 64, 128) for r in (0.01, 0.1, 1.0) for a in (1.0, 4.0, 16.0)
-                for h in (None, 1 / 2, 1 / 8)]
-        rng = np.random.default_rng(settings.seed)
-        return [plain, configured, *[grid[i] for i in rng.permutation(len(grid))]]
+        return [plain, configured, {"half_life": 1 / 32}, {"half_life": None},
+                {"alpha": 16.0}, {"alpha": 1.0}, {"factors": 128}, {"regularization": 1.0},
+                {"factors": 32}, {"regularization": 0.01}, {"half_life": 1 / 2}]
 
     def fit(self, data: TrainData) -> AlsSource:
         self.data = data
@@ -354,9 +354,9 @@ class ItemKnnSource(Source):
 
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
-        grid = [{"weighting": w, "neighbours": k, "half_life": h}
-                for w in ("bm25", "cosine") for k in (50, 200) for h in (None, 1 / 8, 1 / 32)]
-        return [{"weighting": "cosine", "neighbours": 100, "half_life": None}, *grid]
+        return [{"weighting": "cosine", "neighbours": 100, "half_life": None},
+                {"weighting": "bm25"}, {"half_life": 1 / 8}, {"neighbours": 200},
+                {"neighbours": 30}, {"half_life": 1 / 32}]
 
     def fit(self, data: TrainData) -> ItemKnnSource:
         self.data = data
@@ -453,8 +453,8 @@ class ArtistSource(Source):
 
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
-        return [{"window": 1 / 12, "per_artist": 30}, {"window": 1 / 4, "per_artist": 30},
-                {"window": 1 / 52, "per_artist": 30}, {"window": 1 / 12, "per_artist": 100}]
+        return [{"window": 1 / 12, "per_artist": 30}, {"window": 1 / 4}, {"window": 1 / 52},
+                {"per_artist": 100}]
 
     def fit(self, data: TrainData) -> ArtistSource:
         self.data = data

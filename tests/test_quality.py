@@ -19,7 +19,7 @@ from musicrec.settings import Settings
 
 PROFILES = ["multi_year", "small_dense", "weak_loyalty", "repeat_listens"]
 # a bounded search keeps each run under a minute or so on two cores
-FAST = {"search_trials": 2, "ease_max_items": 1000, "als_iterations": 8, "bootstrap": 200,
+FAST = {"search_trials": 3, "ease_max_items": 1000, "als_iterations": 8, "bootstrap": 200,
         "ranker_iterations": 150, "threads": 2}
 MIN_RATIO = 1.3  # served NDCG@10 / top popular NDCG@10
 

@@ -91,6 +91,13 @@ def _hand_history(rows: list[tuple[int, int, int]], cutoff: int = 20,
     return TrainData.build(build_history(events, cutoff), items)
 
 
+def random_rows(seed: int, users: int, tracks: int, n: int) -> list[tuple[int, int, int]]:
+    """``n`` random (user, track, day) events over 20 days."""
+    rng = np.random.default_rng(seed)
+    return list(zip(rng.integers(0, users, n).tolist(), rng.integers(0, tracks, n).tolist(),
+                    rng.integers(0, 20, n).tolist(), strict=True))
+
+
 def test_popular_counts_recent_listeners_then_all_time() -> None:
     # tracks 10 (3 old listeners), 11 (2 recent), 12 (1 recent); user 4 heard 11
     data = _hand_history([(1, 10, 0), (2, 10, 1), (3, 10, 2), (1, 11, 18), (4, 11, 19),
@@ -103,11 +110,7 @@ def test_popular_counts_recent_listeners_then_all_time() -> None:
 
 
 def test_als_alpha_zero_is_plain_implicit_on_the_binary_matrix() -> None:
-    rng = np.random.default_rng(0)
-    rows = [(int(u), int(t), int(d)) for u, t, d in
-            zip(rng.integers(0, 30, 400), rng.integers(0, 40, 400), rng.integers(0, 20, 400),
-                strict=True)]
-    data = _hand_history(rows)
+    data = _hand_history(random_rows(seed=0, users=30, tracks=40, n=400))
     params = {"factors": 4, "regularization": 0.01, "alpha": 0.0, "half_life": None}
     ours = make_source("als", SETTINGS, params).fit(data).model.model
     plain = AlternatingLeastSquares(factors=4, regularization=0.01, iterations=3,
@@ -130,11 +133,7 @@ def test_als_confidence_is_one_plus_alpha_times_strength() -> None:
 
 
 def test_item_knn_scores_are_weighted_sums_of_neighbour_similarities() -> None:
-    rng = np.random.default_rng(1)
-    rows = [(int(u), int(t), int(d)) for u, t, d in
-            zip(rng.integers(0, 40, 500), rng.integers(0, 25, 500), rng.integers(0, 20, 500),
-                strict=True)]
-    data = _hand_history(rows)
+    data = _hand_history(random_rows(seed=1, users=40, tracks=25, n=500))
     source = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 100,
                                                 "half_life": None}).fit(data)
     x = data.binary().toarray()
@@ -152,11 +151,7 @@ def test_item_knn_scores_are_weighted_sums_of_neighbour_similarities() -> None:
 
 
 def test_ease_matches_the_closed_form() -> None:
-    rng = np.random.default_rng(2)
-    rows = [(int(u), int(t), int(d)) for u, t, d in
-            zip(rng.integers(0, 50, 600), rng.integers(0, 20, 600), rng.integers(0, 20, 600),
-                strict=True)]
-    data = _hand_history(rows)
+    data = _hand_history(random_rows(seed=2, users=50, tracks=20, n=600))
     source = make_source("ease", SETTINGS, {"l2": 10.0}).fit(data)
     x = data.binary().toarray()
     p = np.linalg.inv(x.T @ x + 10.0 * np.eye(x.shape[1]))
