@@ -149,8 +149,8 @@ def validation_split(truth: Truth, settings: Settings) -> tuple[np.ndarray, ...]
     model): a seeded sample of ``settings.validation_users``, split 60 / 20 / 20."""
     rng = np.random.default_rng(settings.seed)
     rows = rng.permutation(truth.users.size)[: settings.validation_users]
-    n_fit = int(round(rows.size * 0.6))
-    n_stop = int(round(rows.size * 0.2))
+    n_fit = int(rows.size * 0.6)
+    n_stop = int(rows.size * 0.2)  # the rest, about 20 % and never empty, chooses
     return (np.sort(rows[:n_fit]), np.sort(rows[n_fit:n_fit + n_stop]),
             np.sort(rows[n_fit + n_stop:]))
 
@@ -193,7 +193,8 @@ def stage_split(run: RunContext) -> None:
 def stage_search(run: RunContext) -> None:
     """Each source's configuration by NDCG@10 on validation users (models fitted on P1)."""
     data, truth, (fit_rows, _, _) = _validation(run)
-    rows = fit_rows[: run.settings.search_users]
+    rng = np.random.default_rng(run.settings.seed)
+    rows = np.sort(rng.permutation(fit_rows)[: run.settings.search_users])
     choices = search(data, truth.subset(rows), run.settings)
     io.write_json({name: choice.as_dict() for name, choice in choices.items()},
                   run.work / SEARCH_JSON)

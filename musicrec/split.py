@@ -59,7 +59,7 @@ def split_dates(events: pd.DataFrame, settings: Settings) -> SplitDates:
 
     Without settings the test period starts at the day that leaves about
     ``settings.test_share`` of the events on or after it, and the label period is an equal span
-    of days right before it.
+    of days right before it — longer when that span holds no event date (month-granular logs).
     """
     if len(events) == 0:
         raise DataError("events table is empty: nothing to split")
@@ -73,6 +73,10 @@ def split_dates(events: pd.DataFrame, settings: Settings) -> SplitDates:
         label_start = date_to_day(settings.label_start)
     else:
         label_start = test_start - (last_day - test_start + 1)
+        # coarse dates (e.g. one per month): the span must reach back to an earlier date
+        earlier = days[days < test_start]
+        if earlier.size:
+            label_start = min(label_start, int(earlier.max()))
     dates = SplitDates(first_day, label_start, test_start, last_day)
     if not first_day < label_start < test_start <= last_day:
         raise DataError(

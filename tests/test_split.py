@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from musicrec.errors import DataError
+from musicrec import io
 from musicrec.io import date_to_day
 from musicrec.settings import Settings
 from musicrec.split import SplitDates, events_before, split_dates, split_events
@@ -60,3 +61,17 @@ def test_periods_do_not_overlap_and_cover_everything() -> None:
     assert not (ids[0] & ids[1]) and not (ids[1] & ids[2]) and not (ids[0] & ids[2])
     before = events_before(events, dates.test_start)
     assert len(before) == 80 and before["day"].max() == START + 7
+
+
+def test_month_granular_dates_get_a_label_period_with_events() -> None:
+    """One date per month and the last month alone holding the test share: an equal span of
+    days before it (one day) would hold no event; the label period reaches the previous date."""
+    months = np.array([date(2021, m, 1) for m in range(1, 13)], dtype="datetime64[D]")
+    days = np.repeat(months.astype(np.int64), [10] * 11 + [30]).astype(np.int16)
+    events = pd.DataFrame({"user_id": np.arange(days.size, dtype=np.int32),
+                           "track_id": np.zeros(days.size, np.int32), "day": days})
+    dates = split_dates(events, Settings(test_share=0.2))
+    assert io.day_to_date(dates.test_start) == np.datetime64("2021-12-01")
+    assert io.day_to_date(dates.label_start) == np.datetime64("2021-11-01")
+    in_label = (days >= dates.label_start) & (days < dates.test_start)
+    assert in_label.sum() == 10
