@@ -100,6 +100,17 @@ class History:
         """Events per user code."""
         return np.diff(self.indptr)
 
+    def subset(self, user_codes: np.ndarray) -> History:
+        """The history of some users (sorted codes; code i of the result is
+        ``user_codes[i]``), on the same track codes."""
+        user_codes = np.asarray(user_codes, dtype=np.int64)
+        positions, _ = gather_rows(self.indptr, user_codes)
+        indptr = np.zeros(user_codes.size + 1, dtype=np.int64)
+        np.cumsum(self.indptr[user_codes + 1] - self.indptr[user_codes], out=indptr[1:])
+        return History(IdIndex(self.users.ids[user_codes]), self.tracks, indptr,
+                       self.track_codes[positions], self.days[positions], self.cutoff,
+                       None if self.plays is None else self.plays[positions])
+
     @property
     def span_days(self) -> int:
         """Days from the first event to the cut-off."""

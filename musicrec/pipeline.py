@@ -193,9 +193,22 @@ def stage_split(run: RunContext) -> None:
 def stage_search(run: RunContext) -> None:
     """Each source's configuration by NDCG@10 on validation users (models fitted on P1)."""
     data, truth, (fit_rows, _, _) = _validation(run)
-    rng = np.random.default_rng(run.settings.seed)
-    rows = np.sort(rng.permutation(fit_rows)[: run.settings.search_users])
-    choices = search(data, truth.subset(rows), run.settings)
+    s = run.settings
+    rng = np.random.default_rng(s.seed)
+    truth = truth.subset(np.sort(rng.permutation(fit_rows)[: s.search_users]))
+    if s.search_train_users is not None and data.history.n_users > s.search_train_users:
+        # trials learn from a sample of users (the scored ones among them): at full scale a
+        # trial then costs a fraction of a fit on everyone
+        n_users = data.history.n_users
+        others = np.setdiff1d(np.arange(n_users), truth.users)
+        extra = max(s.search_train_users - truth.users.size, 0)
+        sample = np.union1d(truth.users, rng.choice(others, min(extra, others.size),
+                                                    replace=False))
+        data = data.with_history(data.history.subset(sample))
+        truth = Truth(np.searchsorted(sample, truth.users), truth.keys, truth.counts,
+                      truth.n_tracks)
+        log.info("search: trials learn from %d of %d users", sample.size, n_users)
+    choices = search(data, truth, s)
     io.write_json({name: choice.as_dict() for name, choice in choices.items()},
                   run.work / SEARCH_JSON)
 

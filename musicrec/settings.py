@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         1800.0, ge=0, description="time budget of the search; past it each source runs only "
         "its first configuration"
     )
+    search_train_users: int | None = Field(
+        None, ge=1, description="search trials learn from this many sampled users (the "
+        "scored ones among them); None = all (at full scale e.g. 200000)"
+    )
     search_users: int = Field(
         10_000, ge=1, description="validation users that score each search trial"
     )

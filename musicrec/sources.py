@@ -183,6 +183,10 @@ class TrainData:
                    _attribute_matrix(items, C.genre_ids, history.tracks),
                    _granularity_days(history.days))
 
+    def with_history(self, history: History) -> TrainData:
+        """The same catalogue and date granularity over another history of the same tracks."""
+        return TrainData(history, self.artists, self.genres, self.granularity)
+
     def window(self, fraction: float | None) -> int | None:
         """A window of ``fraction`` of the span in days, at least two date steps; None = all."""
         if fraction is None:

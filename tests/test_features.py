@@ -60,3 +60,16 @@ def test_top_k_per_group_keeps_input_order_on_ties_and_handles_negative_scores()
     idx, rank = top_k_per_group(groups, scores, 3)
     assert idx.tolist() == [1, 0, 2, 4, 3]
     assert rank.tolist() == [1, 2, 3, 1, 2]
+
+
+def test_history_subset_keeps_users_events_and_track_codes() -> None:
+    events = pd.DataFrame({"user_id": np.array([1, 1, 2, 3, 3, 3], np.int32),
+                           "track_id": np.array([10, 11, 10, 12, 13, 10], np.int32),
+                           "day": np.array([1, 2, 3, 4, 5, 6], np.int16)})
+    history = build_history(events, cutoff=7)
+    sub = history.subset(np.array([0, 2]))  # users 1 and 3
+    np.testing.assert_array_equal(sub.users.ids, [1, 3])
+    np.testing.assert_array_equal(sub.indptr, [0, 2, 5])
+    np.testing.assert_array_equal(sub.tracks.ids[sub.track_codes], [10, 11, 12, 13, 10])
+    np.testing.assert_array_equal(sub.days, [1, 2, 4, 5, 6])
+    assert sub.n_tracks == history.n_tracks and sub.cutoff == 7

@@ -133,3 +133,16 @@ def test_a_single_stage_runs_alone(built: tuple[Settings, dict]) -> None:
     assert io.read_json(parquet / io.MANIFEST)["run_id"].startswith("stage-serve")
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.run_stage("nope", settings)
+
+
+def test_search_on_a_user_sample(built: tuple[Settings, dict],
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    settings, _ = built
+    sampled = settings.model_copy(update={"search_train_users": 400, "search_users": 100,
+                                          "search_trials": 1})
+    with caplog.at_level("INFO", logger="musicrec.pipeline"):
+        pipeline.run_stage("search", sampled)
+    assert "trials learn from 400 of" in caplog.text  # the 100 scored users among them
+    search = io.read_json(Path(settings.parquet_dir) / pipeline.WORK_DIR / pipeline.SEARCH_JSON)
+    assert set(search) == set(settings.sources)
+    assert all(0 < choice["ndcg"] <= 1 for choice in search.values())

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from musicrec.errors import DataError
 from musicrec import io
+from musicrec.errors import DataError
 from musicrec.io import date_to_day
 from musicrec.settings import Settings
 from musicrec.split import SplitDates, events_before, split_dates, split_events
