@@ -365,17 +365,20 @@ class ItemKnnSource(Source):
     def fit(self, data: TrainData) -> ItemKnnSource:
         self.data = data
         p = self.params
-        # the weighting implicit's BM25/Cosine recommenders apply, handed over as CSR (their
-        # own fit passes a COO matrix on and warns)
-        items_users = data.binary().T
-        weighted = (bm25_weight(items_users, K1=1.2, B=0.75) if p["weighting"] == "bm25"
-                    else normalize(items_users)).T.tocsr()
-        model = ItemItemRecommender(K=p["neighbours"], num_threads=self.settings.threads)
-        model.fit(weighted, show_progress=False)
-        similarity = model.similarity.tocsr()
-        similarity.setdiag(0)
-        similarity.eliminate_zeros()
-        self.similarity = similarity.astype(np.float32)
+        key = ("item_knn", p["weighting"], p["neighbours"])  # trials of other half-lives share it
+        if key not in data._cache:
+            # the weighting implicit's BM25/Cosine recommenders apply, handed over as CSR
+            # (their own fit passes a COO matrix on and warns)
+            items_users = data.binary().T
+            weighted = (bm25_weight(items_users, K1=1.2, B=0.75) if p["weighting"] == "bm25"
+                        else normalize(items_users)).T.tocsr()
+            model = ItemItemRecommender(K=p["neighbours"], num_threads=self.settings.threads)
+            model.fit(weighted, show_progress=False)
+            similarity = model.similarity.tocsr()
+            similarity.setdiag(0)
+            similarity.eliminate_zeros()
+            data._cache[key] = similarity.astype(np.float32)
+        self.similarity = data._cache[key]
         self.half_life = data.window(p["half_life"])
         return self
 
@@ -420,16 +423,18 @@ class EaseSource(Source):
         self.data = data
         listeners = data.listeners(None)
         m = min(self.settings.ease_max_items, data.history.n_tracks)
-        self.head = np.sort(np.argsort(-listeners, kind="stable")[:m]).astype(np.int32)
-        x = data.binary()[:, self.head]
-        gram = (x.T @ x).toarray().astype(np.float64)
+        if ("ease", m) not in data._cache:  # trials of other l2 share the Gram matrix
+            head = np.sort(np.argsort(-listeners, kind="stable")[:m]).astype(np.int32)
+            x = data.binary()[:, head].tocsr()
+            data._cache[("ease", m)] = head, x, (x.T @ x).toarray().astype(np.float64)
+        self.head, self.x, gram = data._cache[("ease", m)]
+        gram = gram.copy()
         gram[np.diag_indices(m)] += self.params["l2"]
         started = time.perf_counter()
         inverse = np.linalg.inv(gram)
         weights = -inverse / np.diag(inverse)
         np.fill_diagonal(weights, 0.0)
         self.weights = weights.astype(np.float32)
-        self.x = x.tocsr()
         log.debug("EASE on %d tracks in %.1f s", m, time.perf_counter() - started)
         return self
 
