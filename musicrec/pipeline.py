@@ -330,6 +330,11 @@ def stage_serve(run: RunContext) -> None:
                    run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
     item_to_item = sources.get("item_knn") or als
     query, similar, score = item_to_item.similar(s.n_similar)
+    # each track's neighbours scaled to its best one: the service sums the lists of several
+    # recent tracks, and BM25 similarities of a popular track would outweigh every other
+    best = np.zeros(item_to_item.data.history.n_tracks, dtype=np.float32)
+    np.maximum.at(best, query, score)
+    score = score / np.maximum(best[query], 1e-12)
     io.write_table(recs_frame(h.tracks.ids[query], h.tracks.ids[similar], score)
                    .rename(columns={C.user: C.track, C.track: C.similar}),
                    run.out / io.SIMILAR, io.SIMILAR_SCHEMA)

@@ -254,7 +254,7 @@ def train_ranker(train: TrainingSet, stop: TrainingSet, settings: Settings
     log.info("CatBoostRanker: %d pairs, %d positives, best iteration %d of %d in %.1f s",
              len(train.target), positives, model.get_best_iteration(),
              settings.ranker_iterations, time.perf_counter() - started)
-    importance = sorted(zip(model.get_feature_importance(train.pool()),
+    importance = sorted(zip(model.get_feature_importance(type="PredictionValuesChange"),
                             train.features.columns, strict=True), reverse=True)
     log.info("feature importance: %s",
              ", ".join(f"{name} {value:.2f}" for value, name in importance[:8]))

@@ -158,9 +158,13 @@ INTRO = [
     print(f"preset (used only to generate data): {settings.preset}, seed {settings.seed}")
     print(f"sources: {', '.join(settings.sources)}; search: up to {settings.search_trials} "
           f"configurations per source within {settings.search_seconds:.0f} s, each scored on "
-          f"{settings.search_users:,} validation users; {settings.validation_users:,} validation "
-          f"users at most; ranker needs {settings.ranker_min_positives} positives; "
-          f"{settings.bootstrap} bootstrap resamples; EASE on {settings.ease_max_items:,} tracks")
+          f"{settings.search_users:,} validation users, fitted on "
+          + ("every user" if settings.search_train_users is None else
+             f"{settings.search_train_users:,} sampled users")
+          + f"; {settings.validation_users:,} validation users at most; the ranker needs "
+          f"{settings.ranker_min_positives} positives ({settings.ranker_negatives} sampled "
+          f"negatives per positive); {settings.bootstrap} bootstrap resamples; EASE on "
+          f"{settings.ease_max_items:,} tracks")
 
 
     def show(fig, dpi=72):
@@ -373,7 +377,8 @@ PIPELINE = [
       evaluated here; what is served is refit once more on the whole log.
 
     The test period starts at the day that leaves about `test_share` of the events after it;
-    the validation period is an equal span right before it. Nothing is hard-coded to a year.
+    the validation period is an equal span right before it (longer when a log has coarse,
+    e.g. monthly, dates). Nothing is hard-coded to a year.
     """),
     _code("""
     timings = {}
@@ -467,15 +472,15 @@ PIPELINE = [
     ### Candidate sources
 
     Each source gives every user a ranked list of tracks the user has not heard. Their
-    classes live in `musicrec/sources.py`; each declares a search space whose first
-    configuration is the plain default:
+    classes live in `musicrec/sources.py`; each declares the search space validation walks,
+    whose first entry is the plain default:
     """),
     _code("""
     for name in settings.sources:
         cls = SOURCES[name]
         doc = " ".join((cls.__doc__ or "").split())
         space = cls.space(settings)
-        print(f"{name}: {doc}\\n    {len(space)} configurations; plain default: "
+        print(f"{name}: {doc}\\n    search space of {len(space)} entries; plain default: "
               f"{fmt_params(space[0])}\\n")
     """),
     _md("""
@@ -483,9 +488,10 @@ PIPELINE = [
 
     Every configuration is fitted on P1 and scored by NDCG@10 on a sample of validation users
     (their P2 listens of tracks they had not heard before: the only tracks a list can hit).
-    Each source tries up to `search_trials` configurations of its space in order, the plain
-    default first, and keeps the best; past `search_seconds` a source stops after its first.
-    Every trial, best first within each source:
+    Each source walks its search space (`Source.space`), the plain default first, for up to
+    `search_trials` configurations and keeps the best; once `search_seconds` have passed, a
+    source still runs its first configuration and nothing more. Every trial, best first
+    within each source:
     """),
     _code("""
     run("search")
@@ -538,17 +544,20 @@ PIPELINE = [
         return fmt_params(p)
 
 
+    elapsed = 0.0  # the search's time budget runs over every source, in this order
     for name, choice in search.items():
         plain = choice["trials"][0]
+        elapsed += sum(trial["seconds"] for trial in choice["trials"])
         verdict = ("the plain default stayed best" if choice["params"] == plain["params"] else
                    f"{choice['ndcg'] / plain['ndcg'] - 1:+.1%} NDCG@10 over the plain default")
         print(f"{name}: validation chose {chose(name, choice['params'])} — {verdict} "
               f"({choice['ndcg']:.4f} vs {plain['ndcg']:.4f}, best of "
               f"{len(choice['trials'])} trials)")
-        space = len(SOURCES[name].space(settings))
-        if len(choice["trials"]) < min(settings.search_trials, space):
-            print(f"    (only {len(choice['trials'])} trials: the {settings.search_seconds:.0f} s "
-                  "time budget of the search ran out)")
+        if len(choice["trials"]) < settings.search_trials:
+            why = (f"the {settings.search_seconds:.0f} s time budget of the search ran out"
+                   if elapsed > settings.search_seconds else
+                   "its search space holds no more distinct configurations")
+            print(f"    (only {len(choice['trials'])} trials: {why})")
     best_searched = max(search, key=lambda name: search[name]["ndcg"])
     print(f"\\nbest single source on the search users: {best_searched} "
           f"(NDCG@10 {search[best_searched]['ndcg']:.4f})")
@@ -618,7 +627,8 @@ PIPELINE = [
                             next((s for s in SOURCES if name.startswith(s + "_")), "other")
                             for name in importance.index], index=importance.index)
         by_family = importance.groupby(family).sum().sort_values(ascending=False)
-        print(f"ranker: {ranker.tree_count_} trees (early-stopped); importance by feature group: "
+        print(f"ranker: {ranker.tree_count_} trees (the best iteration on the early-stopping "
+              f"users, of at most {settings.ranker_iterations}); importance by feature group: "
               + ", ".join(f"{name} {value:.0f} %" for name, value in by_family.items()))
         display(importance.head(15).round(1).to_frame())
     else:
