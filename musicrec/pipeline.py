@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,9 @@ from musicrec.selection import Choice, Truth, ndcg_per_user, recommend_batched, 
 from musicrec.settings import Settings
 from musicrec.sources import AlsSource, Lists, PopularSource, Source, TrainData, make_source
 from musicrec.split import SplitDates, events_before, split_dates
+
+if TYPE_CHECKING:
+    from catboost import CatBoostRanker
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ class RunContext:
     def selection(self) -> dict:
         return self._work_json(SELECTION_JSON, "rank")
 
-    def ranker(self):
+    def ranker(self) -> CatBoostRanker | None:
         """The ranker this run trained (None when it trained none)."""
         from catboost import CatBoostRanker
 
@@ -165,7 +169,8 @@ def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ..
     return data, truth, validation_split(truth, run.settings)
 
 
-def served_lists(winner: str, sources: dict[str, Source], ranker, data: TrainData,
+def served_lists(winner: str, sources: dict[str, Source], ranker: CatBoostRanker | None,
+                 data: TrainData,
                  users: np.ndarray, n: int, settings: Settings, progress: bool = False
                  ) -> Lists:
     """The lists of the served model (a source's own, or the ranker's) for ``users``."""
