@@ -178,8 +178,10 @@ INTRO = [
 
     An empty data folder gets the generated preset; a folder with some but not all of the
     three files is an error (nothing is overwritten). Preparation then validates the files
-    (schema, nulls, unknown tracks, repeated pairs) and writes `items.parquet` (tracks with
-    their album, artist and genre names) and `events.parquet` (sorted by user and date).
+    (schema, nulls, unknown tracks; lossless casts of other integer, list and string types;
+    same-day repeats merged into a `plays` count; implausible dates kept with a warning) and
+    writes `items.parquet` (tracks with their album, artist and genre names) and
+    `events.parquet` (sorted by user and date).
     """),
     _code("""
     present = [name for name in io.INPUT_FILES if (DATA / name).exists()]
@@ -196,7 +198,7 @@ INTRO = [
         print(f"using the input files in {DATA}")
 
     started = time.perf_counter()
-    prepared = prepare_files(DATA, PARQUET)
+    prepared = prepare_files(DATA, PARQUET, settings)
     print(f"prepared {prepared['tracks']:,} items and {prepared['events']:,} events of "
           f"{prepared['users']:,} users in {time.perf_counter() - started:.0f} s")
     """, TAG_INPUT),
