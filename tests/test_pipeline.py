@@ -150,3 +150,27 @@ def test_search_on_a_user_sample(built: tuple[Settings, dict],
     search = io.read_json(Path(settings.parquet_dir) / pipeline.WORK_DIR / pipeline.SEARCH_JSON)
     assert set(search) == set(settings.sources)
     assert all(0 < choice["ndcg"] <= 1 for choice in search.values())
+
+
+def test_without_a_ranker_the_best_source_is_served(tmp_path: Path) -> None:
+    """Too few positives to train a ranker (a small real log): a source wins validation, is
+    served, and the report's served row is that source's."""
+    generate("tiny", tmp_path / "data", seed=6)
+    prepare_files(tmp_path / "data", tmp_path / "parquet")
+    settings = Settings(data_dir=tmp_path / "data", parquet_dir=tmp_path / "parquet", seed=6,
+                        als_iterations=5, search_trials=1, ease_max_items=300, bootstrap=50,
+                        ranker_min_positives=10**9, threads=2)
+    manifest = pipeline.run_all(settings)
+    selection = manifest["selection"]
+    assert "ranker" not in selection["ndcg@10"] and "no ranker" in selection["reason"]
+    winner = selection["winner"]
+    assert winner in settings.sources
+    assert selection["ndcg@10"][winner]["ndcg"] >= selection["ndcg@10"]["popular"]["ndcg"]
+    parquet = Path(settings.parquet_dir)
+    assert not (parquet / io.RANKER_MODEL).exists()
+    metrics = pd.read_parquet(parquet / io.METRICS)
+    at10 = metrics[(metrics["k"] == 10) & (metrics["segment"] == "all")].set_index("source")
+    assert "ranker" not in at10.index
+    assert at10.loc["served", "ndcg"] == at10.loc[winner, "ndcg"]
+    recs = pd.read_parquet(parquet / io.RECOMMENDATIONS)
+    assert recs["rank"].min() == 1 and recs["user_id"].nunique() > 0
