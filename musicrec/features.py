@@ -116,14 +116,23 @@ class History:
         """Days from the first event to the cut-off."""
         return int(self.cutoff - int(self.days.min())) if self.n_events else 1
 
-    def matrix(self, half_life_days: float | None = None) -> sp.csr_matrix:
-        """users x tracks CSR of listening strength: plays, times ``0.5 ** (age / half_life)``
-        when a half-life is given (age in days before the cut-off). A track heard on several
-        days is one cell holding the sum."""
-        weights = (np.ones(self.n_events, np.float32) if self.plays is None
-                   else self.plays.astype(np.float32))
+    def strength(self, half_life_days: float | None = None,
+                 positions: np.ndarray | None = None) -> np.ndarray:
+        """Listening strength of the events at ``positions`` (all when None): plays, times
+        ``0.5 ** (age / half_life)`` when a half-life is given (age in days before the
+        cut-off)."""
+        plays = self.plays if positions is None or self.plays is None else self.plays[positions]
+        days = self.days if positions is None else self.days[positions]
+        weights = (np.ones(days.size, np.float32) if plays is None
+                   else plays.astype(np.float32))
         if half_life_days is not None:
-            weights *= days_decay((self.cutoff - 1) - self.days.astype(np.int32), half_life_days)
+            weights *= days_decay((self.cutoff - 1) - days.astype(np.int32), half_life_days)
+        return weights
+
+    def matrix(self, half_life_days: float | None = None) -> sp.csr_matrix:
+        """users x tracks CSR of listening ``strength``; a track heard on several days is one
+        cell holding the sum."""
+        weights = self.strength(half_life_days)
         # copies: scipy shares the arrays it is given and sum_duplicates sorts them in place
         matrix = sp.csr_matrix((weights, self.track_codes.copy(), self.indptr.copy()),
                                shape=(self.n_users, self.n_tracks))

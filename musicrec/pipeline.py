@@ -32,7 +32,15 @@ from musicrec.errors import DataError
 from musicrec.features import History, build_history
 from musicrec.selection import Choice, Truth, ndcg_per_user, recommend_batched, search
 from musicrec.settings import Settings
-from musicrec.sources import AlsSource, Lists, PopularSource, Source, TrainData, make_source
+from musicrec.sources import (
+    SOURCES,
+    AlsSource,
+    Lists,
+    PopularSource,
+    Source,
+    TrainData,
+    make_source,
+)
 from musicrec.split import SplitDates, events_before, split_dates
 
 if TYPE_CHECKING:
@@ -324,13 +332,17 @@ def stage_serve(run: RunContext) -> None:
     s = run.settings
     data = run.train_data(None)
     h = data.history
-    choices = run.choices()
-    choices.setdefault("popular", Choice("popular", PopularSource.space(s)[0], 0.0))
-    sources = _fit_sources(data, choices, s)
+    sources = _fit_sources(data, run.choices(), s)
     users = np.arange(h.n_users, dtype=np.int64)
-    io.write_table(_popular_table(sources["popular"]), run.out / io.TOP_POPULAR,
+
+    def chosen_or_plain(name: str) -> Source:
+        """The fitted source, or its plain default when the run does not use it (kept out of
+        ``sources``: the ranker knows only the sources it was trained on)."""
+        return sources.get(name) or make_source(name, s, SOURCES[name].space(s)[0]).fit(data)
+
+    io.write_table(_popular_table(chosen_or_plain("popular")), run.out / io.TOP_POPULAR,
                    io.POPULAR_SCHEMA)
-    als = sources.get("als") or make_source("als", s, AlsSource.space(s)[0]).fit(data)
+    als = chosen_or_plain("als")
     io.write_table(_frame(recommend_batched(als, users, s.n_recommendations), h, users),
                    run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
     item_to_item = sources.get("item_knn") or als

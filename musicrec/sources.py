@@ -389,13 +389,8 @@ class ItemKnnSource(Source):
         ends = h.indptr[users + 1]
         keep = positions >= ends[local] - KNN_MAX_HISTORY
         positions, local = positions[keep], local[keep]
-        weights = np.ones(positions.size, np.float32)
-        if h.plays is not None:
-            weights *= h.plays[positions]
-        if self.half_life is not None:
-            age = (h.cutoff - 1) - h.days[positions].astype(np.int32)
-            weights *= np.power(np.float32(0.5), age / np.float32(self.half_life))
-        return sp.csr_matrix((weights, (local, h.track_codes[positions])),
+        return sp.csr_matrix((h.strength(self.half_life, positions),
+                              (local, h.track_codes[positions])),
                              shape=(users.size, h.n_tracks))
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
