@@ -3,11 +3,16 @@
 Start it with ``uvicorn recommendation_service:app`` or ``python recommendation_service.py``
 (host, port and workers from ``MUSICREC_`` settings). The HTTP contract is docs/API.md.
 
-At start-up the lifespan loads the artefacts of the offline pipeline from
-``settings.parquet_dir`` (items, top_popular, similar, recommendations) into numpy arrays in
+At start-up the lifespan opens the artefacts of the offline pipeline in
+``settings.parquet_dir`` (items, top_popular, similar, recommendations) as numpy arrays in
 CSR form — sorted unique keys, row offsets, values — so a request costs one binary search
 whatever the number of users, and opens the online history store (``settings.history_url``).
-A missing or unusable artefact stops the start-up with a message naming the file.
+The arrays are memory-mapped from the served form the pipeline publishes beside the parquet
+files (``musicrec.served``: ``.npy`` / Arrow files with CRC-32 checksums in the manifest), so
+every worker shares one copy through the page cache and starts in about a second; a folder
+without it is read from parquet into private memory, with a warning naming
+``python -m musicrec publish``. A missing or unusable artefact stops the start-up with a
+message naming the file.
 
 Checks before a set is used (start-up and reload): every file present; byte size and row count
 as manifest.json records them (files of one run); column names and types; no empty values;
@@ -25,18 +30,23 @@ serving.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import hashlib
 import logging
 import os
+import re
 import secrets
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -46,28 +56,47 @@ from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Reques
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
-from musicrec import io
+from musicrec import io, served
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.history import HistoryStore, HistoryStoreError, open_history_store
+from musicrec.history import (
+    Added,
+    HistoryPage,
+    HistoryStore,
+    HistoryStoreBusy,
+    HistoryStoreError,
+    HistoryStoreFull,
+    IdempotencyKeyReused,
+    open_history_store,
+)
 from musicrec.settings import Settings
 
 log = logging.getLogger("recommendation_service")
 
 INT32_MAX = 2**31 - 1
 MAX_HISTORY_BATCH = 10_000
+MAX_IDEMPOTENCY_KEY = 255
+HISTORY_READ_THREADS = 4  # per worker: history reads off the event loop (read_store)
+READ_DEADLINE_MARGIN = 0.2  # seconds a read may take beyond the busy timeout
 # GET /similar: ids in the query string; 500 keeps the URL (~11 kB) well inside what the HTTP
 # parser accepts, so a longer list is our 422, not the server's bare 400 (found by fuzzing)
 MAX_QUERY_TRACKS = 500
 BLEND_MODES = ("strict", "probability")
+POPULAR_HEAD = 2048  # popular tracks kept as Python ints for filling lists
+NOTHING_HEARD: frozenset[int] = frozenset()
+POSITION_BITS = 32  # (track id < 2**31) << 32 | position: still a positive int64
+POSITION_MASK = np.int64(2**POSITION_BITS - 1)
 KINDS = ("personal", "similar", "default")
 SOURCE_HEADER = "X-Recommendation-Source"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 BlendMode = Literal["strict", "probability"]
+T = TypeVar("T")
 
 
 # --- domain errors (mapped to HTTP codes in one place: ERROR_STATUS) ------------------------
@@ -109,11 +138,14 @@ class NotReadyError(ServiceError):
     """The artefacts are not loaded (yet)."""
 
 
-ERROR_STATUS: dict[type[Exception], int] = {
+ERROR_STATUS: dict[type[Exception], int] = {  # the first class that matches wins
     BadParameterError: 422,
     UnknownTracksError: 422,
     NotReadyError: 503,
-    HistoryStoreError: 503,
+    HistoryStoreBusy: 503,  # with Retry-After
+    HistoryStoreFull: 507,  # Insufficient Storage: nothing of the write was stored
+    HistoryStoreError: 503,  # with Retry-After
+    IdempotencyKeyReused: 422,
 }
 
 
@@ -135,12 +167,8 @@ class RankedLists:
         cls, key_column: np.ndarray, values: np.ndarray, scores: np.ndarray | None = None
     ) -> RankedLists:
         """Build from rows already sorted by key (and rank within a key)."""
-        if key_column.size == 0:
-            return cls(np.empty(0, np.int32), np.zeros(1, np.int64), values[:0], scores)
-        starts = np.flatnonzero(key_column[1:] != key_column[:-1]) + 1
-        keys = key_column[np.concatenate(([0], starts))]
-        offsets = np.concatenate(([0], starts, [key_column.size])).astype(np.int64)
-        return cls(np.ascontiguousarray(keys), offsets, values, scores)
+        keys, offsets = served.csr_offsets(key_column)
+        return cls(keys, offsets, values, scores)
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -171,6 +199,17 @@ class RankedLists:
     def __contains__(self, key: int) -> bool:
         return self.position(int(key)) >= 0
 
+    def values_of(self, key: int) -> np.ndarray | None:
+        """The row of ``key`` (a read-only view), or None when the key has none: one binary
+        search, no temporaries (the hot path)."""
+        if not 0 <= key <= INT32_MAX or self.keys.size == 0:
+            return None
+        # an int32 needle: a Python int makes numpy cast the whole key array (~0.2 ms)
+        i = int(self.keys.searchsorted(np.int32(key)))
+        if i == self.keys.size or self.keys[i] != key:
+            return None
+        return self.values[self.offsets[i]:self.offsets[i + 1]]
+
     def row(self, key: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Values (and scores) of ``key``; empty when the key is absent."""
         i = self.position(int(key))
@@ -183,20 +222,41 @@ class RankedLists:
 
 @dataclass(frozen=True)
 class Artefacts:
-    """Everything the service reads from the parquet folder, immutable once built, so a
-    reload can swap the whole set at once while requests in flight keep the old one."""
+    """Everything the service answers from, immutable once built, so a reload can swap the
+    whole set at once while requests in flight keep the old one. The arrays are read-only
+    maps of the served files (``mapped``) or, for a folder without them, private copies."""
 
     parquet_dir: Path
-    items: pa.Table  # track_id, name, artists, albums, genres
-    item_ids: np.ndarray  # sorted track ids of the catalogue (int32)
-    item_rows: np.ndarray  # row in ``items`` of each id of ``item_ids``
+    items: pa.Table  # track_id, name, artists, albums, genres; sorted by track_id
+    item_ids: np.ndarray  # sorted track ids of the catalogue (int32): row i of ``items``
     popular: np.ndarray  # track ids, most popular first
     similar: RankedLists  # track -> similar tracks with scores
     offline: RankedLists  # user -> offline recommendations (ranked)
     built_at: str | None = None
     run_id: str | None = None
+    mapped: bool = False
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     load_seconds: float = 0.0
+    # the head of the popular list as Python ints: filling a short list is a few set
+    # lookups instead of several numpy calls on tiny arrays (the hot path)
+    popular_head: tuple[int, ...] = ()
+
+    @classmethod
+    def from_served(cls, arrays: dict[str, Any], **fields: Any) -> Artefacts:
+        """Build from ``musicrec.served``'s arrays (mapped or read), keyed by served file."""
+        items = arrays[served.ITEMS]
+        ids = items.column(C.track)
+        item_ids = (ids.chunk(0).to_numpy(zero_copy_only=True) if ids.num_chunks == 1
+                    else ids.to_numpy().astype(np.int32, copy=False))
+        popular = arrays[served.POPULAR]
+        return cls(
+            items=items, item_ids=item_ids, popular=popular,
+            similar=RankedLists(arrays[served.SIMILAR_KEYS], arrays[served.SIMILAR_OFFSETS],
+                                arrays[served.SIMILAR_VALUES], arrays[served.SIMILAR_SCORES]),
+            offline=RankedLists(arrays[served.OFFLINE_KEYS], arrays[served.OFFLINE_OFFSETS],
+                                arrays[served.OFFLINE_VALUES]),
+            popular_head=tuple(popular[:POPULAR_HEAD].tolist()), **fields,
+        )
 
     def unknown_tracks(self, track_ids: Sequence[int]) -> list[int]:
         """Ids of ``track_ids`` not in the catalogue, each once, in order of appearance."""
@@ -216,7 +276,7 @@ class Artefacts:
         needles = ids[valid].astype(np.int32)  # int32, so item_ids is not cast to int64
         pos = np.minimum(np.searchsorted(self.item_ids, needles), self.item_ids.size - 1)
         hit = self.item_ids[pos] == needles
-        rows[np.flatnonzero(valid)[hit]] = self.item_rows[pos[hit]]
+        rows[np.flatnonzero(valid)[hit]] = pos[hit]  # items are sorted by id: row = position
         return rows
 
     def details(self, track_ids: Sequence[int]) -> list[dict[str, Any]]:
@@ -238,186 +298,6 @@ class Artefacts:
             }
             for t in ids
         ]
-
-
-READ_THREADS = 2  # row groups of a column are decoded by this many threads at once
-
-
-def _read_column(path: Path, name: str, dtype: pa.DataType) -> np.ndarray:
-    """One numeric column as a numpy array: row groups decoded by READ_THREADS threads
-    straight into their slice of one preallocated array (peak memory: the array plus a row
-    group per thread), with page checksums verified."""
-    meta = pq.read_metadata(path)
-    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
-    out = np.empty(int(starts[-1]), dtype=dtype.to_pandas_dtype())
-
-    def read(groups: list[int]) -> None:
-        reader = pq.ParquetFile(path, page_checksum_verification=True)
-        for group in groups:
-            column = reader.read_row_group(group, columns=[name]).column(0)
-            if column.null_count:
-                raise DataError(f"{path}: column {name!r} has {column.null_count} empty values")
-            if column.type != dtype:
-                column = column.cast(dtype)  # safe cast: overflow raises
-            values = column.to_numpy()
-            if values.size != sizes[group]:
-                raise DataError(f"{path}: row group {group} has {values.size} rows, "
-                                f"its metadata says {sizes[group]}")
-            out[starts[group]:starts[group + 1]] = values
-
-    shares = [list(range(i, len(sizes), READ_THREADS)) for i in range(READ_THREADS)]
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        for future in [pool.submit(read, share) for share in shares if share]:
-            future.result()  # re-raises a reader's error here
-    return out
-
-
-def _read_columns(path: Path, columns: dict[str, pa.DataType]) -> dict[str, np.ndarray]:
-    """Read numeric columns of an artefact as numpy arrays of the given types, one column at
-    a time; any problem is a DataError naming the file.
-
-    An id or rank column must hold integers (a float or string id is a file from something
-    else, not one to guess at); a score may be any number. Page checksums are verified when
-    the writer stored them."""
-    schema = _read_schema(path)
-    out: dict[str, np.ndarray] = {}
-    for name, dtype in columns.items():
-        index = schema.get_field_index(name)
-        if index < 0:
-            raise DataError(f"{path}: column {name!r} is missing (columns: {schema.names})")
-        source_type = schema.field(index).type
-        allowed = pa.types.is_integer(source_type) or (
-            pa.types.is_floating(dtype) and pa.types.is_floating(source_type)
-        )
-        if not allowed:
-            raise DataError(f"{path}: column {name!r} has type {source_type}, expected {dtype}")
-        try:
-            out[name] = _read_column(path, name, dtype)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"{path}: cannot read column {name!r}: {exc}") from exc
-    return out
-
-
-def _read_schema(path: Path) -> pa.Schema:
-    if not path.exists():
-        raise DataError(
-            f"missing artefact {path}: run the pipeline (python -m musicrec run) "
-            "or point MUSICREC_PARQUET_DIR at a folder of artefacts"
-        )
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable parquet file: {exc}") from exc
-
-
-CHECK_CHUNK = 8_000_000  # rows per step of the whole-column checks: bounded temporaries
-
-
-def _check_sorted(path: Path, keys: np.ndarray, ranks: np.ndarray, key_name: str) -> None:
-    """The CSR form needs rows sorted by key, then rank; refuse a file that is not."""
-    for start in range(0, max(keys.size - 1, 0), CHECK_CHUNK):
-        stop = min(start + CHECK_CHUNK + 1, keys.size)
-        k, r = keys[start:stop], ranks[start:stop]
-        same = k[1:] == k[:-1]
-        if np.any(k[1:] < k[:-1]) or np.any(r[1:][same] <= r[:-1][same]):
-            raise DataError(f"{path}: rows are not sorted by {key_name}, rank")
-    if keys.size and (keys[0] < 0 or ranks.min() < 1):
-        raise DataError(f"{path}: negative {key_name} or a rank below 1")
-
-
-class Catalogue:
-    """Membership of track ids in items.parquet, by a boolean table over the id range: one
-    gather per id, so every track of a 137 M-row file is checked in about a second."""
-
-    def __init__(self, sorted_ids: np.ndarray) -> None:
-        top = int(sorted_ids[-1]) + 1 if sorted_ids.size else 0
-        self.member = np.zeros(top, dtype=bool)
-        self.member[sorted_ids] = True
-
-    def check(self, path: Path, column: str, ids: np.ndarray) -> None:
-        """DataError naming ``path`` when a track id of ``ids`` is not in the catalogue."""
-        for start in range(0, ids.size, CHECK_CHUNK):
-            part = ids[start:start + CHECK_CHUNK]
-            if part.size == 0:
-                continue
-            if part.min() >= 0 and part.max() < self.member.size and self.member.take(part).all():
-                continue  # the usual case: one gather, no masks
-            inside = (part >= 0) & (part < self.member.size)
-            inside[inside] = self.member[part[inside]]
-            if not inside.all():
-                bad = np.unique(part[~inside])
-                raise DataError(
-                    f"{path}: column {column!r} has {bad.size} track id(s) not in "
-                    f"{io.ITEMS} (e.g. {bad[:5].tolist()}): the files are not from one run"
-                )
-
-
-def _load_ranked(
-    path: Path, key: str, value: str, with_scores: bool, catalogue: Catalogue
-) -> RankedLists:
-    wanted = {key: pa.int32(), value: pa.int32(), C.rank: pa.int16()}
-    if with_scores:
-        wanted[C.score] = pa.float32()
-    cols = _read_columns(path, wanted)
-    _check_sorted(path, cols[key], cols.pop(C.rank), key)
-    if value == C.similar:
-        if np.any(cols[key] == cols[value]):
-            raise DataError(f"{path}: a track is listed as similar to itself")
-        catalogue.check(path, key, cols[key])
-    catalogue.check(path, value, cols[value])
-    scores = cols.get(C.score)
-    if scores is not None and not np.all(np.isfinite(scores)):
-        raise DataError(f"{path}: column {C.score!r} has values that are not finite")
-    return RankedLists.from_sorted(cols.pop(key), cols.pop(value), scores)
-
-
-ITEM_TYPES: dict[str, Any] = {  # column -> check of its arrow type
-    C.track: pa.types.is_integer,
-    C.name: lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
-    C.artists: lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type),
-    C.albums: lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type),
-    C.genres: lambda t: pa.types.is_list(t) and pa.types.is_string(t.value_type),
-}
-
-
-def _load_items(path: Path) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    schema = _read_schema(path)
-    names = list(ITEM_TYPES)
-    missing = [n for n in names if n not in schema.names]
-    if missing:
-        raise DataError(f"{path}: columns missing: {missing} (columns: {schema.names})")
-    for name, is_ok in ITEM_TYPES.items():
-        source_type = schema.field(name).type
-        if not is_ok(source_type):
-            expected = {C.track: "an integer", C.name: "string"}.get(name, "list<string>")
-            raise DataError(f"{path}: column {name!r} has type {source_type}, expected {expected}")
-    try:
-        # one chunk per column: take() on a table of many row groups is far slower
-        table = pq.read_table(
-            path, columns=names, page_checksum_verification=True
-        ).combine_chunks()
-        ids_column = table.column(C.track)
-        if ids_column.null_count:
-            raise DataError(f"{path}: column {C.track!r} has {ids_column.null_count} empty values")
-        ids = ids_column.cast(pa.int32()).to_numpy()
-    except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: cannot read: {exc}") from exc
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    if sorted_ids.size and sorted_ids[0] < 0:
-        raise DataError(f"{path}: negative track ids")
-    if sorted_ids.size > 1 and np.any(sorted_ids[1:] == sorted_ids[:-1]):
-        raise DataError(f"{path}: track ids are not unique")
-    return table, sorted_ids, order
-
-
-def _load_popular(path: Path, catalogue: Catalogue) -> np.ndarray:
-    cols = _read_columns(path, {C.track: pa.int32(), C.rank: pa.int32()})
-    catalogue.check(path, C.track, cols[C.track])
-    if np.unique(cols[C.track]).size != cols[C.track].size:
-        raise DataError(f"{path}: a track is listed twice")
-    return np.ascontiguousarray(cols[C.track][np.argsort(cols[C.rank], kind="stable")])
 
 
 SERVICE_FILES = (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
@@ -462,7 +342,7 @@ def check_manifest(parquet_dir: Path, manifest: dict[str, Any] | None) -> None:
     for name, want in _expected_files(manifest).items():
         path = Path(parquet_dir) / name
         if not path.exists():
-            _read_schema(path)  # the missing-file message
+            served.read_schema(path)  # the missing-file message
         size = path.stat().st_size
         if want["bytes"] is not None and size != want["bytes"]:
             raise DataError(
@@ -481,46 +361,47 @@ def check_manifest(parquet_dir: Path, manifest: dict[str, Any] | None) -> None:
                 )
 
 
-def _file_state(path: Path) -> tuple[int, int]:
+def _identity(path: Path) -> tuple[int, int, int]:
     stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def load_artefacts(parquet_dir: Path) -> Artefacts:
-    """Read and check the four artefacts the service needs; DataError names a bad file.
+    """Open and check the artefacts the service needs; DataError names a bad file.
 
-    Checks, in order: every file is there; sizes and row counts match manifest.json (one run);
-    columns and types; no empty values; rows sorted; every track id in items.parquet; scores
-    finite; no file changed while it was read. Any failure leaves nothing half-loaded."""
+    Checks, in order: every parquet file is there; sizes and row counts match manifest.json
+    (one run). Then, when the manifest records the served form (``musicrec.served``) made
+    from these parquet files: each served file's size, CRC-32 and array header against the
+    manifest, then it is memory-mapped (shared by every worker through the page cache).
+    Otherwise (a folder made before the served form, or hand-made): the parquet files are
+    read into this worker's memory with every content check (columns and types, no empty
+    values, rows sorted, every track id in items.parquet, finite scores, page checksums), and
+    a warning names the command that writes the shared form; the service still starts rather
+    than refusing an older folder that is otherwise fine. Last: no file changed while it was
+    read. Any failure leaves nothing half-loaded."""
     started = time.perf_counter()
     parquet_dir = Path(parquet_dir)
     paths = {name: parquet_dir / name for name in SERVICE_FILES}
     for path in paths.values():  # fail fast, before the long reads
         if not path.exists():
-            _read_schema(path)
+            served.read_schema(path)
     manifest = read_manifest(parquet_dir)
     check_manifest(parquet_dir, manifest)
-    states = {name: _file_state(path) for name, path in paths.items()}
+    state = served.served_state(parquet_dir, manifest)
+    if state.usable:
+        assert manifest is not None
+        arrays, identities = served.open_served(parquet_dir, manifest)
+        watched = {parquet_dir / name: identity for name, identity in identities.items()}
+    else:
+        log.warning(
+            "%s: %s; reading the parquet files into this worker's own memory (a slow start "
+            "and one private copy per worker). `%s` writes the shared, memory-mapped form.",
+            parquet_dir, state.reason, served.PUBLISH_COMMAND.format(folder=parquet_dir))
+        watched = {path: _identity(path) for path in paths.values()}
+        arrays = served.read_parquet_set(paths)
 
-    t = time.perf_counter()
-    items, item_ids, item_rows = _load_items(paths[io.ITEMS])
-    catalogue = Catalogue(item_ids)
-    log.info("items: %d tracks in %.1f s", item_ids.size, time.perf_counter() - t)
-    t = time.perf_counter()
-    popular = _load_popular(paths[io.TOP_POPULAR], catalogue)
-    log.info("top popular: %d tracks in %.1f s", popular.size, time.perf_counter() - t)
-    t = time.perf_counter()
-    similar = _load_ranked(paths[io.SIMILAR], C.track, C.similar, True, catalogue)
-    log.info("similar: %d tracks, %d pairs in %.1f s", len(similar), similar.n_pairs,
-             time.perf_counter() - t)
-    t = time.perf_counter()
-    offline = _load_ranked(paths[io.RECOMMENDATIONS], C.user, C.track, False, catalogue)
-    log.info("recommendations: %d users, %d rows in %.1f s", len(offline), offline.n_pairs,
-             time.perf_counter() - t)
-    del catalogue
-
-    for name, path in paths.items():
-        if not path.exists() or _file_state(path) != states[name]:
+    for path, identity in watched.items():
+        if not path.exists() or _identity(path) != identity:
             raise DataError(f"{path}: changed while it was being read (a pipeline run is "
                             "publishing a new set?); the next reload will pick the new set up")
     if manifest != read_manifest(parquet_dir):
@@ -531,14 +412,15 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
     if built_at is None:
         mtime = paths[io.RECOMMENDATIONS].stat().st_mtime
         built_at = datetime.fromtimestamp(mtime, UTC).isoformat()
-    pa.default_memory_pool().release_unused()  # hand the read buffers back to the OS now
+    if not state.usable:
+        pa.default_memory_pool().release_unused()  # hand the read buffers back to the OS now
+    art = Artefacts.from_served(arrays, parquet_dir=parquet_dir, mapped=state.usable,
+                                built_at=built_at, run_id=None if run_id is None else str(run_id))
     seconds = time.perf_counter() - started
-    log.info("artefacts of run %s from %s loaded in %.1f s", run_id, parquet_dir, seconds)
-    return Artefacts(
-        parquet_dir=parquet_dir, items=items, item_ids=item_ids, item_rows=item_rows,
-        popular=popular, similar=similar, offline=offline, built_at=built_at,
-        run_id=None if run_id is None else str(run_id), load_seconds=round(seconds, 3),
-    )
+    object.__setattr__(art, "load_seconds", round(seconds, 3))
+    log.info("artefacts of run %s from %s %s in %.1f s", run_id, parquet_dir,
+             "mapped" if state.usable else "read", seconds)
+    return art
 
 
 # --- the recommender ----------------------------------------------------------------------
@@ -564,34 +446,56 @@ def blended_list(
         raise ValueError(f"unknown blend {mode!r}; expected one of {', '.join(BLEND_MODES)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    lists = ([int(x) for x in online], [int(x) for x in offline])
-    heads = [0, 0]
-    draws = None
-    if mode == "probability":
-        draws = np.random.default_rng(seed).random(len(lists[0]) + len(lists[1])) < p
+    return _blend(_int_list(online), _int_list(offline), mode == "probability", p, seed, limit)
+
+
+def _blend(first: list[int], second: list[int], by_chance: bool, p: float,
+           seed: int | Sequence[int] | None, limit: int | None) -> list[int]:
+    """``blended_list`` on lists of Python ints, arguments already checked (the hot path)."""
+    n_first, n_second = len(first), len(second)
+    draws: list[bool] | None = None
+    if by_chance:
+        draws = (np.random.default_rng(seed).random(n_first + n_second) < p).tolist()
     result: list[int] = []
     seen: set[int] = set()
-    step = 0
-    limit = len(lists[0]) + len(lists[1]) if limit is None else limit
-    while (heads[0] < len(lists[0]) or heads[1] < len(lists[1])) and len(result) < limit:
-        if heads[0] >= len(lists[0]):
-            side = 1
-        elif heads[1] >= len(lists[1]):
-            side = 0
+    i = j = step = 0
+    limit = n_first + n_second if limit is None else limit
+    # plain Python on purpose: the lists are at most 2k long, and a loop over two list
+    # indices costs less than any numpy call on arrays this short
+    while len(result) < limit and (i < n_first or j < n_second):
+        if i >= n_first:
+            from_first = False
+        elif j >= n_second:
+            from_first = True
         elif draws is None:
-            side = step % 2
+            from_first = step % 2 == 0
         else:
-            side = 0 if draws[step] else 1
+            from_first = draws[step]
         step += 1
-        source = lists[side]
-        while heads[side] < len(source):
-            item = source[heads[side]]
-            heads[side] += 1
-            if item not in seen:
-                seen.add(item)
-                result.append(item)
-                break
+        if from_first:
+            while i < n_first:
+                item = first[i]
+                i += 1
+                if item not in seen:
+                    seen.add(item)
+                    result.append(item)
+                    break
+        else:
+            while j < n_second:
+                item = second[j]
+                j += 1
+                if item not in seen:
+                    seen.add(item)
+                    result.append(item)
+                    break
     return result
+
+
+def _int_list(values: Iterable[int]) -> list[int]:
+    """Python ints of a list or an array (``tolist`` is one C call for an array)."""
+    if isinstance(values, np.ndarray):
+        return values.tolist()
+    return [int(x) for x in values]
 
 
 def request_seed(user_id: int, k: int, p: float) -> list[int]:
@@ -599,13 +503,52 @@ def request_seed(user_id: int, k: int, p: float) -> list[int]:
     return [int(user_id), int(k), int(round(p * 1_000_000))]
 
 
-def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """``np.isin(values, sorted_set)`` for a sorted unique ``sorted_set``: one binary search
-    per value, several times faster than isin on the short arrays of a request."""
-    if sorted_set.size == 0:
-        return np.zeros(values.size, dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_set, values), sorted_set.size - 1)
-    return sorted_set[pos] == values
+RELOAD_LOCK = ".reload.lock"  # in the parquet folder; s3 push skips dot files
+
+
+@contextmanager
+def reload_lock(parquet_dir: Path) -> Iterator[None]:
+    """An exclusive ``flock`` that the worker processes (and threads) of one machine take
+    in turn around a load, so N workers never hold two artefact sets each at the same time.
+
+    The lock file is ``.reload.lock`` in the artefact folder (shared by every process
+    serving it) or, when the folder is read-only, a file in the temporary folder named after
+    it. The kernel releases the lock when its holder dies, so a killed worker blocks no one.
+    Without any lockable file the load goes ahead alone (logged)."""
+    candidates = [Path(parquet_dir) / RELOAD_LOCK, Path(tempfile.gettempdir()) / (
+        "musicrec-reload-"
+        + hashlib.sha256(str(Path(parquet_dir).resolve()).encode()).hexdigest()[:16] + ".lock")]
+    fd = -1
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            break
+        except OSError as exc:
+            log.debug("reload lock %s: %s", path, exc)
+    if fd < 0:
+        log.warning("no reload lock file can be opened for %s; loading without one",
+                    parquet_dir)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another worker loads
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _without_folder(message: str, parquet_dir: Path) -> str:
+    """A message with the artefact folder's path taken out (clients see file names only)."""
+    for prefix in {str(Path(parquet_dir).resolve()), str(parquet_dir)}:
+        if prefix not in (".", ""):
+            message = message.replace(prefix + os.sep, "").replace(prefix, "<artefacts>")
+    return message
+
+
+def _short_error(message: str) -> str:
+    """The head of an error message (``file: problem``), for /health; the log has it all."""
+    parts = message.split(": ")
+    return ": ".join(parts[:2])[:200]
 
 
 @dataclass
@@ -625,6 +568,8 @@ class Recommendations:
         self._stats_lock = threading.Lock()
         self._reload_lock = threading.Lock()  # one load at a time (watcher, admin, signal)
         self.last_reload: dict[str, Any] | None = None
+        self.watch: dict[str, Any] | None = None  # the manifest watch's state, for /health
+        self._read_pool: ThreadPoolExecutor | None = None  # history reads, off the loop
         self.started_at = datetime.now(UTC).isoformat()
 
     # -- life cycle --------------------------------------------------------------------------
@@ -640,18 +585,39 @@ class Recommendations:
 
     def reload(self, reason: str = "request") -> dict[str, Any]:
         """Load the folder's current set and switch to it, or keep the old one if the new
-        set is broken. Returns (and remembers) what happened, for /health and the admin."""
+        set is broken. Returns (and remembers) what happened, for /health and the admin.
+
+        Never raises: a bad set (DataError) and any other failure (a file vanishing,
+        MemoryError, ...) are logged and reported, and the old set keeps serving. Loads of
+        all the workers of this machine take turns (``reload_lock``), so at most one of them
+        holds two sets at a time; a worker whose turn comes when the folder's run is already
+        the one it serves skips the load."""
         previous = self._artefacts.run_id if self._artefacts is not None else None
+        folder = Path(self.settings.parquet_dir)
         started = time.perf_counter()
+        result: dict[str, Any] = {"reloaded": False, "skipped": False, "run_id": previous,
+                                  "previous_run_id": previous, "error": None}
         try:
-            art = self.load()
-            result: dict[str, Any] = {"reloaded": True, "run_id": art.run_id,
-                                      "previous_run_id": previous, "error": None}
-            log.info("reload (%s): now serving run %s (was %s)", reason, art.run_id, previous)
+            with reload_lock(folder):
+                info = read_manifest(folder)
+                run_id = info.get("run_id") if info else None
+                if run_id is not None and previous is not None and str(run_id) == previous:
+                    result["skipped"] = True
+                    log.info("reload (%s): run %s is already served, nothing to do",
+                             reason, previous)
+                else:
+                    art = self.load()
+                    result.update(reloaded=True, run_id=art.run_id)
+                    log.info("reload (%s): now serving run %s (was %s)", reason, art.run_id,
+                             previous)
         except DataError as exc:
-            result = {"reloaded": False, "run_id": previous, "previous_run_id": previous,
-                      "error": str(exc)}
+            result["error"] = _without_folder(str(exc), folder)
             log.error("reload (%s) refused, still serving run %s: %s", reason, previous, exc)
+        except Exception as exc:  # noqa: BLE001 - a failed reload must never kill the caller
+            result["error"] = (f"{type(exc).__name__} while loading the new set "
+                               "(details in the service log)")
+            result["transient"] = True
+            log.exception("reload (%s) failed, still serving run %s", reason, previous)
         result.update(reason=reason, seconds=round(time.perf_counter() - started, 3),
                       at=datetime.now(UTC).isoformat())
         self.last_reload = result
@@ -659,31 +625,84 @@ class Recommendations:
 
     def watch_manifest(self, stop: threading.Event, interval: float) -> None:
         """Reload when manifest.json names another run (the pipeline writes it last, after
-        every file of the run is in place). A refused set is not retried until the manifest
-        changes again. Runs in a daemon thread until ``stop`` is set."""
-        path = Path(self.settings.parquet_dir) / io.MANIFEST
-        tried: tuple[Any, ...] | None = None
-        while not stop.wait(interval):
-            try:
-                info = read_manifest(Path(self.settings.parquet_dir))
-                state = (info.get("run_id") if info else None, path.stat().st_mtime_ns)
-            except (DataError, OSError) as exc:
-                log.debug("manifest watch: %s", exc)
-                continue
-            current = self._artefacts.run_id if self._artefacts is not None else None
-            if state[0] is None or state[0] == current or state == tried:
-                continue
-            tried = state
-            self.reload(reason=f"manifest.json names run {state[0]}")
+        every file of the run is in place). A set refused as bad is not retried until the
+        manifest changes again; one that failed for another reason (memory, a file gone
+        mid-read) is retried at the next poll. Runs in a daemon thread until ``stop`` is
+        set; no error ends it: each is logged and shown in /health (``manifest_watch``)."""
+        tried: tuple[str, int] | None = None
+        self.watch = {"running": True, "interval_seconds": interval, "last_poll": None,
+                      "last_error": None, "last_error_at": None}
+        try:
+            while not stop.wait(interval):
+                try:
+                    tried = self._poll_manifest(tried)
+                except Exception as exc:  # noqa: BLE001 - the watcher must outlive any failure
+                    log.exception("manifest watch: the poll failed; still watching")
+                    folder = Path(self.settings.parquet_dir)
+                    self.watch.update(
+                        last_error=_short_error(_without_folder(f"{type(exc).__name__}: "
+                                                                f"{exc}", folder)),
+                        last_error_at=datetime.now(UTC).isoformat())
+                finally:
+                    self.watch["last_poll"] = datetime.now(UTC).isoformat()
+        finally:
+            self.watch["running"] = False
+
+    def _poll_manifest(self, tried: tuple[str, int] | None) -> tuple[str, int] | None:
+        """One look at manifest.json; reloads when it names a run not served nor tried.
+        Returns the (run, mtime) tried last."""
+        folder = Path(self.settings.parquet_dir)
+        info = read_manifest(folder)  # None when there is none (hand-made artefacts)
+        run_id = info.get("run_id") if info else None
+        if run_id is None:
+            return tried
+        state = (str(run_id), (folder / io.MANIFEST).stat().st_mtime_ns)
+        current = self._artefacts.run_id if self._artefacts is not None else None
+        if state[0] == current or state == tried:
+            return tried
+        result = self.reload(reason=f"manifest.json names run {state[0]}")
+        if result["error"] is not None and not result.get("transient"):
+            self.watch.update(last_error=_short_error(result["error"]),
+                              last_error_at=result["at"])
+        return tried if result.get("transient") else state
 
     def open_store(self) -> HistoryStore:
         if self.store is None:
-            self.store = open_history_store(self.settings.history_url)
+            s = self.settings
+            self.store = open_history_store(
+                s.history_url, max_events=s.history_max_events,
+                read_timeout_ms=s.history_read_timeout_ms,
+                write_timeout_ms=s.history_write_timeout_ms,
+                idempotency_seconds=s.idempotency_seconds,
+            )
+        if self._read_pool is None:
+            self._read_pool = ThreadPoolExecutor(HISTORY_READ_THREADS,
+                                                 thread_name_prefix="history-read")
         return self.store
+
+    async def read_store(self, read: Callable[..., T], *args: Any) -> T:
+        """Run a history read in the read threads, off the event loop, and wait for it at
+        most ``history_read_timeout_ms`` (plus a margin): past that, HistoryStoreBusy (503,
+        Retry-After). A busy timeout alone does not bound a read: SQLite waits for a WAL
+        read lock with its own retries (seconds) whatever the timeout, and a read on the
+        loop would freeze every request of the worker, /health included."""
+        if self._read_pool is None:
+            raise HistoryStoreError("history store is not open")
+        limit = self.settings.history_read_timeout_ms / 1000 + READ_DEADLINE_MARGIN
+        future = asyncio.get_running_loop().run_in_executor(self._read_pool, read, *args)
+        try:
+            return await asyncio.wait_for(future, limit)
+        except TimeoutError as exc:
+            raise HistoryStoreBusy(
+                f"{self.store!r}: a read got no answer within {limit:.2f} s (locked?)"
+            ) from exc
 
     def close(self) -> None:
         if self.store is not None:
             self.store.close()
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=False, cancel_futures=True)
+            self._read_pool = None
 
     @property
     def artefacts(self) -> Artefacts:
@@ -719,17 +738,41 @@ class Recommendations:
     # -- the user's methods ------------------------------------------------------------------
 
     def get_user_history(self, user_id: int) -> list[int]:
-        """The user's online history, oldest first."""
+        """The user's online history, oldest first: the latest ``history_max_events`` events
+        at most (the store keeps no more), in one indexed read."""
         return self.history.get(user_id)
+
+    def history_page(
+        self, user_id: int, limit: int | None = None, before: int | None = None
+    ) -> HistoryPage:
+        """The latest ``limit`` events (default and maximum from the settings) with a
+        position below ``before``, oldest first."""
+        limit = self.settings.history_page_default if limit is None else int(limit)
+        top = self.settings.history_page_max
+        if not 1 <= limit <= top:
+            raise BadParameterError(("query", "limit"),
+                                    f"limit must be between 1 and {top}, got {limit}")
+        return self.history.page(user_id, limit, before)
 
     def update_user_events(
         self, user_id: int, track_ids: Sequence[int], art: Artefacts | None = None
     ) -> int:
         """Append listening events (all or none); returns the new history length."""
+        return self.add_events(user_id, track_ids, art=art).history_length
+
+    def add_events(
+        self, user_id: int, track_ids: Sequence[int], art: Artefacts | None = None,
+        idempotency_key: str | None = None,
+    ) -> Added:
+        """Append listening events (all or none); a repeated ``idempotency_key`` stores
+        nothing and gives the first answer again."""
         if not track_ids:
             raise BadParameterError(("body",), "at least one track id is required")
         self.check_known(track_ids, art=art)
-        return self.history.add(user_id, track_ids)
+        try:
+            return self.history.append(user_id, track_ids, idempotency_key)
+        except IdempotencyKeyReused as exc:
+            raise BadParameterError(("header", "Idempotency-Key"), str(exc)) from exc
 
     def get_similar_items(
         self, track_ids: Sequence[int], k: int | None = None, exclude: Iterable[int] = (),
@@ -743,9 +786,8 @@ class Recommendations:
         if unknown:
             raise UnknownTracksError(unknown, ("query", C.track))
         given = list(dict.fromkeys(int(t) for t in track_ids))
-        excluded = np.unique(np.asarray([*given, *exclude], dtype=np.int64))
-        ranked = self._similar_ranked(art, given, np.ones(len(given)), excluded)
-        return [int(t) for t in ranked[:k]]
+        excluded = {*given, *(int(t) for t in exclude)}
+        return self._similar_ranked(art, given, [1.0] * len(given), excluded, k)
 
     def get(
         self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5
@@ -755,34 +797,40 @@ class Recommendations:
 
     def recommend(
         self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5,
-        art: Artefacts | None = None,
+        art: Artefacts | None = None, history: list[int] | None = None,
     ) -> Answer:
         """Recommendations and the kinds they count as (API.md, "Which recommendations");
-        ``art``: the set to answer from (default: the current one)."""
+        ``art``: the set to answer from (default: the current one); ``history``: the
+        user's online history when the caller read it already (the service reads it off
+        the event loop, ``read_store``), else it is read here.
+
+        The hot path: Python lists and sets for the short lists of a request (a numpy call
+        costs more than a set lookup on 2k ids); numpy only where it gathers and sums the
+        similar rows of the recent history."""
         k = self.check_k(k)
         if blend not in BLEND_MODES:
             raise BadParameterError(("query", "blend"), f"blend must be one of {BLEND_MODES}")
         if not 0.0 <= p <= 1.0:
             raise BadParameterError(("query", "p"), f"p must be in [0, 1], got {p}")
         art = art or self.artefacts
-        history = self.history.get(user_id)
-        heard = np.unique(np.asarray(history, dtype=np.int64))
-        offline, _ = art.offline.row(user_id)
-        has_offline = user_id in art.offline
-        if heard.size and offline.size:
-            offline = offline[~_member(offline, heard)]
-        online = self._online_list(art, history, heard) if history else np.empty(0, np.int32)
-
-        if has_offline and history:
-            kinds: tuple[str, ...] = ("personal", "similar")
-            # the first k of a blend take at most k elements of each list (each element taken
-            # or skipped as a duplicate is one of the k answers): 2k of each is plenty
-            tracks = blended_list(online[:2 * k], offline[:2 * k], blend, p,
-                                  request_seed(user_id, k, p), limit=k)
-        elif history:
-            kinds, tracks = ("similar",), [int(t) for t in online[:k]]
-        elif has_offline:  # dict.fromkeys: no duplicates even if a row repeated a track
-            kinds, tracks = ("personal",), list(dict.fromkeys(int(t) for t in offline[:2 * k]))
+        if history is None:
+            history = self.get_user_history(user_id)
+        row = art.offline.values_of(user_id)  # None: no offline list for the user
+        heard: set[int] | frozenset[int] = NOTHING_HEARD
+        if history:
+            heard = set(history)
+            online = self._online_list(art, history, heard, 2 * k)
+            if row is not None:
+                kinds: tuple[str, ...] = ("personal", "similar")
+                offline = [t for t in row.tolist() if t not in heard]
+                # the first k of a blend take at most k elements of each list (each element
+                # taken or skipped as a duplicate is one of the k answers): 2k is plenty
+                tracks = _blend(online, offline[:2 * k], blend == "probability", p,
+                                request_seed(user_id, k, p), limit=k)
+            else:
+                kinds, tracks = ("similar",), online[:k]
+        elif row is not None:  # dict.fromkeys: no duplicates even if a row repeated a track
+            kinds, tracks = ("personal",), list(dict.fromkeys(row[:2 * k].tolist()))
         else:
             kinds, tracks = ("default",), []
         tracks = self._fill(art, tracks[:k], heard, k)
@@ -793,7 +841,7 @@ class Recommendations:
 
     def top_popular(self, k: int | None = None, art: Artefacts | None = None) -> list[int]:
         k = self.check_k(k)
-        return self._fill(art or self.artefacts, [], np.empty(0, np.int64), k)
+        return self._fill(art or self.artefacts, [], NOTHING_HEARD, k)
 
     def stats(self) -> dict[str, Any]:
         """How often each kind was served by this worker process."""
@@ -803,65 +851,106 @@ class Recommendations:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _online_list(self, art: Artefacts, history: list[int], heard: np.ndarray) -> np.ndarray:
-        """Tracks similar to the most recent distinct online events; the latest weighs most
-        (weight 1 / (1 + age), age 0 = latest)."""
+    def _online_list(self, art: Artefacts, history: list[int], heard: Collection[int],
+                     limit: int) -> list[int]:
+        """The best ``limit`` tracks similar to the most recent distinct online events, none
+        of ``heard``; the latest event weighs most (weight 1 / (1 + age), age 0 = latest)."""
         recent: list[int] = []
         seen: set[int] = set()
+        window = self.settings.online_history_window
         for track in reversed(history):
             if track not in seen:
                 seen.add(track)
                 recent.append(track)
-                if len(recent) == self.settings.online_history_window:
+                if len(recent) == window:
                     break
-        weights = 1.0 / (1.0 + np.arange(len(recent)))
-        return self._similar_ranked(art, recent, weights, heard)
+        weights = [1.0 / (1.0 + age) for age in range(len(recent))]
+        return self._similar_ranked(art, recent, weights, heard, limit)
 
     @staticmethod
     def _similar_ranked(
-        art: Artefacts, track_ids: Sequence[int], weights: np.ndarray, exclude: np.ndarray
-    ) -> np.ndarray:
-        """Tracks similar to ``track_ids``, scores weighted and summed, best first (ties by
-        id), without the tracks of ``exclude`` (sorted and unique)."""
+        art: Artefacts, track_ids: Sequence[int], weights: Sequence[float],
+        exclude: Collection[int], limit: int,
+    ) -> list[int]:
+        """The best ``limit`` tracks similar to ``track_ids`` (scores weighted and summed,
+        best first, ties by id), none of ``exclude``."""
         sim = art.similar
-        rows = sim.positions(np.asarray(track_ids, dtype=np.int64))
-        found = rows >= 0
-        rows, weights = rows[found], np.asarray(weights, dtype=np.float64)[found]
-        starts, lengths = sim.offsets[rows], sim.offsets[rows + 1] - sim.offsets[rows]
-        n = int(lengths.sum())
-        if n == 0 or sim.scores is None:
-            return np.empty(0, np.int32)
-        # the concatenated rows, gathered with one index array instead of a loop over rows
-        index = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(n)
-        values = sim.values[index]
-        scores = sim.scores[index] * np.repeat(weights, lengths)
-        # group equal ids: a stable sort keeps each id's scores in input order, so the sums
-        # are the same as summing row by row
-        order = np.argsort(values, kind="stable")
-        values = values[order]
-        first = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
-        uniq, total = values[first], np.add.reduceat(scores[order], first)
-        keep = ~_member(uniq, exclude)
-        uniq, total = uniq[keep], total[keep]
-        return uniq[np.argsort(-total, kind="stable")]  # best first; uniq is sorted: ties by id
+        if not track_ids or sim.scores is None or sim.keys.size == 0:
+            return []
+        if min(track_ids) < 0 or max(track_ids) > INT32_MAX:  # not a track id: no row
+            pairs = [(t, w) for t, w in zip(track_ids, weights, strict=True)
+                     if 0 <= t <= INT32_MAX]
+            if not pairs:
+                return []
+            track_ids, weights = [t for t, _ in pairs], [w for _, w in pairs]
+        needles = np.array(track_ids, dtype=np.int32)
+        rows = sim.keys.searchsorted(needles)
+        np.minimum(rows, sim.keys.size - 1, out=rows)
+        found = sim.keys[rows] == needles
+        weight = np.array(weights, dtype=np.float64)
+        if not found.all():
+            rows, weight = rows[found], weight[found]
+        starts, ends = sim.offsets[rows], sim.offsets[rows + 1]
+        # the rows (at most online_history_window of them) as slices: one concatenate each
+        bounds = list(zip(starts.tolist(), ends.tolist(), strict=True))
+        if not bounds:
+            return []
+        values = np.concatenate([sim.values[lo:hi] for lo, hi in bounds])
+        if values.size == 0:
+            return []
+        scores = np.concatenate([sim.scores[lo:hi] for lo, hi in bounds])
+        scores = scores * np.repeat(weight, ends - starts)
+        # group equal ids with one sort of packed (id, position) keys: np.sort is vectorised
+        # where argsort is not (5x faster on these ~500 ids); the position keeps each id's
+        # scores in input order, so the sums are those of adding row by row
+        n = values.size
+        packed = values.astype(np.int64)
+        packed <<= POSITION_BITS
+        packed |= np.arange(n, dtype=np.int64)
+        packed.sort()
+        order = packed & POSITION_MASK
+        packed >>= POSITION_BITS
+        first = np.empty(n, dtype=bool)
+        first[0] = True
+        np.not_equal(packed[1:], packed[:-1], out=first[1:])
+        at = np.flatnonzero(first)
+        uniq, total = packed[at], np.add.reduceat(scores[order], at)
+        wanted = limit + len(exclude)  # enough even if every excluded track is among them
+        if uniq.size > wanted:  # rank only the candidates at or above the wanted-th total
+            keep = np.flatnonzero(total >= np.partition(total, uniq.size - wanted)[-wanted])
+            uniq, total = uniq[keep], total[keep]
+        ranked = uniq[(-total).argsort(kind="stable")]  # best first; uniq sorted: ties by id
+        head = ranked[:wanted].tolist()
+        if exclude:
+            head = [t for t in head if t not in exclude]
+        return head[:limit]
 
     @staticmethod
-    def _fill(art: Artefacts, tracks: list[int], exclude: np.ndarray, k: int) -> list[int]:
+    def _fill(art: Artefacts, tracks: list[int], exclude: Collection[int], k: int) -> list[int]:
         """Top up to k from the top popular tracks not yet in the list nor heard, then (when
         the popular list runs dry) from the rest of the catalogue."""
         if len(tracks) >= k:
             return tracks[:k]
-        taken = np.concatenate([np.asarray(exclude, np.int64), np.asarray(tracks, np.int64)])
         result = list(tracks)
-        for pool in (art.popular, art.item_ids):
+        taken = set(result)
+        if exclude:
+            taken.update(exclude)
+        for track in art.popular_head:  # Python ints: a set lookup each, no numpy call
+            if track not in taken:
+                result.append(track)
+                if len(result) == k:
+                    return result
+        # the head ran dry (k + heard tracks beyond POPULAR_HEAD): numpy over the rest
+        taken.update(result)
+        taken_array = np.fromiter(taken, dtype=np.int64, count=len(taken))
+        for pool in (art.popular[len(art.popular_head):], art.item_ids):
             chunk = max(4 * k, 1024)
             for start in range(0, pool.size, chunk):
                 part = pool[start:start + chunk]
-                part = part[~np.isin(part, taken)]
-                need = k - len(result)
-                extra = part[:need]
-                result.extend(int(t) for t in extra)
-                taken = np.concatenate([taken, extra.astype(np.int64)])
+                part = part[~np.isin(part, taken_array)]
+                extra = part[:k - len(result)]
+                result.extend(extra.tolist())
+                taken_array = np.concatenate([taken_array, extra.astype(np.int64)])
                 if len(result) >= k:
                     return result
         return result
@@ -929,12 +1018,22 @@ class HistoryAdded(BaseModel):
     history_length: int
 
 
+class ManifestWatch(BaseModel):
+    running: bool
+    interval_seconds: float
+    last_poll: str | None = Field(None, description="when it last looked at manifest.json")
+    last_error: str | None = Field(None, description="its last failure (details in the log)")
+    last_error_at: str | None = None
+
+
 class Health(BaseModel):
     status: str
     artefacts_loaded: bool
     history_store: bool
     run_id: str | None = None
     reload_error: str | None = Field(None, description="why the last reload was refused")
+    manifest_watch: ManifestWatch | None = Field(
+        None, description="the reload watcher (only when it is configured)")
 
 
 class ProblemItem(BaseModel):
@@ -949,10 +1048,12 @@ class Problem(BaseModel):
     message: str
     detail: list[ProblemItem]
     unknown_track_ids: list[int] | None = None
+    code: str | None = Field(None, description="stable code of a server-side problem")
 
 
 class ReloadResult(BaseModel):
     reloaded: bool
+    skipped: bool = Field(False, description="the folder's run is already served")
     run_id: str | None
     previous_run_id: str | None
     error: str | None
@@ -992,6 +1093,105 @@ def _list_response(art: Artefacts, tracks: list[int], details: bool, **headers: 
     return JSONBytes(body, headers=headers or None)
 
 
+class FastRecommendations:
+    """``GET /recommendations/{user_id}`` without FastAPI's parameter machinery: the hot path.
+
+    Resolving and validating five parameters through FastAPI's dependency code cost more than
+    the recommendation itself (profiled: ~45 % of a request). This raw ASGI route sits first in
+    the router and serves the plain requests — a canonical user id and at most ``k``,
+    ``blend`` and ``p`` with values that are plainly valid — and hands every other request
+    (``details``, anything malformed, out of range, repeated or unknown, another method) to
+    the declared FastAPI route unchanged, so validation, 4xx messages and the OpenAPI schema
+    stay the declared route's. Errors of the store or of loading propagate to the same
+    exception handlers as from any route. It answers with the same bytes and headers."""
+
+    PATH = "/recommendations/{user_id}"
+
+    def __init__(self, declared: APIRoute) -> None:
+        self.declared = declared
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        recs = scope["app"].state.recs
+        query = None
+        if scope["method"] == "GET" and recs is not None and recs._artefacts is not None:
+            user = scope["path_params"].get("user_id", "")
+            query = _plain_query(scope["query_string"], recs.settings.max_k)
+        if query is None or not _plain_id(user):
+            await self._declared(scope, receive, send)
+            return
+        user_id = int(user)
+        art = recs._artefacts  # taken once: a reload mid-request does not mix two sets
+        history = await recs.read_store(recs.get_user_history, user_id)
+        answer = recs.recommend(user_id, query[0], query[1], query[2], art=art, history=history)
+        body = orjson.dumps(answer.tracks)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", b"application/json"),
+            (SOURCE_HEADER_BYTES, "+".join(answer.kinds).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _declared(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The declared FastAPI route, as the router would have picked it."""
+        _, child = self.declared.matches(scope)
+        scope.update(child)
+        await self.declared.handle(scope, receive, send)
+
+
+SOURCE_HEADER_BYTES = SOURCE_HEADER.lower().encode()
+PLAIN_P = re.compile(rb"[01](?:\.[0-9]{1,9})?")
+
+
+def _plain_id(text: str) -> bool:
+    """A user id the declared route would accept as is: ASCII digits, no leading zero."""
+    return (text.isascii() and text.isdigit() and len(text) <= 10
+            and (text == "0" or text[0] != "0") and int(text) <= INT32_MAX)
+
+
+def _plain_query(query: bytes, max_k: int) -> tuple[int | None, str, float] | None:
+    """``(k, blend, p)`` of a query string made only of plainly valid ``k``, ``blend`` and
+    ``p``, each at most once; None for anything else (the declared route then decides)."""
+    k, blend, p = None, "strict", 0.5
+    if not query:
+        return k, blend, p
+    seen: set[bytes] = set()
+    for part in query.split(b"&"):
+        name, eq, value = part.partition(b"=")
+        if not eq or name in seen:
+            return None
+        seen.add(name)
+        if name == b"k":
+            if not (value.isdigit() and len(value) <= 6 and value[:1] != b"0"):
+                return None
+            k = int(value)
+            if k > max_k:
+                return None
+        elif name == b"blend":
+            if value not in (b"strict", b"probability"):
+                return None
+            blend = value.decode()
+        elif name == b"p":
+            if PLAIN_P.fullmatch(value) is None:
+                return None
+            p = float(value)
+            if not 0.0 <= p <= 1.0:
+                return None
+        else:
+            return None
+    return k, blend, p
+
+
+def install_fast_path(app: FastAPI) -> None:
+    """Put ``FastRecommendations`` first in the router, in front of the declared route."""
+    declared = next(
+        route for route in app.router.routes
+        if isinstance(route, APIRoute) and route.path == FastRecommendations.PATH
+        and "GET" in route.methods
+    )
+    app.router.routes.insert(0, Route(FastRecommendations.PATH, FastRecommendations(declared),
+                                      include_in_schema=False))
+
+
 def _problem_response(
     status: int, problems: list[dict[str, Any]], headers: dict[str, str] | None = None,
     **extra: Any,
@@ -1007,6 +1207,66 @@ def _problem_response(
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over ``state.max_body_bytes`` gets 413 before
+    anything parses it. A Content-Length above the limit is refused at once, unread; any
+    other body (chunked, or a Content-Length that lies low) is counted as it arrives and
+    refused as soon as it passes the limit, so at most ``limit`` bytes are ever held. A body
+    within the limit is handed on as it came. GET and HEAD pass straight through (no
+    endpoint of theirs reads a body)."""
+
+    def __init__(self, app: Any, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        limit = int(getattr(self.state, "max_body_bytes", 262_144))
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(scope, receive, send, limit, f"{int(value)} bytes")
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._refuse(scope, receive, send, limit, "more")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls: wait for the disconnect as usual
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: dict[str, Any], receive: Any, send: Any, limit: int,
+                      got: str) -> None:
+        problems = [{"loc": ["body"], "type": "body_too_large",
+                     "msg": f"the body is larger than {limit} bytes (got {got})"}]
+        response = _problem_response(413, problems, headers={"Connection": "close"},
+                                     code="body_too_large")
+        await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -1033,18 +1293,28 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = [{"loc": [], "msg": str(exc.detail), "type": f"http_{exc.status_code}"}]
         return _problem_response(exc.status_code, problems, headers=exc.headers)
 
-    async def on_service_error(_: Request, exc: Exception) -> JSONBytes:
+    async def on_service_error(request: Request, exc: Exception) -> JSONBytes:
         status = next(
             (code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400
         )
-        problems = (
-            exc.problems() if isinstance(exc, ServiceError)
-            else [{"loc": [], "msg": str(exc), "type": type(exc).__name__}]
-        )
-        if status >= 500:
-            log.warning("%s: %s", type(exc).__name__, exc)
-        extra = {"unknown_track_ids": exc.track_ids} if isinstance(exc, UnknownTracksError) else {}
-        return _problem_response(status, problems, **extra)
+        if isinstance(exc, HistoryStoreError):
+            # the cause (path, SQLite's words) goes to the log; the client gets the code
+            log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
+            problems = [{"loc": [], "msg": exc.public, "type": exc.code}]
+            extra: dict[str, Any] = {"code": exc.code}
+        else:
+            problems = (
+                exc.problems() if isinstance(exc, ServiceError)
+                else [{"loc": [], "msg": str(exc), "type": type(exc).__name__}]
+            )
+            if status >= 500:
+                log.warning("%s: %s", type(exc).__name__, exc)
+            extra = ({"unknown_track_ids": exc.track_ids}
+                     if isinstance(exc, UnknownTracksError) else {})
+        headers = None
+        if status == 503:  # busy, unreachable or starting: worth retrying soon
+            headers = {"Retry-After": str(getattr(request.app.state, "retry_after", 1))}
+        return _problem_response(status, problems, headers=headers, **extra)
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONBytes:
         log.exception("unexpected error")
@@ -1056,12 +1326,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(HistoryStoreError, on_service_error)
+    app.add_exception_handler(IdempotencyKeyReused, on_service_error)
     app.add_exception_handler(Exception, on_unexpected)
 
 
 def check_admin(recs: Recs, authorization: str | None) -> None:
-    """``Authorization: Bearer <settings.admin_token>``; the endpoint is off without a token."""
-    token = recs.settings.admin_token
+    """``Authorization: Bearer <settings.admin_token>``; the endpoint is off without a token.
+    The token is a SecretStr: its value is taken out only for the comparison."""
+    secret = recs.settings.admin_token
+    token = secret.get_secret_value() if secret is not None else ""
     if not token:
         raise HTTPException(403, "the admin endpoint is off: set MUSICREC_ADMIN_TOKEN")
     scheme, _, given = (authorization or "").partition(" ")
@@ -1080,10 +1353,12 @@ RECOMMENDATION_HEADERS = {200: {"headers": {SOURCE_HEADER: {
 def add_routes(app: FastAPI) -> None:
     """The endpoints of API.md, plus POST /admin/reload.
 
-    Reads are ``async def``: they run on the event loop with no thread-pool hop (their work
-    is a binary search, a few small numpy calls and one indexed SQLite read on a connection
-    no writer holds). Writes (POST /history waits for an fsync) and the admin reload (seconds
-    of loading) are plain ``def`` and run in the thread pool, off the event loop."""
+    Reads are ``async def``: their work (a binary search, a few small numpy calls) runs on
+    the event loop with no thread-pool hop, except the history read, which goes to the
+    read threads with a deadline (``Recommendations.read_store``): SQLite can make a reader
+    wait seconds when someone locks the file, and the loop must never wait. Writes (POST
+    /history waits for an fsync) and the admin reload (seconds of loading) are plain
+    ``def`` and run in the thread pool, off the event loop."""
 
     @app.get("/", summary="what is loaded")
     async def root(recs: Recs, art: Art) -> JSONBytes:
@@ -1099,6 +1374,7 @@ def add_routes(app: FastAPI) -> None:
             "run_id": art.run_id,
             "loaded_at": art.loaded_at,
             "load_seconds": art.load_seconds,
+            "mapped": art.mapped,
             "max_k": recs.settings.max_k,
             "default_k": recs.settings.default_k,
         })
@@ -1142,13 +1418,35 @@ def add_routes(app: FastAPI) -> None:
         recs.check_k(k, ("path", "k"))
         return _list_response(art, recs.get_similar_items(track_ids, k, art=art), details)
 
-    @app.get("/history/{user_id}", response_model=TrackList, summary="online history")
+    @app.get("/history/{user_id}", response_model=TrackList, summary="online history",
+             description="The latest `limit` events (all kept ones by default) with a "
+             "position below `before`, in the order they were added. Positions number a "
+             "user's events from 0 in the order they were added; the headers give the "
+             "first one's (the `before` of the previous page), the next one's (events ever "
+             "added) and how many are kept.",
+             responses={200: {"headers": HISTORY_HEADERS}})
     async def history_get(
-        user_id: UserIdPath, recs: Recs, art: Art, details: Details = False
+        user_id: UserIdPath, recs: Recs, art: Art, details: Details = False,
+        limit: Annotated[int | None, Query(
+            ge=1, description="events per page, 1..history_page_max (default "
+            "history_page_default)")] = None,
+        before: Annotated[int | None, Query(
+            ge=0, le=2**62, description="only events at positions below this")] = None,
     ) -> JSONBytes:
-        return _list_response(art, recs.get_user_history(user_id), details)
+        page = await recs.read_store(recs.history_page, user_id, limit, before)
+        return _list_response(art, page.tracks, details, **{
+            "X-History-First-Position": str(page.first_position),
+            "X-History-Total": str(page.total), "X-History-Length": str(page.length)})
 
-    @app.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events")
+    @app.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events",
+              description="Stored all or none, committed to disk before the answer. With an "
+              "`Idempotency-Key`, a repeat of the same request within the retention window "
+              "gets the first answer again (header `Idempotent-Replayed: true`) and stores "
+              "nothing; the key used for another request is a 422.",
+              responses={507: {"model": Problem, "description": "disk full: nothing stored"},
+                         200: {"headers": {"Idempotent-Replayed": {
+                             "description": "true when this is the first answer replayed",
+                             "schema": {"type": "string"}}}}})
     def history_post(
         user_id: UserIdPath,
         recs: Recs,
@@ -1160,11 +1458,14 @@ def add_routes(app: FastAPI) -> None:
                 description="track ids listened to, oldest first (stored all or none)",
             ),
         ],
+        idempotency_key: Annotated[str | None, Header(
+            alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
+            pattern=r"^[\x21-\x7e]+$",
+            description="any visible ASCII, up to 255 characters, unique per request")] = None,
     ) -> JSONBytes:
-        length = recs.update_user_events(user_id, track_ids, art=art)
-        return JSONBytes(
-            {"user_id": user_id, "added": len(track_ids), "history_length": length}
-        )
+        added = recs.add_events(user_id, track_ids, art=art, idempotency_key=idempotency_key)
+        return JSONBytes(added.answer(),
+                         headers={"Idempotent-Replayed": "true"} if added.replayed else None)
 
     @app.get("/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
              responses=RECOMMENDATION_HEADERS)
@@ -1179,7 +1480,8 @@ def add_routes(app: FastAPI) -> None:
         details: Details = False,
     ) -> JSONBytes:
         recs, art = current(http)  # the hot path: no dependency resolution
-        answer = recs.recommend(user_id, k, blend, p, art=art)
+        history = await recs.read_store(recs.get_user_history, user_id)
+        answer = recs.recommend(user_id, k, blend, p, art=art, history=history)
         return _list_response(
             art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
         )
@@ -1191,7 +1493,9 @@ def add_routes(app: FastAPI) -> None:
     ) -> JSONBytes:
         recs, art = current(http)
         recs.check_k(request.k, ("body", "k"))
-        answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art)
+        history = await recs.read_store(recs.get_user_history, request.user_id)
+        answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art,
+                                history=history)
         return _list_response(
             art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
         )
@@ -1205,23 +1509,35 @@ def add_routes(app: FastAPI) -> None:
         responses={503: {"model": Health, "description": "not ready"}},
     )
     async def health(request: Request) -> JSONBytes:
+        """The store's ping runs in the read threads with a deadline, so /health answers
+        even while the store is locked. Messages are short, without paths; the log has the
+        details."""
         recs: Recommendations | None = getattr(request.app.state, "recs", None)
         art = recs._artefacts if recs is not None else None
-        store_ok = recs is not None and recs.store is not None and recs.store.ping()
+        store_ok = False
+        if recs is not None and recs.store is not None:
+            try:
+                store_ok = await recs.read_store(recs.store.ping)
+            except HistoryStoreError as exc:
+                log.warning("/health: %s", exc)
         ok = art is not None and store_ok
         last = recs.last_reload if recs is not None else None
-        return JSONBytes(
-            {"status": "ok" if ok else "unavailable", "artefacts_loaded": art is not None,
-             "history_store": store_ok, "run_id": art.run_id if art is not None else None,
-             "reload_error": last["error"] if last else None},
-            status_code=200 if ok else 503,
-        )
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "unavailable", "artefacts_loaded": art is not None,
+            "history_store": store_ok, "run_id": art.run_id if art is not None else None,
+            "reload_error": _short_error(last["error"]) if last and last["error"] else None}
+        if recs is not None and recs.watch is not None:
+            body["manifest_watch"] = dict(recs.watch)
+        headers = None if ok else {"Retry-After": str(getattr(request.app.state,
+                                                              "retry_after", 1))}
+        return JSONBytes(body, status_code=200 if ok else 503, headers=headers)
 
     @app.post(
         "/admin/reload", response_model=ReloadResult, summary="switch to the folder's new set",
         description="Loads and checks the artefact set now in the folder and switches this "
         "worker to it; a broken set is refused (409) and the old one keeps serving. Other "
-        "workers follow through the manifest watch. Needs `Authorization: Bearer <token>`.",
+        "workers follow through the manifest watch; a run already served is skipped "
+        "(200, `skipped`). Needs `Authorization: Bearer <token>`.",
         responses={401: {"model": Problem}, 403: {"model": Problem},
                    409: {"model": ReloadResult, "description": "the new set was refused"}},
     )
@@ -1231,7 +1547,8 @@ def add_routes(app: FastAPI) -> None:
     ) -> JSONBytes:
         check_admin(recs, authorization)
         result = recs.reload(reason="POST /admin/reload")
-        return JSONBytes(result, status_code=200 if result["reloaded"] else 409)
+        result.pop("transient", None)
+        return JSONBytes(result, status_code=200 if result["error"] is None else 409)
 
 
 DESCRIPTION = """
@@ -1242,8 +1559,18 @@ a `message` naming the problem.
 """
 
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": Problem, "description": "body larger than the limit (max_body_bytes)"},
     422: {"model": Problem, "description": "bad input, named in `message`"},
-    503: {"model": Problem, "description": "not ready: artefacts or history store unavailable"},
+    503: {"model": Problem, "description": "not ready: artefacts or history store unavailable "
+          "or busy (Retry-After says when to try again)"},
+}
+
+HISTORY_HEADERS = {
+    "X-History-First-Position": {"description": "position of the first event of the page",
+                                 "schema": {"type": "string"}},
+    "X-History-Total": {"description": "events ever added (the next event's position)",
+                        "schema": {"type": "string"}},
+    "X-History-Length": {"description": "events kept", "schema": {"type": "string"}},
 }
 
 
@@ -1255,6 +1582,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not logging.getLogger().handlers:  # under the uvicorn CLI our INFO lines show too
             logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         current = settings if settings is not None else Settings()
+        # the access log names user ids (paths): only when asked for (uvicorn's CLI turns
+        # it on by default)
+        logging.getLogger("uvicorn.access").disabled = not current.access_log
+        app.state.max_body_bytes = current.max_body_bytes
+        app.state.retry_after = current.retry_after_seconds
         recs = Recommendations(current)
         recs.load()  # raises DataError naming the file: the service refuses to start
         recs.open_store()
@@ -1278,8 +1610,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan, responses=COMMON_RESPONSES,
     )
     app.state.recs = None
+    app.add_middleware(BodySizeLimit, state=app.state)
     install_error_handlers(app)
     add_routes(app)
+    install_fast_path(app)
     return app
 
 
@@ -1294,7 +1628,7 @@ def main() -> None:
     settings = Settings()
     uvicorn.run(
         "recommendation_service:app", host=settings.host, port=settings.port,
-        workers=settings.workers,
+        workers=settings.workers, access_log=settings.access_log,
     )
 
 

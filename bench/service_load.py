@@ -1,19 +1,25 @@
 """Load benchmark of the recommendation service on 127.0.0.1, beside a bare FastAPI endpoint.
 
-Starts ``uvicorn recommendation_service:app`` on the given artefacts (start-up time and peak
-memory to the first healthy /health), gives some users an online history so the four kinds of
-user exist (new, offline only, online only, both), then measures with ``wrk`` (bounded by
-duration; localhost only):
+Starts ``uvicorn recommendation_service:app`` (one worker) on the given artefacts (start-up time
+to the first healthy /health), gives some users an online history so the four kinds of user
+exist, then measures with ``wrk`` (bounded by duration; localhost only), in each of ``--runs``
+rounds:
 
-* /recommendations/{user_id} over an equal mix of the four kinds, at 4 and 16 connections,
-  and the bare endpoint (``bench/bare_app.py``, same uvicorn settings) right beside it, in
-  each of ``--runs`` rounds, so the ratio is measured on the same (shared, noisy) machine;
-* each kind of user and the other read endpoints alone at 4 connections.
+* ``/recommendations/{user_id}`` for each kind of user alone — offline list only, offline +
+  online history (blend), online history only, neither (popular) — at 4 and 16 connections;
+* the bare ``async def`` endpoint (``bench/bare_app.py``, same uvicorn settings) before and
+  after each connection block, so every ratio is to the bare rate measured in the same round
+  on the same (shared, noisy) machine;
+* the other read endpoints at 4 connections.
+
+Then memory with ``--memory-workers`` workers (default 2) on the same artefacts after a short
+mixed load: per worker RSS, its private part (RssAnon: what an extra worker really costs; the
+rest of RSS is the shared page cache of the mapped files) and PSS.
 
 Medians over the rounds go to stdout as Markdown (and ``--json`` as JSON).
 
     python bench/make_full_artefacts.py /tmp/fullart
-    python bench/service_load.py --parquet-dir /tmp/fullart --runs 3 --duration 10
+    python bench/service_load.py --parquet-dir /tmp/fullart --runs 3 --duration 5
 """
 
 from __future__ import annotations
@@ -49,12 +55,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+MEMORY_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Pss")
+
+
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in bytes."""
+    """VmRSS, VmHWM (peak RSS), RssAnon (private), RssFile (mapped files) and Pss (shared
+    pages split between the processes mapping them) of a process, in bytes."""
     out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    rollup = Path(f"/proc/{pid}/smaps_rollup")
+    if rollup.exists():
+        lines += rollup.read_text().splitlines()
+    for line in lines:
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in MEMORY_KEYS and value.strip():
             out[key] = int(value.split()[0]) * 1024
     return out
 
@@ -111,8 +125,18 @@ class Server:
         total = {"VmRSS": 0, "VmHWM": 0}
         for pid in tree_pids(self.proc.pid):
             for key, value in proc_status(pid).items():
-                total[key] += value
+                if key in total:
+                    total[key] += value
         return total
+
+    def worker_memory(self) -> list[dict[str, int]]:
+        """Memory of each worker process (the uvicorn master of several workers left out)."""
+        assert self.proc is not None
+        pids = tree_pids(self.proc.pid)
+        if self.workers > 1:  # the spawned workers, not multiprocessing's resource tracker
+            pids = [pid for pid in pids[1:]
+                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        return [proc_status(pid) for pid in pids]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -194,14 +218,61 @@ def median_of(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+KIND_NAMES = {"offline": "offline list only", "both": "offline + online history (blend)",
+              "online": "online history only", "new": "neither (popular)"}
+
+
+def measure_round(service: Server, bare: Server, kinds: dict[str, list[str]],
+                  others: dict[str, list[str]], args: argparse.Namespace, work: Path
+                  ) -> dict[str, Any]:
+    """One round: per connection count the bare endpoint, each kind alone, the bare again."""
+    row: dict[str, Any] = {}
+    bare_paths = [f"/bare/{i}" for i in range(1000)]
+    for connections in (4, 16):
+        before = wrk(bare.url, bare_paths, connections, args.duration, work)
+        for kind, paths in kinds.items():
+            row[f"{kind}_c{connections}"] = wrk(service.url, paths, connections,
+                                                args.duration, work)
+        after = wrk(bare.url, bare_paths, connections, args.duration, work)
+        row[f"bare_c{connections}"] = {
+            "rps": (before["rps"] + after["rps"]) / 2,
+            "p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
+            "p99_ms": (before["p99_ms"] + after["p99_ms"]) / 2,
+            "non_2xx": before["non_2xx"] + after["non_2xx"], "before": before, "after": after,
+        }
+    for name, paths in others.items():
+        row[f"{name}_c4"] = wrk(service.url, paths, 4, args.kind_duration, work)
+    return row
+
+
+def memory_phase(env: dict[str, str], workers: int, mix: list[str], work: Path,
+                 seconds: float) -> dict[str, Any]:
+    """Start ``workers`` workers on the same artefacts, load them with the mix for a while,
+    and read each worker's memory (the one-worker server is stopped before: one full-size
+    server at a time)."""
+    server = Server("recommendation_service:app", env, workers, work / "service_multi.log")
+    try:
+        started = server.start("/health")
+        time.sleep(1.0)  # every worker past its lifespan start-up
+        at_start = server.worker_memory()
+        wrk(server.url, mix, 8, seconds, work)
+        return {"workers": workers, "startup_seconds": round(started, 2),
+                "at_start": at_start, "after_load": server.worker_memory()}
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parquet-dir", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
-    parser.add_argument("--kind-duration", type=float, default=5,
-                        help="seconds per single-kind run")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5, help="seconds per wrk run")
+    parser.add_argument("--kind-duration", type=float, default=3,
+                        help="seconds per run of the other endpoints")
+    parser.add_argument("--memory-workers", type=int, default=2,
+                        help="workers of the memory phase (0: skip it)")
+    parser.add_argument("--memory-seconds", type=float, default=10,
+                        help="seconds of mixed load before the memory is read")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -211,8 +282,8 @@ def main() -> None:
     env = {"MUSICREC_PARQUET_DIR": str(args.parquet_dir.resolve()),
            "MUSICREC_HISTORY_URL": f"sqlite:///{work}/history.db",
            "MUSICREC_RELOAD_POLL_SECONDS": "0", "OPENBLAS_NUM_THREADS": "1"}
-    service = Server("recommendation_service:app", env, args.workers, work / "service.log")
-    bare = Server("bench.bare_app:app", env, args.workers, work / "bare.log")
+    service = Server("recommendation_service:app", env, 1, work / "service.log")
+    bare = Server("bench.bare_app:app", env, 1, work / "bare.log")
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -225,38 +296,41 @@ def main() -> None:
         memory = service.memory()
         results["startup_rss_gib"] = round(memory["VmRSS"] / 2**30, 3)
         results["startup_peak_rss_gib"] = round(memory["VmHWM"] / 2**30, 3)
-        print(f"start-up {results['startup_seconds']} s, RSS {results['startup_rss_gib']} GiB, "
-              f"peak {results['startup_peak_rss_gib']} GiB", flush=True)
+        root = requests.get(service.url + "/", timeout=10).json()
+        results["load_seconds"] = root.get("load_seconds")
+        results["mapped"] = root.get("mapped")
+        print(f"start-up {results['startup_seconds']} s (artefacts {results['load_seconds']} s,"
+              f" mapped {results['mapped']}), RSS {results['startup_rss_gib']} GiB, peak "
+              f"{results['startup_peak_rss_gib']} GiB", flush=True)
         bare.start("/bare/1")
         kinds = user_mix(args.parquet_dir, service, seed=0)
-        mix = [p for group in zip(*kinds.values(), strict=True) for p in group]
         tracks = requests.get(service.url + "/top_popular/100", timeout=10).json()
         others = {
             "top_popular": ["/top_popular"],
             "similar": [f"/similar/25?track_id={t}" for t in tracks],
             "history": [p.replace("/recommendations/", "/history/") for p in kinds["online"]],
         }
-        for path in (mix[0], "/top_popular", others["similar"][0], others["history"][0]):
-            assert requests.get(service.url + path, timeout=10).status_code == 200, path
+        for paths in (*kinds.values(), *others.values()):
+            assert requests.get(service.url + paths[0], timeout=10).status_code == 200, paths[0]
         rounds: list[dict[str, Any]] = []
         for run in range(args.runs):
-            row: dict[str, Any] = {"run": run + 1}
-            for connections in (4, 16):
-                row[f"bare_c{connections}"] = wrk(bare.url, [f"/bare/{i}" for i in range(1000)],
-                                                  connections, args.duration, work)
-                row[f"mix_c{connections}"] = wrk(service.url, mix, connections,
-                                                 args.duration, work)
-            for name, paths in {**kinds, **others}.items():
-                row[f"{name}_c4"] = wrk(service.url, paths, 4, args.kind_duration, work)
+            row = {"run": run + 1, "loadavg": os.getloadavg(),
+                   **measure_round(service, bare, kinds, others, args, work)}
             rounds.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: (v["rps"] if isinstance(v, dict) else v)
+                              for k, v in row.items()}), flush=True)
         results["rounds"] = rounds
         memory = service.memory()
         results["rss_after_gib"] = round(memory["VmRSS"] / 2**30, 3)
-        results["loadavg_after"] = os.getloadavg()
+        mix = [p for group in zip(*kinds.values(), strict=True) for p in group]
     finally:
         service.stop()
         bare.stop()
+    if args.memory_workers > 0:
+        # the history written above stays in the same store: the workers see the same users
+        results["memory"] = memory_phase(env, args.memory_workers, mix, work,
+                                         args.memory_seconds)
+    results["loadavg_after"] = os.getloadavg()
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -264,26 +338,45 @@ def main() -> None:
 
 
 def report(results: dict[str, Any]) -> None:
-    """Medians over the rounds, as a Markdown table."""
+    """Medians over the rounds, as Markdown tables."""
     rounds = results["rounds"]
+    loads = ", ".join(f"{r['loadavg'][0]:.1f}" for r in rounds)
     print(f"\n{results['date']}, {results['machine']}, load average before "
-          f"{results['loadavg_before'][0]:.1f}, {len(rounds)} rounds (medians)\n")
-    print(f"start-up to healthy: {results['startup_seconds']} s; RSS {results['startup_rss_gib']}"
-          f" GiB (peak {results['startup_peak_rss_gib']} GiB); after the load "
-          f"{results['rss_after_gib']} GiB\n")
-    print("| what | connections | p50 ms | p99 ms | requests/s | errors |")
+          f"{results['loadavg_before'][0]:.1f}, per round {loads}, after "
+          f"{results['loadavg_after'][0]:.1f}; {len(rounds)} rounds (medians)\n")
+    print(f"start-up to healthy: {results['startup_seconds']} s (artefacts "
+          f"{results['load_seconds']} s, mapped: {results['mapped']}); RSS "
+          f"{results['startup_rss_gib']} GiB (peak {results['startup_peak_rss_gib']} GiB); "
+          f"after the load {results['rss_after_gib']} GiB\n")
+    print("| kind of user | rps c16 | x bare async (same round) | p99 c4 ms | p99 c16 ms |"
+          " errors |")
     print("|---|---|---|---|---|---|")
-    keys = [k for k in rounds[0] if k != "run"]
-    for key in keys:
-        name, _, conn = key.rpartition("_c")
-        rows = [r[key] for r in rounds]
-        errors = sum(r["non_2xx"] for r in rows)
-        print(f"| {name} | {conn} | {median_of(rows, 'p50_ms'):.2f} | "
-              f"{median_of(rows, 'p99_ms'):.2f} | {median_of(rows, 'rps'):.0f} | {errors} |")
-    for conn in (4, 16):
-        ratios = [r[f"mix_c{conn}"]["rps"] / r[f"bare_c{conn}"]["rps"] for r in rounds]
-        print(f"\nthroughput mix / bare at {conn} connections: median "
-              f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    for kind in (*KIND_NAMES, "bare"):
+        c4 = [r[f"{kind}_c4"] for r in rounds]
+        c16 = [r[f"{kind}_c16"] for r in rounds]
+        ratios = [r[f"{kind}_c16"]["rps"] / r["bare_c16"]["rps"] for r in rounds]
+        errors = sum(x["non_2xx"] for x in c4 + c16)
+        name = KIND_NAMES.get(kind, "bare `async def`, 25 ints")
+        print(f"| {name} | {median_of(c16, 'rps'):.0f} | {statistics.median(ratios):.2f} "
+              f"({', '.join(f'{x:.2f}' for x in ratios)}) | {median_of(c4, 'p99_ms'):.2f} | "
+              f"{median_of(c16, 'p99_ms'):.2f} | {errors} |")
+    others = [k[:-3] for k in rounds[0] if k.endswith("_c4") and k[:-3] not in KIND_NAMES
+              and k != "bare_c4"]
+    if others:
+        print("\n| other endpoint | rps c4 | p99 c4 ms |\n|---|---|---|")
+        for name in others:
+            rows = [r[f"{name}_c4"] for r in rounds]
+            print(f"| {name} | {median_of(rows, 'rps'):.0f} | {median_of(rows, 'p99_ms'):.2f} |")
+    memory = results.get("memory")
+    if memory:
+        print(f"\nmemory, {memory['workers']} workers (start-up {memory['startup_seconds']} s), "
+              "MiB per worker: RSS / private (RssAnon) / PSS")
+        print("\n| worker | at start | after mixed load |\n|---|---|---|")
+        for i, (start, after) in enumerate(zip(memory["at_start"], memory["after_load"],
+                                               strict=True)):
+            cells = [" / ".join(f"{m.get(k, 0) / 2**20:.0f}" for k in ("VmRSS", "RssAnon", "Pss"))
+                     for m in (start, after)]
+            print(f"| {i + 1} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from musicrec.columns import Columns as C
-from musicrec.features import IdIndex, gather_rows
+from musicrec.features import IdIndex, distinct, gather_rows
 from musicrec.settings import Settings
 from musicrec.topk import IvfIndex
 
@@ -175,7 +175,7 @@ def recommend_als(
 ) -> pd.DataFrame:
     """Top-``n`` ALS recommendations (recs schema, input ids) for the users that have factors;
     already heard tracks are excluded and users unknown to the model are skipped."""
-    codes = model.users.codes(np.unique(np.asarray(user_ids)))
+    codes = model.users.codes(distinct(user_ids))
     skipped = int((codes < 0).sum())
     if skipped:
         log.info("ALS: %d of %d users have no factors (no training events), skipped",

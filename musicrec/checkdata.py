@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from musicrec import io
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
+from musicrec.features import distinct
 
 # The real data set's figures (DATA.md); None where DATA.md gives none.
 REAL: dict[str, Any] = {
@@ -128,8 +129,8 @@ def _users_since(handle: pq.ParquetFile, first_day: int) -> int:
     for group in range(handle.num_row_groups):
         table = handle.read_row_group(group, columns=[C.user, C.started_at])
         day = table.column(C.started_at).cast(pa.date32()).cast(pa.int32()).to_numpy()
-        users.append(np.unique(table.column(C.user).to_numpy()[day >= first_day]))
-    return len(np.unique(np.concatenate(users))) if users else 0
+        users.append(distinct(table.column(C.user).to_numpy()[day >= first_day]))
+    return len(distinct(np.concatenate(users))) if users else 0
 
 
 def _repeated_pairs(handle: pq.ParquetFile) -> int:

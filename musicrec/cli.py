@@ -103,6 +103,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_all(_settings(args))
 
 
+def cmd_publish(args: argparse.Namespace) -> None:
+    from musicrec.served import publish
+
+    folder = _settings(args).parquet_dir
+    manifest = publish(folder)
+    print(f"wrote the served (memory-mapped) form of {folder} (run {manifest.get('run_id')}) "
+          f"and recorded it in its manifest")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m musicrec",
@@ -152,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="every pipeline stage, from prepared data to metrics")
     _common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "publish", help="write the served (memory-mapped) form of a folder's artefacts",
+        description="Read the four tables the service serves (items, top_popular, similar, "
+        "recommendations) with every check and write them as .npy / Arrow files the service "
+        "workers map and share, recording sizes and CRC-32 checksums in manifest.json. "
+        "`run` does this itself; use it for a folder made before, or after rerunning a stage.",
+    )
+    _common(p)
+    p.set_defaults(func=cmd_publish)
 
     from musicrec.pipeline import STAGE_HELP
 

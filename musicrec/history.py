@@ -5,8 +5,19 @@ replicas on several machines) can be added in ``open_history_store`` without tou
 
 SQLite is the default: one file, WAL journal (readers never block the writer), a busy timeout
 so several uvicorn worker processes can write to the same file, and one transaction per
-``add`` so a batch is stored entirely or not at all. Order per user is the order of the
+``append`` so a batch is stored entirely or not at all. Order per user is the order of the
 autoincrement row id.
+
+Bounded work per request: each user keeps at most ``max_events`` events (older ones are
+deleted in the transaction that adds the new ones: retention by count, nothing archived);
+every read is an indexed ``ORDER BY id DESC LIMIT`` of at most that many rows; the length of
+each user's history and the number of events ever added (which numbers the events: positions
+for paging) live in ``history_users``, updated in the same transaction as the events, so no
+request counts rows.
+
+Retries: ``append(..., idempotency_key=K)`` stores K with the answer in the same transaction
+as the events; the same K again (within ``idempotency_seconds``) returns that first answer and
+stores nothing.
 
 Durability: ``synchronous=FULL`` (the default here) fsyncs the WAL on every commit, so an
 event that was acknowledged survives not only ``kill -9`` of the server but also a power loss
@@ -14,14 +25,23 @@ or an OS crash. ``NORMAL`` would already survive ``kill -9`` (a committed transa
 the OS page cache, which outlives the process) and is a few times faster per write on slow
 disks, but a power cut could then drop the last acknowledged events, which API.md forbids.
 It can be chosen per URL: ``sqlite:///history.db?synchronous=NORMAL``.
+
+Failures are typed so the service can answer each one properly: ``HistoryStoreBusy`` (the
+file is locked longer than the busy timeout: 503 with Retry-After), ``HistoryStoreFull`` (disk
+or ``max_page_count`` full: 507), ``HistoryStoreError`` (anything else: 503). Their messages
+carry the path and SQLite's words for the log, not for clients.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
@@ -30,22 +50,91 @@ log = logging.getLogger(__name__)
 
 SQLITE_PREFIX = "sqlite:///"
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
+DEFAULT_MAX_EVENTS = 1_000
+DEFAULT_IDEMPOTENCY_SECONDS = 86_400.0
+MAX_KEY_LENGTH = 255
+
+# primary result codes (https://sqlite.org/rescode.html); the extended code's low byte
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
 
 
 class HistoryStoreError(RuntimeError):
-    """The history store cannot answer (unreachable, locked for too long, broken file)."""
+    """The history store cannot answer (unreachable, broken file). The message is for the
+    log; ``public`` and ``code`` are what a client may see."""
+
+    code = "history_store_unavailable"
+    public = "the history store is unavailable; try again later"
+
+
+class HistoryStoreBusy(HistoryStoreError):
+    """The store is locked by someone else for longer than the busy timeout."""
+
+    code = "history_store_busy"
+    public = "the history store is busy; try again shortly"
+
+
+class HistoryStoreFull(HistoryStoreError):
+    """The disk (or the database's page limit) is full: nothing of the write was stored."""
+
+    code = "history_store_full"
+    public = "the history store is out of space (disk full); nothing was stored"
+
+
+class IdempotencyKeyReused(ValueError):
+    """An idempotency key already used for another request (another user or other events)."""
+
+
+@dataclass(frozen=True)
+class Added:
+    """The answer of an append; ``replayed``: the first answer of a repeated key."""
+
+    user_id: int
+    added: int
+    history_length: int
+    replayed: bool = False
+
+    def answer(self) -> dict[str, int]:
+        return {"user_id": self.user_id, "added": self.added,
+                "history_length": self.history_length}
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """Part of a user's history, oldest first. Events are numbered from 0 in the order they
+    were added (numbers stay with an event when older ones are dropped): ``first_position``
+    is the number of ``tracks[0]``; ``total`` the number of events ever added (the next
+    event's position); ``length`` how many are kept."""
+
+    tracks: list[int]
+    first_position: int
+    total: int
+    length: int
 
 
 @runtime_checkable
 class HistoryStore(Protocol):
     """Append-only online history per user, shared by every worker process."""
 
+    max_events: int
+
     def add(self, user_id: int, track_ids: Sequence[int]) -> int:
         """Append the events atomically, in order; return the user's new history length."""
         ...
 
+    def append(
+        self, user_id: int, track_ids: Sequence[int], idempotency_key: str | None = None
+    ) -> Added:
+        """``add`` with the whole answer; a repeated ``idempotency_key`` stores nothing and
+        returns the first answer (IdempotencyKeyReused if it was for another request)."""
+        ...
+
     def get(self, user_id: int) -> list[int]:
-        """The user's history in the order it was added; ``[]`` for an unknown user."""
+        """The user's kept history (at most ``max_events``, the latest) in the order it was
+        added; ``[]`` for an unknown user."""
+        ...
+
+    def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
+        """The latest ``limit`` kept events with a position below ``before`` (all when None)."""
         ...
 
     def ping(self) -> bool:
@@ -53,43 +142,78 @@ class HistoryStore(Protocol):
         ...
 
     def close(self) -> None:
-        """Release the connection."""
+        """Release the connections."""
         ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS history (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id  INTEGER NOT NULL,
-    track_id INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS history_user ON history (user_id, id);
-"""
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS history (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id  INTEGER NOT NULL,
+        track_id INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS history_user ON history (user_id, id)",
+    # per user: events kept and events ever added; updated with the events, never counted
+    """CREATE TABLE IF NOT EXISTS history_users (
+        user_id INTEGER PRIMARY KEY,
+        length  INTEGER NOT NULL,
+        total   INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS idempotency (
+        key         TEXT PRIMARY KEY,
+        user_id     INTEGER NOT NULL,
+        fingerprint TEXT NOT NULL,
+        answer      TEXT NOT NULL,
+        created     REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created)",
+)
+
+
+def _fingerprint(user_id: int, track_ids: Sequence[int]) -> str:
+    text = f"{user_id}:{','.join(map(str, track_ids))}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class SQLiteHistoryStore:
-    """History in one SQLite file; per process one writing and one reading connection, each
-    guarded by its own lock.
+    """History in one SQLite file; per process one writing connection (under a lock) and one
+    reading connection per thread.
 
-    Threads of one process share the writer under ``self._lock`` and the reader under
-    ``self._read_lock``, so a read never waits for a write's fsync (WAL: readers see the last
-    committed state and never block on the writer). Each worker process opens its own
-    connections and SQLite's file locks (WAL + busy timeout) order the writers of different
-    processes.
+    Threads of one process share the writer under ``self._lock``; each thread reads on its
+    own connection, so a read never waits for a write's fsync nor for another thread's read
+    (WAL: readers see the last committed state and never block on the writer). Each worker
+    process opens its own connections and SQLite's file locks (WAL + busy timeout) order the
+    writers of different processes.
+
+    ``read_timeout_ms`` is short on purpose: reads run on the service's event loop, and in
+    WAL mode a reader only waits when something holds the whole file (a backup tool in
+    exclusive mode, a crash recovery), in which case failing fast (503, Retry-After) is
+    better than freezing the worker. Writes run in threads and wait up to
+    ``write_timeout_ms`` for the other workers' commits.
     """
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000
+        self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000,
+        read_timeout_ms: int = 20, max_events: int = DEFAULT_MAX_EVENTS,
+        idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(
                 f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, got {synchronous!r}"
             )
+        if max_events < 1:
+            raise ValueError(f"max_events must be at least 1, got {max_events}")
         self.path = Path(path)
         self.synchronous = synchronous
+        self.max_events = int(max_events)
+        self.idempotency_seconds = float(idempotency_seconds)
+        self.read_timeout_ms = int(read_timeout_ms)
         self._lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        self._readers_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []
+        self._local = threading.local()
+        self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -102,22 +226,39 @@ class SQLiteHistoryStore:
             if str(mode).lower() != "wal":
                 raise HistoryStoreError(f"{self.path}: cannot switch to WAL (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.executescript(_SCHEMA)
+            self._create_schema(conn)
         except (sqlite3.Error, OSError) as exc:
             raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
         self._conn: sqlite3.Connection | None = conn
         try:
-            reader = sqlite3.connect(
-                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                check_same_thread=False,
-            )
-            reader.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-            reader.execute("PRAGMA query_only = 1")
-        except (sqlite3.Error, OSError) as exc:
+            self._read_connection()  # fail at start-up, not at the first request
+        except HistoryStoreError:
             conn.close()
-            raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
-        self._reader: sqlite3.Connection | None = reader
-        log.info("history store %s (WAL, synchronous=%s)", self.path, synchronous)
+            raise
+        log.info("history store %s (WAL, synchronous=%s, at most %d events per user)",
+                 self.path, synchronous, self.max_events)
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        """Tables and indexes, in one transaction; a file of the first version (no
+        ``history_users``) gets its per-user counts once, from the rows it holds."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            had_users = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history_users'"
+            ).fetchone() is not None
+            for statement in _TABLES:
+                conn.execute(statement)
+            if not had_users:
+                conn.execute(
+                    "INSERT INTO history_users (user_id, length, total) "
+                    "SELECT user_id, COUNT(*), COUNT(*) FROM history GROUP BY user_id"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -125,66 +266,180 @@ class SQLiteHistoryStore:
         return self._conn
 
     def _read_connection(self) -> sqlite3.Connection:
-        if self._reader is None:
+        """This thread's reading connection (opened on first use)."""
+        if self._closed:
             raise HistoryStoreError(f"history store {self.path} is closed")
-        return self._reader
+        reader: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if reader is None:
+            try:
+                reader = sqlite3.connect(
+                    self.path, timeout=self.read_timeout_ms / 1000, isolation_level=None,
+                    check_same_thread=False,
+                )
+                reader.execute(f"PRAGMA busy_timeout = {self.read_timeout_ms}")
+                reader.execute("PRAGMA query_only = 1")
+            except sqlite3.Error as exc:
+                raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
+            with self._readers_lock:
+                self._readers.append(reader)
+            self._local.conn = reader
+        return reader
+
+    def _error(self, exc: sqlite3.Error, doing: str) -> HistoryStoreError:
+        """The typed error of a SQLite failure, with the path and SQLite's words."""
+        code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+        if code in (SQLITE_BUSY, SQLITE_LOCKED):
+            cls: type[HistoryStoreError] = HistoryStoreBusy
+        elif code == SQLITE_FULL:
+            cls = HistoryStoreFull
+        else:
+            cls = HistoryStoreError
+        name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+        return cls(f"history store {self.path}: {doing}: {exc} ({name})")
+
+    # -- writes ------------------------------------------------------------------------------
 
     def add(self, user_id: int, track_ids: Sequence[int]) -> int:
-        rows = [(int(user_id), int(t)) for t in track_ids]
+        return self.append(user_id, track_ids).history_length
+
+    def append(
+        self, user_id: int, track_ids: Sequence[int], idempotency_key: str | None = None
+    ) -> Added:
+        user_id = int(user_id)
+        ids = [int(t) for t in track_ids]  # conversion errors before the transaction
+        fingerprint = _fingerprint(user_id, ids) if idempotency_key is not None else ""
+        kept = ids[-self.max_events:]  # events that would be dropped at once are not written
         with self._lock:
             conn = self._connection()
             try:
-                # IMMEDIATE takes the write lock now, so the count below sees our rows only
-                # plus whatever committed before: no lock upgrade, no deadlock between workers.
+                # IMMEDIATE takes the write lock now: the counts read below cannot change
+                # before our commit, and there is no lock upgrade to deadlock on.
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.executemany(
-                        "INSERT INTO history (user_id, track_id) VALUES (?, ?)", rows
+                    added = self._append_in_transaction(
+                        conn, user_id, ids, kept, idempotency_key, fingerprint
                     )
-                    (length,) = conn.execute(
-                        "SELECT COUNT(*) FROM history WHERE user_id = ?", (int(user_id),)
-                    ).fetchone()
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    # SQLite may have rolled back already (e.g. SQLITE_FULL): a second
+                    # ROLLBACK would raise "no transaction is active" and hide the cause
+                    if conn.in_transaction:
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error as rollback_error:
+                            log.error("history store %s: rollback failed: %s", self.path,
+                                      rollback_error)
                     raise
             except sqlite3.Error as exc:
-                raise HistoryStoreError(f"history store {self.path}: {exc}") from exc
-        return int(length)
+                raise self._error(exc, f"adding {len(ids)} events of user {user_id}") from exc
+        return added
+
+    def _append_in_transaction(
+        self, conn: sqlite3.Connection, user_id: int, ids: list[int], kept: list[int],
+        key: str | None, fingerprint: str,
+    ) -> Added:
+        if key is not None:
+            conn.execute("DELETE FROM idempotency WHERE created < ?",
+                         (time.time() - self.idempotency_seconds,))
+            first = conn.execute(
+                "SELECT user_id, fingerprint, answer FROM idempotency WHERE key = ?", (key,)
+            ).fetchone()
+            if first is not None:
+                if first[0] != user_id or first[1] != fingerprint:
+                    raise IdempotencyKeyReused(
+                        "this Idempotency-Key was already used for another request "
+                        "(another user or other track ids)"
+                    )
+                return Added(**json.loads(first[2]), replayed=True)
+        conn.executemany("INSERT INTO history (user_id, track_id) VALUES (?, ?)",
+                         [(user_id, t) for t in kept])
+        row = conn.execute("SELECT length, total FROM history_users WHERE user_id = ?",
+                           (user_id,)).fetchone()
+        length, total = row if row is not None else (0, 0)
+        length, total = length + len(kept), total + len(ids)
+        if length > self.max_events:  # retention: the oldest events go
+            conn.execute(
+                "DELETE FROM history WHERE id IN (SELECT id FROM history WHERE user_id = ? "
+                "ORDER BY id LIMIT ?)", (user_id, length - self.max_events),
+            )
+            length = self.max_events
+        conn.execute(
+            "INSERT INTO history_users (user_id, length, total) VALUES (?, ?, ?) "
+            "ON CONFLICT (user_id) DO UPDATE SET length = excluded.length, "
+            "total = excluded.total", (user_id, length, total),
+        )
+        added = Added(user_id, len(ids), length)
+        if key is not None:
+            conn.execute(
+                "INSERT INTO idempotency (key, user_id, fingerprint, answer, created) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, user_id, fingerprint, json.dumps(added.answer()), time.time()),
+            )
+        return added
+
+    # -- reads -------------------------------------------------------------------------------
 
     def get(self, user_id: int) -> list[int]:
-        with self._read_lock:
+        try:
+            rows = self._read_connection().execute(
+                "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+                (int(user_id), self.max_events),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(exc, f"reading the history of user {user_id}") from exc
+        return [row[0] for row in reversed(rows)]
+
+    def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
+        conn = self._read_connection()
+        try:
+            conn.execute("BEGIN")  # one snapshot for the counts and the rows
             try:
-                cursor = self._read_connection().execute(
-                    "SELECT track_id FROM history WHERE user_id = ? ORDER BY id", (int(user_id),)
-                )
-                return [row[0] for row in cursor.fetchall()]
-            except sqlite3.Error as exc:
-                raise HistoryStoreError(f"history store {self.path}: {exc}") from exc
+                row = conn.execute("SELECT length, total FROM history_users WHERE user_id = ?",
+                                   (int(user_id),)).fetchone()
+                length, total = row if row is not None else (0, 0)
+                oldest = total - length  # position of the oldest kept event
+                end = total if before is None else max(min(int(before), total), oldest)
+                count = max(min(int(limit), end - oldest), 0)
+                rows = conn.execute(
+                    "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC "
+                    "LIMIT ? OFFSET ?", (int(user_id), count, total - end),
+                ).fetchall() if count else []
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error(exc, f"reading the history of user {user_id}") from exc
+        tracks = [r[0] for r in reversed(rows)]
+        return HistoryPage(tracks, end - len(tracks), int(total), int(length))
 
     def ping(self) -> bool:
-        with self._read_lock:
-            try:
-                self._read_connection().execute("SELECT 1 FROM history LIMIT 1").fetchall()
-                return True
-            except (sqlite3.Error, HistoryStoreError):
-                return False
+        try:
+            self._read_connection().execute("SELECT 1 FROM history LIMIT 1").fetchall()
+            return True
+        except (sqlite3.Error, HistoryStoreError) as exc:
+            log.warning("history store %s does not answer: %s", self.path, exc)
+            return False
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-        with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
+        with self._readers_lock:
+            self._closed = True
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
 
     def __repr__(self) -> str:
         return f"SQLiteHistoryStore({str(self.path)!r}, synchronous={self.synchronous!r})"
 
 
-def open_history_store(url: str, *, base_dir: str | Path | None = None) -> HistoryStore:
+def open_history_store(
+    url: str, *, base_dir: str | Path | None = None, max_events: int = DEFAULT_MAX_EVENTS,
+    read_timeout_ms: int = 20, write_timeout_ms: int = 10_000,
+    idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
+) -> HistoryStore:
     """Open the store a URL names.
 
     ``sqlite:///relative/path.db`` (relative to ``base_dir`` or the current folder) or
@@ -207,4 +462,8 @@ def open_history_store(url: str, *, base_dir: str | Path | None = None) -> Histo
     path = Path(path_part)
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
-    return SQLiteHistoryStore(path, synchronous=options.get("synchronous", "FULL"))
+    return SQLiteHistoryStore(
+        path, synchronous=options.get("synchronous", "FULL"), busy_timeout_ms=write_timeout_ms,
+        read_timeout_ms=read_timeout_ms, max_events=max_events,
+        idempotency_seconds=idempotency_seconds,
+    )

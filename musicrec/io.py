@@ -136,17 +136,28 @@ def read_events(path: Path) -> pd.DataFrame:
     ``track_seq`` is not loaded: the date orders a user's events well enough for every stage
     and leaving it out saves 0.4 GB at full scale.
     """
-    has_plays = C.plays in pq.read_schema(path).names
+    source = pq.ParquetFile(path)
+    has_plays = C.plays in source.schema_arrow.names
     columns = [C.user, C.track, C.started_at] + ([C.plays] if has_plays else [])
-    table = pq.read_table(path, columns=columns)
-    day = table.column(C.started_at).cast(pa.int32()).to_numpy().astype(np.int16)
-    frame = {C.user: table.column(C.user).to_numpy(), C.track: table.column(C.track).to_numpy(),
-             C.day: day}
-    if has_plays:
-        plays = table.column(C.plays).cast(pa.int32()).to_numpy()
-        if bool(np.any(plays != 1)):
-            frame[C.plays] = plays
-    return pd.DataFrame(frame)
+    n = source.metadata.num_rows
+    # filled one row group at a time: the peak is the result plus one group, not the Arrow
+    # table and its conversions beside it (9 GB instead of 3 GB at full scale)
+    frame = {C.user: np.empty(n, np.int32), C.track: np.empty(n, np.int32),
+             C.day: np.empty(n, np.int16)}
+    plays = np.empty(n, np.int32) if has_plays else None
+    at = 0
+    for group in range(source.num_row_groups):
+        table = source.read_row_group(group, columns=columns)
+        end = at + table.num_rows
+        frame[C.user][at:end] = table.column(C.user).to_numpy()
+        frame[C.track][at:end] = table.column(C.track).to_numpy()
+        frame[C.day][at:end] = table.column(C.started_at).cast(pa.int32()).to_numpy()
+        if plays is not None:
+            plays[at:end] = table.column(C.plays).cast(pa.int32()).to_numpy()
+        at = end
+    if plays is not None and bool(np.any(plays != 1)):
+        frame[C.plays] = plays
+    return pd.DataFrame(frame, copy=False)
 
 
 def day_to_date(day: int) -> np.datetime64:

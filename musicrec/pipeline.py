@@ -9,6 +9,7 @@ atomically. Intermediate data (split dates, model factors, candidate tables) liv
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,18 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, get_args
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import SecretStr
 
-from musicrec import io
+from musicrec import io, served
 from musicrec.als import recs_frame
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.features import History, build_history
+from musicrec.features import History, build_history, distinct
 from musicrec.selection import Choice, Truth, ndcg_per_user, recommend_batched, search
 from musicrec.settings import Settings
 from musicrec.sources import (
@@ -123,6 +125,29 @@ class RunContext:
         model.load_model(str(path))
         return model
 
+    def save_state(self, stage: str, source: str, params: dict,
+                   state: dict[str, np.ndarray] | None) -> None:
+        """A fitted source's state for the refits of later stages (``work/<stage>-<source>``)."""
+        path = self.work / f"{stage}-{source}.npz"
+        if state is None:
+            path.unlink(missing_ok=True)
+            return
+        with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, params=np.array(json.dumps(params, sort_keys=True)), **state)
+
+    def load_state(self, stage: str, source: str, params: dict
+                   ) -> dict[str, np.ndarray] | None:
+        """The state a stage saved for this source, if it was fitted with the same params."""
+        path = self.work / f"{stage}-{source}.npz"
+        if not path.exists():
+            return None
+        with np.load(path) as saved:
+            if str(saved["params"]) != json.dumps(params, sort_keys=True):
+                log.info("%s: state of the %s stage has other parameters, fitted cold",
+                         source, stage)
+                return None
+            return {key: saved[key] for key in saved.files if key != "params"}
+
     def _work_json(self, name: str, stage: str) -> dict:
         path = self.work / name
         if not path.exists():
@@ -146,13 +171,20 @@ class RunContext:
         return events[mask].reset_index(drop=True)
 
 
-def _fit_sources(data: TrainData, choices: dict[str, Choice], settings: Settings
-                 ) -> dict[str, Source]:
+def _fit_sources(run: RunContext, data: TrainData, start_from: str | None = None,
+                 save_as: str | None = None) -> dict[str, Source]:
+    """The chosen sources fitted on ``data``; those with a state (ALS factors) start from the
+    state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``."""
     sources = {}
-    for name, choice in choices.items():
+    for name, choice in run.choices().items():
         started = time.perf_counter()
-        sources[name] = make_source(name, settings, choice.params).fit(data)
-        log.info("fitted %s in %.1f s", sources[name], time.perf_counter() - started)
+        source = make_source(name, run.settings, choice.params)
+        state = run.load_state(start_from, name, choice.params) if start_from else None
+        sources[name] = source.warm(state).fit(data)
+        log.info("fitted %s%s in %.1f s", sources[name], " (warm start)" if state else "",
+                 time.perf_counter() - started)
+        if save_as:
+            run.save_state(save_as, name, choice.params, sources[name].state())
     return sources
 
 
@@ -185,7 +217,8 @@ def served_lists(winner: str, sources: dict[str, Source], ranker: CatBoostRanker
     from musicrec.ranker import rank
 
     if winner == RANKER:
-        return rank(ranker, data, sources, users, n, settings.n_candidates, progress=progress)
+        return rank(ranker, data, sources, users, n, settings.n_candidates, progress=progress,
+                    threads=settings.threads)
     return recommend_batched(sources[winner], users, n)
 
 
@@ -217,10 +250,12 @@ def stage_search(run: RunContext) -> None:
         extra = max(s.search_train_users - truth.users.size, 0)
         sample = np.union1d(truth.users, rng.choice(others, min(extra, others.size),
                                                     replace=False))
-        data = data.with_history(data.history.subset(sample))
+        history, kept = data.history.subset(sample).compact()
+        data = TrainData.build(history, run.items()).keep_knn_window_of(data, s.knn_max_pairs)
         truth = Truth(np.searchsorted(sample, truth.users), truth.keys, truth.counts,
-                      truth.n_tracks)
-        log.info("search: trials learn from %d of %d users", sample.size, n_users)
+                      truth.n_tracks).on_tracks(kept)
+        log.info("search: trials learn from %d of %d users and the %d tracks they heard",
+                 sample.size, n_users, kept.size)
     choices = search(data, truth, s)
     io.write_json({name: choice.as_dict() for name, choice in choices.items()},
                   run.work / SEARCH_JSON)
@@ -234,7 +269,7 @@ def stage_rank(run: RunContext) -> None:
 
     s = run.settings
     data, truth, (fit_rows, stop_rows, valid_rows) = _validation(run)
-    sources = _fit_sources(data, run.choices(), s)
+    sources = _fit_sources(run, data, save_as="rank")
     model = train_ranker(training_set(data, sources, truth.subset(fit_rows), s),
                          training_set(data, sources, truth.subset(stop_rows), s), s)
     valid = truth.subset(valid_rows)
@@ -273,7 +308,7 @@ def stage_evaluate(run: RunContext) -> None:
     data = run.train_data(dates.test_start)
     h = data.history
     test = run.later(dates.test_start)
-    test_users = h.users.codes(np.unique(test[C.user].to_numpy()))
+    test_users = h.users.codes(distinct(test[C.user].to_numpy()))
     users = np.sort(test_users[test_users >= 0]).astype(np.int64)
     if s.report_users is not None and users.size > s.report_users:
         rng = np.random.default_rng(s.seed)
@@ -281,14 +316,17 @@ def stage_evaluate(run: RunContext) -> None:
         test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
     log.info("test period: %d users with history are evaluated", users.size)
     choices = run.choices()
-    sources = _fit_sources(data, choices, s)
+    sources = _fit_sources(run, data, start_from="rank", save_as="evaluate")
     n = max(s.eval_k)
     recs = {name: _frame(recommend_batched(src, users, max(n, s.n_candidates)), h, users)
             for name, src in sources.items()}
     plain = AlsSource.space(s)[0]
     if "als" in choices and choices["als"].params != plain:
-        recs["als_plain"] = _frame(recommend_batched(make_source("als", s, plain).fit(data),
-                                                     users, n), h, users)
+        started = time.perf_counter()
+        baseline = make_source("als", s, plain).fit(data)
+        log.info("fitted the plain ALS baseline %s in %.1f s", baseline,
+                 time.perf_counter() - started)
+        recs["als_plain"] = _frame(recommend_batched(baseline, users, n), h, users)
     selection = run.selection()
     model = run.ranker()
     if model is not None:
@@ -332,7 +370,7 @@ def stage_serve(run: RunContext) -> None:
     s = run.settings
     data = run.train_data(None)
     h = data.history
-    sources = _fit_sources(data, run.choices(), s)
+    sources = _fit_sources(run, data, start_from="evaluate")
     users = np.arange(h.n_users, dtype=np.int64)
 
     def chosen_or_plain(name: str) -> Source:
@@ -400,13 +438,38 @@ def _read_json_if(path: Path) -> dict | None:
     return io.read_json(path) if path.exists() else None
 
 
-def build_manifest(settings: Settings, run_id: str, timings: dict[str, float]) -> dict:
-    """The manifest of the artefacts now in the parquet folder."""
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or any(_is_secret(a) for a in get_args(annotation))
+
+
+def public_parameters(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON without secret fields (the manifest is world-readable and
+    pushed to S3): a SecretStr field is left out entirely, not even masked."""
+    secret = {name for name, info in type(settings).model_fields.items()
+              if _is_secret(info.annotation)}
+    return settings.model_dump(mode="json", exclude=secret)
+
+
+def _write_served(parquet: Path, staging: Path) -> dict[str, dict]:
+    """The served (memory-mapped) form of this run's service tables, written into the
+    staging folder so it is published with them; items.parquet is the prepared one."""
+    started = time.perf_counter()
+    sources = {name: staging / name for name in served.SOURCE_FILES}
+    sources[io.ITEMS] = parquet / io.ITEMS
+    entries = served.write_served(sources, staging)
+    log.info("served form written in %.1f s", time.perf_counter() - started)
+    return entries
+
+
+def build_manifest(settings: Settings, run_id: str, timings: dict[str, float],
+                   served_entries: dict[str, dict] | None = None) -> dict:
+    """The manifest of the artefacts now in the parquet folder; ``served_entries`` (from
+    ``served.write_served``) records the served files with their checksums."""
     parquet = Path(settings.parquet_dir)
     data = Path(settings.data_dir)
     split_path = parquet / WORK_DIR / SPLIT_JSON
     metrics_path = parquet / io.METRICS
-    return {
+    manifest = {
         "run_id": run_id,
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_dir": str(data.resolve()),
@@ -414,7 +477,7 @@ def build_manifest(settings: Settings, run_id: str, timings: dict[str, float]) -
                         for name in io.INPUT_FILES if (data / name).exists()},
         "prepared_files": {name: (parquet / name).stat().st_size
                            for name in (io.ITEMS, io.EVENTS) if (parquet / name).exists()},
-        "parameters": settings.model_dump(mode="json"),
+        "parameters": public_parameters(settings),
         "split": io.read_json(split_path) if split_path.exists() else None,
         "search": _read_json_if(parquet / WORK_DIR / SEARCH_JSON),
         "selection": _read_json_if(parquet / WORK_DIR / SELECTION_JSON),
@@ -423,6 +486,9 @@ def build_manifest(settings: Settings, run_id: str, timings: dict[str, float]) -
                     if metrics_path.exists() else None),
         "artefacts": _file_stats(parquet),
     }
+    if served_entries is not None:
+        served.add_to_manifest(manifest, served_entries)
+    return manifest
 
 
 def run_stage(stage: str, settings: Settings) -> None:
@@ -451,14 +517,16 @@ def run_all(settings: Settings) -> dict:
     try:
         for stage in STAGES:
             timings[stage] = _timed(stage, run)
-        for name in ARTEFACTS:
+        del run  # frees the event log before the served form is decoded
+        served_entries = _write_served(parquet, staging)
+        for name in (*ARTEFACTS, *served.SERVED_FILES):
             if (staging / name).exists():
                 os.replace(staging / name, parquet / name)
             else:  # not made by this run (e.g. no ranker was trained): no stale copy stays
                 (parquet / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = build_manifest(settings, run_id, timings)
+    manifest = build_manifest(settings, run_id, timings, served_entries)
     io.write_json(manifest, parquet / io.MANIFEST)
     log.info("run %s: %s", run_id,
              ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))

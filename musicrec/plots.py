@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from musicrec.columns import Columns as C
+from musicrec.features import distinct
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +310,11 @@ def activity_by_month(events: pd.DataFrame) -> pd.DataFrame:
         if dense:
             seen[key] = True
         else:
-            keys.append(np.unique(key))
+            keys.append(distinct(key))
     if dense:
         n_users = seen.reshape(-1, n_months).sum(axis=0)
     else:
-        n_users = np.bincount(np.unique(np.concatenate(keys)) % n_months, minlength=n_months)
+        n_users = np.bincount(distinct(np.concatenate(keys)) % n_months, minlength=n_months)
     index = pd.Index([str(m) for m in months], name="month")
     return pd.DataFrame({"events": n_events, "active_users": n_users}, index=index)
 

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from musicrec import io
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
+from musicrec.features import distinct
 
 if TYPE_CHECKING:
     from musicrec.settings import Settings
@@ -257,7 +258,7 @@ def read_items(data_dir: Path) -> pa.Table:
         }
     )
     ids = track_ids.to_numpy()
-    n_unique = len(np.unique(ids))
+    n_unique = len(distinct(ids))
     if n_unique != len(ids):
         raise DataError(f"{tracks_path}: column 'track_id' has {len(ids) - n_unique} repeats")
     return build_items(tracks, catalog)
@@ -389,7 +390,7 @@ def _check_known_tracks(path: Path, track: np.ndarray, known_tracks: np.ndarray)
     """Every event names a track of tracks.parquet. Checked a block at a time against a bitmap
     of the known ids (sorted ids and a binary search when the ids are too sparse for one), so
     the scratch memory does not grow with the log."""
-    known = np.unique(known_tracks.astype(np.int64))
+    known = distinct(known_tracks.astype(np.int64))
     top = int(known[-1])
     lookup = None
     if top < 1 << 28:  # at most 256 MB of bitmap (the real ids reach about 10**8)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ import scipy.sparse as sp
 from catboost import CatBoostRanker, Pool
 from tqdm.auto import tqdm
 
-from musicrec.features import gather_rows
+from musicrec.features import distinct, gather_rows
 from musicrec.selection import Truth
 from musicrec.settings import Settings
 from musicrec.sources import Lists, Source, TrainData, join_lists
@@ -117,7 +118,8 @@ def candidates(data: TrainData, sources: dict[str, Source], track_features: Trac
     lists = {name: src.recommend(users, n) for name, src in sources.items()}
     keys = np.concatenate([lst.local().astype(np.int64) * n_tracks + lst.tracks
                            for lst in lists.values()])
-    union, inverse = np.unique(keys, return_inverse=True)
+    union = distinct(keys)
+    inverse = np.searchsorted(union, keys)
     local = (union // n_tracks).astype(np.int32)
     tracks = (union % n_tracks).astype(np.int32)
     f: dict[str, np.ndarray] = {}
@@ -263,14 +265,21 @@ def train_ranker(train: TrainingSet, stop: TrainingSet, settings: Settings
 
 def rank(model: CatBoostRanker, data: TrainData, sources: dict[str, Source],
          users: np.ndarray, n: int, n_candidates: int, batch_users: int = 2000,
-         progress: bool = False) -> Lists:
-    """The ranker's top-``n`` of the union of the sources' candidates, per user code."""
+         progress: bool = False, threads: int = 1) -> Lists:
+    """The ranker's top-``n`` of the union of the sources' candidates, per user code.
+
+    Batches run on ``threads`` threads: sorting, sparse products, the ANN search and
+    CatBoost release the GIL, so two threads keep two cores busy for most of a batch."""
     track_features = TrackFeatures.build(data)
-    parts = []
-    for start in tqdm(range(0, users.size, batch_users), desc="ranking", unit="batch",
-                      disable=not progress, mininterval=2):
+
+    def one(start: int) -> Lists:
         batch = users[start:start + batch_users]
         cand = candidates(data, sources, track_features, batch, n_candidates)
-        score = model.predict(cand.features).astype(np.float32)
-        parts.append(Lists.best(batch.size, cand.local, cand.tracks, score, n))
+        score = model.predict(cand.features, thread_count=1).astype(np.float32)
+        return Lists.best(batch.size, cand.local, cand.tracks, score, n)
+
+    starts = range(0, users.size, batch_users)
+    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+        parts = list(tqdm(pool.map(one, starts), total=len(starts), desc="ranking",
+                          unit="batch", disable=not progress, mininterval=2))
     return join_lists(parts)

@@ -24,7 +24,8 @@ from dotenv import dotenv_values
 from tqdm import tqdm
 
 from musicrec.errors import DataError
-from musicrec.io import INPUT_FILES, MANIFEST, atomic_path
+from musicrec.io import INPUT_FILES, MANIFEST, atomic_path, read_json
+from musicrec.served import verify_files
 from musicrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,9 @@ def pull_artefacts(settings: Settings) -> list[str]:
     """Download every artefact under ``s3://bucket/prefix/`` into ``settings.parquet_dir``.
 
     Each file goes to a temporary name and is renamed once complete; ``manifest.json`` last.
-    Returns the local paths written, in download order.
+    The served (memory-mapped) files travel like any other and are checked against the
+    checksums the manifest records once all is down. Returns the local paths written, in
+    download order.
     """
     client, bucket, where = _artefact_bucket(settings)
     prefix = _key(settings.s3_prefix, "")
@@ -306,4 +309,7 @@ def pull_artefacts(settings: Settings) -> list[str]:
             client, bucket, key, sizes[name], folder / name, f"s3://{bucket}/{key} at {where}"
         )
         paths.append(str(folder / name))
+    if MANIFEST in sizes:  # the served (memory-mapped) files: checked now, not at start-up
+        checked = verify_files(folder, read_json(folder / MANIFEST))
+        log.info("%d served files match their checksums in %s", len(checked), MANIFEST)
     return paths

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from musicrec.columns import Columns as C
-from musicrec.features import History
+from musicrec.features import History, distinct
 from musicrec.settings import Settings
 from musicrec.sources import (
     SOURCES,
@@ -50,12 +50,12 @@ class Truth:
         t = history.tracks.codes(later[C.track].to_numpy())
         ok = (u >= 0) & (t >= 0)
         n_tracks = history.n_tracks
-        keys = np.unique(u[ok].astype(np.int64) * n_tracks + t[ok])
-        users = np.unique(keys // n_tracks)
+        keys = distinct(u[ok].astype(np.int64) * n_tracks + t[ok])
+        users = distinct(keys // n_tracks)
         local = np.searchsorted(users, keys // n_tracks)
         unheard = HeardFilter(history, users).unheard(local, keys % n_tracks)
         keys, local = keys[unheard], local[unheard]
-        kept = np.unique(local)
+        kept = distinct(local)
         local = np.searchsorted(kept, local)
         return cls(users[kept], local * n_tracks + keys % n_tracks,
                    np.bincount(local, minlength=kept.size), n_tracks)
@@ -69,6 +69,16 @@ class Truth:
         keep = new[local] >= 0
         keys = new[local[keep]] * self.n_tracks + self.keys[keep] % self.n_tracks
         return Truth(self.users[rows], keys, self.counts[rows], self.n_tracks)
+
+    def on_tracks(self, kept: np.ndarray) -> Truth:
+        """The listens on the track codes ``kept`` (sorted), re-coded to their positions
+        there; each user's count of listens (the ideal DCG) stays as it was."""
+        local, tracks = self.keys // self.n_tracks, self.keys % self.n_tracks
+        recode = np.full(self.n_tracks, -1, dtype=np.int64)
+        recode[kept] = np.arange(kept.size)
+        new = recode[tracks]
+        ok = new >= 0
+        return Truth(self.users, local[ok] * kept.size + new[ok], self.counts, int(kept.size))
 
     def hits(self, lists: Lists) -> np.ndarray:
         """Whether each list entry is a validation listen."""

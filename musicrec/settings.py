@@ -10,7 +10,7 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # tiny / small / full: sizes of the real log's shape; the others are profiles of other log
@@ -82,8 +82,9 @@ class Settings(BaseSettings):
         "its first configuration"
     )
     search_train_users: int | None = Field(
-        None, ge=1, description="search trials learn from this many sampled users (the "
-        "scored ones among them); None = all (at full scale e.g. 200000)"
+        100_000, ge=1, description="search trials learn from this many sampled users (the "
+        "scored ones among them) and the tracks they heard; None = all. Larger logs keep the "
+        "search a fraction of one fit (at full scale ~8 % of the events)"
     )
     search_users: int = Field(
         10_000, ge=1, description="validation users that score each search trial"
@@ -97,7 +98,11 @@ class Settings(BaseSettings):
         30, ge=1, description="recent window of the popularity figures in the notebook"
     )
     als_factors: int = Field(64, ge=2, description="factors of the configured ALS trial")
-    als_iterations: int = Field(15, ge=1, description="iterations of every ALS fit")
+    als_iterations: int = Field(15, ge=1, description="iterations of an ALS fit from scratch")
+    als_refit_iterations: int = Field(
+        3, ge=1, description="iterations of the refits before the test period and on the whole "
+        "log, which start from the factors of the previous cut-off"
+    )
     als_regularization: float = Field(0.1, ge=0, description="of the configured ALS trial")
     als_alpha: float = Field(
         4.0, ge=0, description="configured ALS trial: confidence = 1 + alpha * strength"
@@ -109,6 +114,16 @@ class Settings(BaseSettings):
     ease_max_items: int = Field(
         4000, ge=2, description="EASE runs on this many most listened tracks (a dense "
         "inversion: 2k tracks ~1 s, 4k ~3 s, 8k ~18 s on 2 cores)"
+    )
+    knn_max_pairs: float = Field(
+        2e9, gt=0, description="item_knn counts co-listening within each user's most recent "
+        "events, as many as keep the all-pairs pass under this many pair visits (the whole "
+        "history on small logs; ~50 events at full scale; ~30 s per 1e9 on 2 cores)"
+    )
+    knn_max_items: int = Field(
+        200_000, ge=2, description="item_knn learns neighbours among this many most listened "
+        "tracks (the all-pairs pass touches one accumulator per track: a smaller catalogue "
+        "stays in cache)"
     )
     n_candidates: int = Field(50, ge=1, description="candidates per source for the ranker")
     n_similar: int = Field(50, ge=1, description="similar tracks kept per track")
@@ -126,7 +141,8 @@ class Settings(BaseSettings):
         1000, ge=0, description="bootstrap resamples of the 95 % intervals; 0 = none"
     )
     report_users: int | None = Field(
-        None, ge=1, description="test users sampled for the report; None = all"
+        100_000, ge=1, description="test users sampled for the report (metrics and their "
+        "intervals); None = all"
     )
     topk_method: Literal["auto", "exact", "ann"] = Field(
         "auto", description="top-k over tracks: exact brute force, an IVF index (ann), or ann "
@@ -148,9 +164,43 @@ class Settings(BaseSettings):
     online_history_window: int = Field(
         10, ge=1, description="recent online events used for similar tracks"
     )
-    admin_token: str | None = Field(
-        None, description="bearer token of POST /admin/reload; None = the endpoint is off"
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of POST /admin/reload; None = the endpoint is off "
+        "(a secret: never in manifest.json, logs or repr)"
     )
     reload_poll_seconds: float = Field(
         5.0, ge=0, description="reload when manifest.json names a new run; 0 = no watching"
+    )
+    max_body_bytes: int = Field(
+        262_144, ge=1, description="request bodies above this many bytes get 413 before they "
+        "are parsed (10,000 track ids take ~110 KiB)"
+    )
+    history_max_events: int = Field(
+        1_000, ge=1, description="events kept per user; a write beyond it drops the oldest "
+        "(retention by count, in the same transaction); reads never return more"
+    )
+    history_page_default: int = Field(
+        1_000, ge=1, description="events per GET /history page when no limit is given"
+    )
+    history_page_max: int = Field(
+        1_000, ge=1, description="largest limit GET /history accepts"
+    )
+    history_read_timeout_ms: int = Field(
+        20, ge=0, description="how long a history read (on the event loop) waits for a "
+        "locked store before the request gets 503 with Retry-After"
+    )
+    history_write_timeout_ms: int = Field(
+        5_000, ge=0, description="how long a history write (in a thread) waits for a locked "
+        "store before 503 with Retry-After"
+    )
+    idempotency_seconds: float = Field(
+        86_400.0, gt=0, description="how long an Idempotency-Key of POST /history is "
+        "remembered (its first answer replayed, nothing stored again)"
+    )
+    retry_after_seconds: int = Field(
+        1, ge=0, description="Retry-After of a 503 when the history store is busy"
+    )
+    access_log: bool = Field(
+        False, description="uvicorn's access log (one line per request, with user ids in "
+        "the paths); off unless turned on"
     )

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from musicrec.als import AlsModel
 from musicrec.columns import Columns as C
+from musicrec.features import distinct
 from musicrec.topk import IvfIndex
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def similar_tracks(
     if track_ids is None:
         codes = np.arange(len(model.track_ids), dtype=np.int32)
     else:
-        codes = model.tracks.codes(np.unique(np.asarray(track_ids)))
+        codes = model.tracks.codes(distinct(track_ids))
         codes = codes[codes >= 0]
     query, similar, scores = similar_codes(model, codes, n, batch_size, index=index)
     # each query's matches come out together, best first: ranks count within the query

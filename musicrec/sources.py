@@ -28,14 +28,11 @@ from threadpoolctl import threadpool_limits
 
 from musicrec.als import AlsModel, item_index, recommend_codes
 from musicrec.columns import Columns as C
-from musicrec.features import History, IdIndex, gather_rows, top_k_per_group
+from musicrec.features import History, IdIndex, distinct, gather_rows, top_k_per_group
 from musicrec.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The last events of a user that item-to-item sources score from (older ones weigh ~0 with
-# any useful half-life; the cap bounds the cost of a heavy listener's sparse product).
-KNN_MAX_HISTORY = 500
 
 
 # --- lists ------------------------------------------------------------------------------------
@@ -106,8 +103,9 @@ class HeardFilter:
     def __init__(self, history: History, users: np.ndarray) -> None:
         positions, local = gather_rows(history.indptr, users)
         self.n_tracks = history.n_tracks
-        self.keys = np.unique(local.astype(np.int64) * self.n_tracks
+        self.keys = distinct(local.astype(np.int64) * self.n_tracks
                               + history.track_codes[positions])
+        self.counts = np.bincount(self.keys // self.n_tracks, minlength=users.size)  # per row
 
     def unheard(self, local: np.ndarray, tracks: np.ndarray) -> np.ndarray:
         keys = np.asarray(local, np.int64) * self.n_tracks + tracks
@@ -117,12 +115,30 @@ class HeardFilter:
         return self.keys[pos] != keys
 
 
-def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int) -> Lists:
-    """Top-``n`` unheard positive entries of each row of a batch x tracks score matrix."""
-    coo = scores.tocoo()
-    keep = (coo.data > 0) & heard.unheard(coo.row, coo.col)
-    return Lists.best(scores.shape[0], coo.row[keep].astype(np.int32),
-                      coo.col[keep].astype(np.int32), coo.data[keep].astype(np.float32), n)
+def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int,
+                columns: np.ndarray | None = None) -> Lists:
+    """Top-``n`` unheard positive entries of each row of a batch x tracks score matrix.
+
+    Rows hold thousands of entries. A partial selection per row keeps the ``n`` + (tracks the
+    user heard) best, which hold the ``n`` best unheard; only those are checked against the
+    heard tracks and sorted (checking and sorting every entry cost 10x more). ``columns``
+    maps the matrix's columns to track codes when they are not the codes themselves."""
+    csr = scores.tocsr()
+    indptr, data = csr.indptr, np.asarray(csr.data, dtype=np.float32)
+    lengths = np.diff(indptr)
+    wanted = n + heard.counts
+    chosen = [np.arange(indptr[row], indptr[row + 1]) for row in
+              np.flatnonzero((lengths > 0) & (lengths <= wanted))]
+    for row in np.flatnonzero(lengths > wanted):
+        start, m = indptr[row], int(wanted[row])
+        part = data[start:indptr[row + 1]]
+        chosen.append(np.argpartition(part, part.size - m)[part.size - m:] + start)
+    picked = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+    local = (np.searchsorted(indptr, picked, side="right") - 1).astype(np.int32)
+    tracks = (csr.indices[picked] if columns is None else columns[csr.indices[picked]]
+              ).astype(np.int32)
+    keep = (data[picked] > 0) & heard.unheard(local, tracks)
+    return Lists.best(csr.shape[0], local[keep], tracks[keep], data[picked][keep], n)
 
 
 # --- what sources are fitted on ------------------------------------------------------------
@@ -131,10 +147,10 @@ def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int) -> Lists:
 def _granularity_days(days: np.ndarray) -> int:
     """The typical gap between consecutive distinct event days: 1 for daily dates, ~30 for
     month-granular ones."""
-    distinct = np.unique(days)
-    if distinct.size < 2:
+    dates = distinct(days)
+    if dates.size < 2:
         return 1
-    return max(int(np.median(np.diff(distinct))), 1)
+    return max(int(np.median(np.diff(dates))), 1)
 
 
 def _attribute_matrix(items: pa.Table | None, column: str, tracks: IdIndex) -> sp.csr_matrix:
@@ -187,6 +203,12 @@ class TrainData:
         """The same catalogue and date granularity over another history of the same tracks."""
         return TrainData(history, self.artists, self.genres, self.granularity)
 
+    def keep_knn_window_of(self, other: TrainData, max_pairs: float) -> TrainData:
+        """Use the item-kNN window of ``other`` (a search on a user sample must try what the
+        fit on everyone can afford, not what the sample can)."""
+        self._cache["knn_window"] = other.knn_window(max_pairs)
+        return self
+
     def window(self, fraction: float | None) -> int | None:
         """A window of ``fraction`` of the span in days, at least two date steps; None = all."""
         if fraction is None:
@@ -201,6 +223,65 @@ class TrainData:
             self._cache["binary"] = matrix
         return self._cache["binary"]
 
+    def heard(self, users: np.ndarray) -> HeardFilter:
+        """The heard filter of a batch of users; the last few are kept, as every source of a
+        candidate batch asks for the same (one batch per ranking thread)."""
+        key = np.asarray(users).tobytes()
+        recent: dict[bytes, HeardFilter] = self._cache.setdefault("heard", {})
+        found = recent.get(key)
+        if found is None:
+            found = HeardFilter(self.history, users)
+            if len(recent) >= 4:
+                recent.pop(next(iter(recent)), None)
+            recent[key] = found
+        return found
+
+    def knn_window(self, max_pairs: float) -> int:
+        """The most recent events per user whose all-pairs pass stays within ``max_pairs``
+        pair visits (sum over users of min(events, window) ** 2); a user's whole history when
+        the log is small enough."""
+        if "knn_window" not in self._cache:
+            counts = self.history.counts().astype(np.float64)
+            lo, hi = 1, max(int(counts.max(initial=1)), 1)
+            if float((counts ** 2).sum()) <= max_pairs:
+                lo = hi
+            while lo < hi:  # the largest window within the budget
+                mid = (lo + hi + 1) // 2
+                if float((np.minimum(counts, mid) ** 2).sum()) <= max_pairs:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            self._cache["knn_window"] = lo
+        return self._cache["knn_window"]
+
+    def head_tracks(self, n: int) -> np.ndarray:
+        """The ``n`` most listened track codes (all-time distinct listeners), ascending."""
+        listeners = self.listeners(None)
+        if n >= listeners.size:
+            return np.arange(listeners.size, dtype=np.int32)
+        return np.sort(np.argsort(-listeners, kind="stable")[:n]).astype(np.int32)
+
+    def recent_binary(self, max_events: int) -> sp.csr_matrix:
+        """users x tracks, 1 where heard among each user's last ``max_events`` events (cached):
+        what co-listening is counted on, so a heavy listener's year costs no more than a
+        typical one's (the all-pairs cost grows with the square of a user's row)."""
+        key = ("recent_binary", max_events)
+        if key not in self._cache:
+            h = self.history
+            starts = np.maximum(h.indptr[:-1], h.indptr[1:] - max_events)
+            lengths = h.indptr[1:] - starts
+            indptr = np.zeros(h.n_users + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            positions = np.arange(int(indptr[-1]), dtype=np.int64) + np.repeat(
+                starts - indptr[:-1], lengths)
+            matrix = sp.csr_matrix((np.ones(positions.size, np.float32),
+                                    h.track_codes[positions], indptr),
+                                   shape=(h.n_users, h.n_tracks))
+            matrix.sum_duplicates()
+            matrix.data[:] = 1.0
+            self._cache[key] = matrix
+        return self._cache[key]
+
     def listeners(self, window_days: int | None = None) -> np.ndarray:
         """Distinct listeners per track code, in the last ``window_days`` (None = all)."""
         key = ("listeners", window_days)
@@ -211,8 +292,14 @@ class TrainData:
             else:
                 recent = np.flatnonzero(h.days >= h.cutoff - window_days)
                 users = np.searchsorted(h.indptr, recent, side="right") - 1
-                pairs = np.unique(users.astype(np.int64) * h.n_tracks + h.track_codes[recent])
-                counts = np.bincount(pairs % h.n_tracks, minlength=h.n_tracks)
+                indptr = np.zeros(h.n_users + 1, dtype=np.int64)
+                np.cumsum(np.bincount(users, minlength=h.n_users), out=indptr[1:])
+                # a user's repeats merged row by row (short sorts), not one sort of every pair
+                pairs = sp.csr_matrix((np.ones(recent.size, np.float32),
+                                       h.track_codes[recent], indptr),
+                                      shape=(h.n_users, h.n_tracks))
+                pairs.sum_duplicates()
+                counts = np.bincount(pairs.indices, minlength=h.n_tracks)
             self._cache[key] = counts.astype(np.float32)
         return self._cache[key]
 
@@ -243,6 +330,16 @@ class Source:
 
     def fit(self, data: TrainData) -> Source:
         raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray] | None:
+        """What a refit of the same configuration on a later cut-off may start from (arrays
+        keyed by name); None when refits start cold."""
+        return None
+
+    def warm(self, state: dict[str, np.ndarray] | None) -> Source:
+        """Start the next ``fit`` from a ``state()`` of the same configuration."""
+        self._warm = state
+        return self
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
         """Top-``n`` unheard tracks of each user code in ``users`` (sorted, unique)."""
@@ -279,7 +376,7 @@ class PopularSource(Source):
         return self
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
-        heard = HeardFilter(self.data.history, users)
+        heard = self.data.heard(users)
         pool = self.order[: n * 3 + 100]
         local = np.repeat(np.arange(users.size, dtype=np.int32), pool.size)
         tracks = np.tile(pool, users.size)
@@ -318,6 +415,15 @@ class AlsSource(Source):
         model = AlternatingLeastSquares(
             factors=p["factors"], regularization=p["regularization"], alpha=1.0,
             iterations=s.als_iterations, random_state=s.seed, num_threads=s.threads)
+        warm = getattr(self, "_warm", None)
+        if warm is not None:
+            # the factors of an earlier cut-off for the users and tracks it knew, small random
+            # ones (implicit's own start) for the new; a few iterations reach the cold fit
+            rng = np.random.default_rng(s.seed)
+            h = data.history
+            model.user_factors = _carry(warm["user_ids"], warm["user_factors"], h.users, rng)
+            model.item_factors = _carry(warm["track_ids"], warm["item_factors"], h.tracks, rng)
+            model.iterations = s.als_refit_iterations
         started = time.perf_counter()
         with threadpool_limits(limits=1, user_api="blas"):
             model.fit(matrix, show_progress=False)
@@ -327,6 +433,11 @@ class AlsSource(Source):
                               matrix)
         self.index = item_index(self.model, s)
         return self
+
+    def state(self) -> dict[str, np.ndarray]:
+        m = self.model
+        return {"user_ids": m.user_ids, "track_ids": m.track_ids,
+                "user_factors": m.model.user_factors, "item_factors": m.model.item_factors}
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
         rows, tracks, scores = recommend_codes(self.model, users, n, progress=False,
@@ -350,26 +461,46 @@ class AlsSource(Source):
                              index=item_index(self.model, self.settings, "cosine"))
 
 
+def _carry(ids: np.ndarray, factors: np.ndarray, index: IdIndex, rng: np.random.Generator
+           ) -> np.ndarray:
+    """Factors for the ids of ``index``: the row of ``factors`` where the id is in ``ids``,
+    else uniform [0, 0.01) as implicit starts a cold fit."""
+    out = (rng.random((len(index), factors.shape[1]), dtype=np.float32) * 0.01)
+    known = IdIndex(np.asarray(ids)).codes(index.ids)
+    out[known >= 0] = factors[known[known >= 0]]
+    return out
+
+
 class ItemKnnSource(Source):
     """Item-to-item co-occurrence neighbours (implicit's cosine or BM25 kNN), scored from each
-    user's recent tracks with time decay: score(u, j) = sum over heard i of w_ui * sim(i, j)."""
+    user's recent tracks with time decay: score(u, j) = sum over heard i of w_ui * sim(i, j).
+
+    Co-listening is counted, and users are scored, within each user's last ``recent`` events
+    (None = as many as ``knn_max_pairs`` affords, the whole history on small logs): the
+    all-pairs cost grows with the square of a user's row (2.5e11 pair visits over a year at
+    full scale, 4.4e10 within the last 500), and whether older listening still says what goes
+    together is for validation to decide."""
 
     name = "item_knn"
 
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
-        return [{"weighting": "cosine", "neighbours": 100, "half_life": None},
-                {"weighting": "bm25"}, {"half_life": 1 / 8}, {"neighbours": 200},
-                {"neighbours": 30}, {"half_life": 1 / 32}]
+        return [{"weighting": "cosine", "neighbours": 100, "half_life": None, "recent": None},
+                {"weighting": "bm25"}, {"half_life": 1 / 8}, {"recent": 100},
+                {"neighbours": 200}, {"recent": 30}, {"neighbours": 30}, {"half_life": 1 / 32}]
 
     def fit(self, data: TrainData) -> ItemKnnSource:
         self.data = data
         p = self.params
-        key = ("item_knn", p["weighting"], p["neighbours"])  # trials of other half-lives share it
+        affordable = data.knn_window(self.settings.knn_max_pairs)
+        self.recent = recent = min(p.get("recent") or affordable, affordable)
+        # trials of other half-lives share one similarity
+        key = ("item_knn", p["weighting"], p["neighbours"], recent)
         if key not in data._cache:
             # the weighting implicit's BM25/Cosine recommenders apply, handed over as CSR
             # (their own fit passes a COO matrix on and warns)
-            items_users = data.binary().T
+            head = data.head_tracks(self.settings.knn_max_items)
+            items_users = data.recent_binary(recent)[:, head].T.tocsr()
             weighted = (bm25_weight(items_users, K1=1.2, B=0.75) if p["weighting"] == "bm25"
                         else normalize(items_users)).T.tocsr()
             model = ItemItemRecommender(K=p["neighbours"], num_threads=self.settings.threads)
@@ -377,30 +508,36 @@ class ItemKnnSource(Source):
             similarity = model.similarity.tocsr()
             similarity.setdiag(0)
             similarity.eliminate_zeros()
-            data._cache[key] = similarity.astype(np.float32)
-        self.similarity = data._cache[key]
+            # kept on the head's own codes: the users' products then touch an accumulator of
+            # the head's size, not of the whole catalogue
+            data._cache[key] = head, similarity.astype(np.float32)
+        self.head, self.similarity = data._cache[key]
         self.half_life = data.window(p["half_life"])
+        self.in_head = np.full(data.history.n_tracks, -1, dtype=np.int32)
+        self.in_head[self.head] = np.arange(self.head.size, dtype=np.int32)
         return self
 
     def _user_rows(self, users: np.ndarray) -> sp.csr_matrix:
-        """batch x tracks: the last KNN_MAX_HISTORY events of each user, decayed by age."""
+        """batch x head tracks: the last ``recent`` events of each user, decayed by age."""
         h = self.data.history
         positions, local = gather_rows(h.indptr, users)
         ends = h.indptr[users + 1]
-        keep = positions >= ends[local] - KNN_MAX_HISTORY
+        keep = positions >= ends[local] - self.recent
         positions, local = positions[keep], local[keep]
-        return sp.csr_matrix((h.strength(self.half_life, positions),
-                              (local, h.track_codes[positions])),
-                             shape=(users.size, h.n_tracks))
+        column = self.in_head[h.track_codes[positions]]
+        inside = column >= 0
+        return sp.csr_matrix((h.strength(self.half_life, positions[inside]),
+                              (local[inside], column[inside])),
+                             shape=(users.size, self.head.size))
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
         scores = self._user_rows(users) @ self.similarity
-        return _sparse_top(scores, HeardFilter(self.data.history, users), n)
+        return _sparse_top(scores, self.data.heard(users), n, columns=self.head)
 
     def similar(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         coo = self.similarity.tocoo()
         top, _ = top_k_per_group(coo.row, coo.data, n, tiebreak=coo.col)
-        return (coo.row[top].astype(np.int32), coo.col[top].astype(np.int32),
+        return (self.head[coo.row[top]], self.head[coo.col[top]],
                 coo.data[top].astype(np.float32))
 
 
@@ -416,10 +553,9 @@ class EaseSource(Source):
 
     def fit(self, data: TrainData) -> EaseSource:
         self.data = data
-        listeners = data.listeners(None)
         m = min(self.settings.ease_max_items, data.history.n_tracks)
         if ("ease", m) not in data._cache:  # trials of other l2 share the Gram matrix
-            head = np.sort(np.argsort(-listeners, kind="stable")[:m]).astype(np.int32)
+            head = data.head_tracks(m)
             x = data.binary()[:, head].tocsr()
             data._cache[("ease", m)] = head, x, (x.T @ x).toarray().astype(np.float64)
         self.head, self.x, gram = data._cache[("ease", m)]
@@ -475,8 +611,7 @@ class ArtistSource(Source):
     def recommend(self, users: np.ndarray, n: int) -> Lists:
         rows = self.data.binary()[users]
         shares = sp.diags(1.0 / np.maximum(np.diff(rows.indptr), 1)) @ (rows @ self.data.artists)
-        return _sparse_top(shares @ self.artist_tracks, HeardFilter(self.data.history, users),
-                           n)
+        return _sparse_top(shares @ self.artist_tracks, self.data.heard(users), n)
 
 
 SOURCES: dict[str, type[Source]] = {

@@ -12,6 +12,7 @@ from musicrec import io, pipeline
 from musicrec.generate import generate
 from musicrec.prepare import prepare_files
 from musicrec.settings import Settings
+from musicrec.sources import make_source
 
 SCHEMAS = {
     io.TOP_POPULAR: io.POPULAR_SCHEMA,
@@ -174,3 +175,22 @@ def test_without_a_ranker_the_best_source_is_served(tmp_path: Path) -> None:
     assert at10.loc["served", "ndcg"] == at10.loc[winner, "ndcg"]
     recs = pd.read_parquet(parquet / io.RECOMMENDATIONS)
     assert recs["rank"].min() == 1 and recs["user_id"].nunique() > 0
+
+
+def test_refits_start_from_the_previous_cut_off(built: tuple[Settings, dict],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The rank and evaluate stages save their ALS factors; the next stage starts from them,
+    unless they were fitted with other parameters."""
+    settings, _ = built
+    run = pipeline.RunContext(settings, Path(settings.parquet_dir))
+    assert (run.work / "rank-als.npz").exists() and (run.work / "evaluate-als.npz").exists()
+    params = run.choices()["als"].params  # the last search of this module chose these
+    state = make_source("als", settings, params).fit(run.train_data(None)).state()
+    run.save_state("evaluate", "als", params, state)
+    with caplog.at_level("INFO", logger="musicrec.pipeline"):
+        pipeline.run_stage("serve", settings)
+    fitted = [line for line in caplog.messages if line.startswith("fitted als(")]
+    assert len(fitted) == 1 and "(warm start)" in fitted[0]
+    saved = run.load_state("evaluate", "als", params)
+    np.testing.assert_array_equal(saved["item_factors"], state["item_factors"])
+    assert run.load_state("evaluate", "als", {**params, "factors": 3}) is None

@@ -183,3 +183,113 @@ def test_lists_head_and_ranks() -> None:
     head = lists.head(2)
     np.testing.assert_array_equal(head.indptr, [0, 2, 2, 4])
     np.testing.assert_array_equal(head.tracks, [5, 6, 8, 9])
+
+
+def test_item_knn_counts_co_listening_and_scores_from_the_last_events_only() -> None:
+    # user 1 heard 10 long ago, then 11 and 12; user 2 heard 10 and 13
+    data = _hand_history([(1, 10, 1), (1, 11, 5), (1, 12, 6), (2, 10, 7), (2, 13, 8),
+                          (3, 11, 8), (3, 13, 9)])
+    codes = data.history.tracks.codes
+    recent = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 10,
+                                                "half_life": None, "recent": 2}).fit(data)
+    sim = recent.similarity.toarray()  # every track is in the head here
+    assert sim[codes(np.array([10]))[0], codes(np.array([11]))[0]] == 0  # 10 is not recent
+    assert sim[codes(np.array([11]))[0], codes(np.array([12]))[0]] > 0
+    lists = recent.recommend(data.history.users.codes(np.array([2])).astype(np.int64), 5)
+    # user 2 scores from 10 and 13; 13 -> 11 (user 3), 10 has no recent co-listening
+    assert list(data.history.tracks.ids[lists.tracks]) == [11]
+    whole = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 10,
+                                               "half_life": None, "recent": 500}).fit(data)
+    assert whole.similarity[codes(np.array([10]))[0], codes(np.array([11]))[0]] > 0
+
+
+def test_item_knn_learns_neighbours_among_the_most_listened_tracks_only() -> None:
+    rows = random_rows(seed=4, users=40, tracks=30, n=600)
+    data = _hand_history(rows)
+    settings = SETTINGS.model_copy(update={"knn_max_items": 10})
+    source = make_source("item_knn", settings, {"weighting": "cosine", "neighbours": 100,
+                                                "half_life": None, "recent": 500}).fit(data)
+    head = data.head_tracks(10)
+    np.testing.assert_array_equal(source.head, head)
+    assert source.similarity.shape == (10, 10) and source.similarity.nnz > 0
+    query, similar, _ = source.similar(5)
+    assert set(query) <= set(head) and set(similar) <= set(head)
+    # the head is by distinct listeners
+    listeners = data.listeners(None)
+    assert listeners[head].min() >= np.delete(listeners, head).max()
+
+
+def test_sparse_top_matches_a_full_sort() -> None:
+    from scipy import sparse
+
+    from musicrec.sources import _sparse_top
+
+    data = _hand_history(random_rows(seed=5, users=30, tracks=200, n=1500))
+    users = np.arange(data.history.n_users, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    scores = sparse.random(users.size, data.history.n_tracks, density=0.3, random_state=1,
+                           format="csr", dtype=np.float32)
+    scores.data -= 0.2  # some non-positive entries, never recommended
+    got = _sparse_top(scores, data.heard(users), 7)
+    dense = scores.toarray()
+    dense[data.binary().toarray() > 0] = 0
+    for row in rng.choice(users.size, 10, replace=False):
+        expected = np.argsort(-dense[row], kind="stable")[:7]
+        expected = expected[dense[row, expected] > 0]
+        part = slice(got.indptr[row], got.indptr[row + 1])
+        np.testing.assert_array_equal(got.tracks[part], expected)
+
+
+def test_recent_binary_keeps_each_users_last_events() -> None:
+    data = _hand_history([(1, 10, 1), (1, 11, 2), (1, 12, 3), (1, 11, 4), (2, 10, 5)])
+    m = data.recent_binary(2).toarray()
+    c = data.history.tracks.codes(np.array([10, 11, 12]))
+    assert list(m[0, c]) == [0, 1, 1] and list(m[1, c]) == [1, 0, 0]
+    assert m.max() == 1
+
+
+def test_als_warm_start_carries_known_factors_and_refits_in_a_few_iterations() -> None:
+    from musicrec.sources import AlsSource
+
+    rows = random_rows(seed=6, users=40, tracks=30, n=700)
+    early = _hand_history([r for r in rows if r[2] < 15], cutoff=15)
+    later = _hand_history(rows + [(99, 5, 19), (1, 77, 19)], cutoff=20)  # a new user, track
+    params = {"factors": 4, "regularization": 0.1, "alpha": 2.0, "half_life": None}
+    settings = SETTINGS.model_copy(update={"als_iterations": 10, "als_refit_iterations": 1})
+    first = make_source("als", settings, params).fit(early)
+    state = first.state()
+    seen: dict[str, np.ndarray] = {}
+
+    class Spy(AlternatingLeastSquares):
+        def fit(self, user_items, show_progress=True, callback=None):  # noqa: ANN001
+            seen["items"] = self.item_factors.copy()
+            seen["iterations"] = np.array(self.iterations)
+            return super().fit(user_items, show_progress=show_progress)
+
+    import musicrec.sources as sources_module
+
+    original = sources_module.AlternatingLeastSquares
+    sources_module.AlternatingLeastSquares = Spy
+    try:
+        warm = make_source("als", settings, params).warm(state).fit(later)
+    finally:
+        sources_module.AlternatingLeastSquares = original
+    assert int(seen["iterations"]) == 1
+    old = {int(t): i for i, t in enumerate(state["track_ids"])}
+    for code, track in enumerate(later.history.tracks.ids):
+        if int(track) in old:
+            np.testing.assert_array_equal(seen["items"][code],
+                                          state["item_factors"][old[int(track)]])
+        else:  # a new track starts as implicit starts a cold fit
+            assert seen["items"][code].max() < 0.01
+    assert warm.model.model.item_factors.shape == (later.history.n_tracks, 4)
+    assert isinstance(first, AlsSource)
+
+
+def test_knn_window_is_the_largest_the_pair_budget_affords() -> None:
+    rows = [(1, t, t) for t in range(3)] + [(2, 10 + t, t) for t in range(10)]
+    data = _hand_history(rows)  # users with 3 and 10 events
+    assert data.with_history(data.history).knn_window(109) == 10  # 9 + 100: everything
+    assert data.with_history(data.history).knn_window(50) == 6  # 9 + 36 <= 50 < 9 + 49
+    sample = data.with_history(data.history.subset(np.array([0])))
+    assert sample.keep_knn_window_of(data.with_history(data.history), 50).knn_window(1e9) == 6
