@@ -114,7 +114,11 @@ def strace_path() -> str:
     fails naming the package)."""
     found = shutil.which("strace")
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "strace"], capture_output=True, timeout=600)
+        install = ["apt-get", "install", "-y", "--no-install-recommends", "strace"]
+        if subprocess.run(install, capture_output=True, timeout=600).returncode != 0:
+            # a fresh machine has no package lists yet
+            subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+            subprocess.run(install, capture_output=True, timeout=600)
         found = shutil.which("strace")
     if found is None:
         pytest.fail("this test needs strace: apt-get install -y strace")
