@@ -493,11 +493,13 @@ def build_manifest(settings: Settings, run_id: str, timings: dict[str, float],
 
 def run_stage(stage: str, settings: Settings) -> None:
     """Run one stage, writing its artefacts in place (each file atomically), then refresh the
-    manifest."""
+    manifest; after ``serve``, the served (memory-mapped) form of the new lists too."""
     run = RunContext(settings, Path(settings.parquet_dir))
     elapsed = _timed(stage, run)
     io.write_json(build_manifest(settings, f"stage-{stage}-{uuid.uuid4().hex[:8]}",
                                  {stage: elapsed}), run.parquet / io.MANIFEST)
+    if stage == "serve":
+        served.publish(run.parquet)
 
 
 def run_all(settings: Settings) -> dict:

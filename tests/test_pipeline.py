@@ -135,7 +135,13 @@ def test_a_single_stage_runs_alone(built: tuple[Settings, dict]) -> None:
     pipeline.run_stage("serve", settings)
     top = pd.read_parquet(parquet / io.TOP_POPULAR)
     assert top["rank"].tolist() == list(range(1, len(top) + 1))
-    assert io.read_json(parquet / io.MANIFEST)["run_id"].startswith("stage-serve")
+    manifest = io.read_json(parquet / io.MANIFEST)
+    assert manifest["run_id"].startswith("stage-serve")
+    # the service maps the new lists, not a served form left by the previous run
+    recorded = manifest["artefacts"]
+    mapped = [name for name, entry in recorded.items() if "crc32" in entry]
+    assert mapped and all((parquet / name).stat().st_size == recorded[name]["bytes"]
+                          for name in mapped)
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.run_stage("nope", settings)
 
