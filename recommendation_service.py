@@ -458,36 +458,28 @@ def _blend(first: list[int], second: list[int], by_chance: bool, p: float,
         draws = (np.random.default_rng(seed).random(n_first + n_second) < p).tolist()
     result: list[int] = []
     seen: set[int] = set()
-    i = j = step = 0
+    lists, pos, step = (first, second), [0, 0], 0
     limit = n_first + n_second if limit is None else limit
     # plain Python on purpose: the lists are at most 2k long, and a loop over two list
     # indices costs less than any numpy call on arrays this short
-    while len(result) < limit and (i < n_first or j < n_second):
-        if i >= n_first:
-            from_first = False
-        elif j >= n_second:
-            from_first = True
+    while len(result) < limit and (pos[0] < n_first or pos[1] < n_second):
+        if pos[0] >= n_first:
+            side = 1
+        elif pos[1] >= n_second:
+            side = 0
         elif draws is None:
-            from_first = step % 2 == 0
+            side = step % 2
         else:
-            from_first = draws[step]
+            side = 0 if draws[step] else 1
         step += 1
-        if from_first:
-            while i < n_first:
-                item = first[i]
-                i += 1
-                if item not in seen:
-                    seen.add(item)
-                    result.append(item)
-                    break
-        else:
-            while j < n_second:
-                item = second[j]
-                j += 1
-                if item not in seen:
-                    seen.add(item)
-                    result.append(item)
-                    break
+        source = lists[side]
+        while pos[side] < len(source):  # the side's next track not yet in the list
+            item = source[pos[side]]
+            pos[side] += 1
+            if item not in seen:
+                seen.add(item)
+                result.append(item)
+                break
     return result
 
 

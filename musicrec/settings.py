@@ -186,7 +186,7 @@ class Settings(BaseSettings):
         1_000, ge=1, description="largest limit GET /history accepts"
     )
     history_read_timeout_ms: int = Field(
-        20, ge=0, description="how long a history read (on the event loop) waits for a "
+        20, ge=0, description="how long a history read (in a read thread) waits for a "
         "locked store before the request gets 503 with Retry-After"
     )
     history_write_timeout_ms: int = Field(
