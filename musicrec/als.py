@@ -117,41 +117,63 @@ def _recommend_ann(
     # bucket the query size by powers of two so one search serves many users
     need = n + np.minimum(heard_count, _MAX_EXTRA)
     bucket = np.left_shift(1, np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
-    for start in tqdm(range(0, rows.size, batch_size), desc="ALS top-k (ANN)", unit="batch",
-                      disable=not progress, mininterval=2):
-        stop = min(start + batch_size, rows.size)
-        for k in np.unique(bucket[start:stop]):
-            pos = start + np.flatnonzero(bucket[start:stop] == k)
-            batch = rows[pos]
-            codes, scores = index.search(model.model.user_factors[batch], int(k))
-            heard_pos, local = gather_rows(user_items.indptr, batch)
-            heard = np.sort(local.astype(np.int64) * n_tracks + user_items.indices[heard_pos])
-            keys = np.arange(batch.size, dtype=np.int64)[:, None] * n_tracks + codes
-            at = np.minimum(np.searchsorted(heard, keys), max(heard.size - 1, 0))
-            keep = codes >= 0
-            if heard.size:
-                keep &= heard[at] != keys
-            keep &= np.cumsum(keep, axis=1) <= n
-            slot = np.cumsum(keep, axis=1) - 1
-            r, c = np.nonzero(keep)
-            out_codes[pos[r], slot[r, c]] = codes[r, c]
-            out_scores[pos[r], slot[r, c]] = scores[r, c]
-    short = np.flatnonzero((out_codes >= 0).sum(axis=1) < wanted)
-    if short.size:
+    todo = np.arange(rows.size)
+    nprobe = index.nprobe
+    while True:
+        for start in tqdm(range(0, todo.size, batch_size), desc="ALS top-k (ANN)", unit="batch",
+                          disable=not progress or nprobe != index.nprobe, mininterval=2):
+            part = todo[start:start + batch_size]
+            for k in np.unique(bucket[part]):
+                pos = part[bucket[part] == k]
+                _ann_batch(model, rows[pos], pos, int(k), n, index, nprobe, out_codes,
+                           out_scores)
+        todo = todo[(out_codes[todo] >= 0).sum(axis=1) < wanted[todo]]
+        if not todo.size or nprobe >= index.nlist:
+            break
+        # the probed clusters held too few unheard tracks (clusters of very unequal size, as
+        # unregularised factors give): scan 8x as many for those users before going exact
+        log.info("ALS top-k: %d of %d users got a short ANN list at nprobe %d, scanning %d",
+                 todo.size, rows.size, nprobe, min(nprobe * 8, index.nlist))
+        nprobe = min(nprobe * 8, index.nlist)
+    if todo.size:
         log.info("ALS top-k: %d of %d users got a short ANN list, served exactly",
-                 short.size, rows.size)
-        e_rows, e_tracks, e_scores = recommend_codes(model, rows[short], n, progress=False)
+                 todo.size, rows.size)
+        e_rows, e_tracks, e_scores = recommend_codes(model, rows[todo], n, progress=False)
         starts = np.r_[True, e_rows[1:] != e_rows[:-1]] if e_rows.size else np.zeros(0, bool)
         slot = np.arange(e_rows.size) - np.maximum.accumulate(
             np.where(starts, np.arange(e_rows.size), 0))
-        where = short[_positions(rows[short], e_rows)]
-        out_codes[short] = -1
-        out_scores[short] = -np.inf
+        where = todo[_positions(rows[todo], e_rows)]
+        out_codes[todo] = -1
+        out_scores[todo] = -np.inf
         out_codes[where, slot] = e_tracks
         out_scores[where, slot] = e_scores
     keep = out_codes >= 0
     return (np.broadcast_to(rows[:, None], keep.shape)[keep], out_codes[keep],
             out_scores[keep])
+
+
+def _ann_batch(model: AlsModel, batch: np.ndarray, pos: np.ndarray, k: int, n: int,
+               index: IvfIndex, nprobe: int, out_codes: np.ndarray, out_scores: np.ndarray
+               ) -> None:
+    """The ``k`` nearest tracks of each user in ``batch`` less the heard ones, first ``n``
+    written to rows ``pos`` of the outputs (a row is rewritten whole)."""
+    user_items = model.user_items
+    n_tracks = len(model.track_ids)
+    codes, scores = index.search(model.model.user_factors[batch], k, nprobe)
+    heard_pos, local = gather_rows(user_items.indptr, batch)
+    heard = np.sort(local.astype(np.int64) * n_tracks + user_items.indices[heard_pos])
+    keys = np.arange(batch.size, dtype=np.int64)[:, None] * n_tracks + codes
+    at = np.minimum(np.searchsorted(heard, keys), max(heard.size - 1, 0))
+    keep = codes >= 0
+    if heard.size:
+        keep &= heard[at] != keys
+    keep &= np.cumsum(keep, axis=1) <= n
+    slot = np.cumsum(keep, axis=1) - 1
+    r, c = np.nonzero(keep)
+    out_codes[pos] = -1
+    out_scores[pos] = -np.inf
+    out_codes[pos[r], slot[r, c]] = codes[r, c]
+    out_scores[pos[r], slot[r, c]] = scores[r, c]
 
 
 def _positions(ordered: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -126,14 +127,16 @@ class Choice:
 
 
 def search(
-    data: TrainData, truth: Truth, settings: Settings, names: list[str] | None = None
+    data: TrainData, truth: Truth, settings: Settings, names: list[str] | None = None,
+    on_trial: Callable[[Trial, Source], None] | None = None,
 ) -> dict[str, Choice]:
     """The best configuration of each source by NDCG@10 on ``truth``'s users.
 
     Each source walks its space (``Source.space``: the plain default, then steps from the best
     configuration so far) for up to ``settings.search_trials`` scored configurations; once
     ``settings.search_seconds`` have passed, every source still runs its first configuration
-    and nothing more.
+    and nothing more. ``on_trial`` sees each scored trial with its fitted source (to keep a
+    state, say) before the source is dropped.
     """
     names = list(settings.sources if names is None else names)
     started = time.perf_counter()
@@ -158,6 +161,8 @@ def search(
             trials.append(Trial(name, params, score, round(time.perf_counter() - t0, 2)))
             log.info("search %s %s: NDCG@10 %.4f (%.1f s)", name, params, score,
                      trials[-1].seconds)
+            if on_trial is not None:
+                on_trial(trials[-1], source)
             del source
             if len(trials) == 1 or score > max(trial.ndcg for trial in trials[:-1]):
                 best = params

@@ -336,9 +336,12 @@ class Source:
         keyed by name); None when refits start cold."""
         return None
 
-    def warm(self, state: dict[str, np.ndarray] | None) -> Source:
-        """Start the next ``fit`` from a ``state()`` of the same configuration."""
+    def warm(self, state: dict[str, np.ndarray] | None, iterations: int | None = None
+             ) -> Source:
+        """Start the next ``fit`` from a ``state()`` of the same configuration, with
+        ``iterations`` (None = ``als_refit_iterations``, for a refit on a later cut-off)."""
         self._warm = state
+        self._warm_iterations = iterations
         return self
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
@@ -423,7 +426,7 @@ class AlsSource(Source):
             h = data.history
             model.user_factors = _carry(warm["user_ids"], warm["user_factors"], h.users, rng)
             model.item_factors = _carry(warm["track_ids"], warm["item_factors"], h.tracks, rng)
-            model.iterations = s.als_refit_iterations
+            model.iterations = getattr(self, "_warm_iterations", None) or s.als_refit_iterations
         started = time.perf_counter()
         with threadpool_limits(limits=1, user_api="blas"):
             model.fit(matrix, show_progress=False)

@@ -75,11 +75,14 @@ class IvfIndex:
         log.info("IVF index (%s): %d items, %d lists, nprobe %d, built in %.1f s", metric,
                  items.shape[0], self.nlist, self.nprobe, time.perf_counter() - started)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """(item codes, exact scores) of the ``k`` best items of each query, best first; empty
-        slots (fewer than ``k`` items in the probed clusters) have code -1 and score -inf."""
+        slots (fewer than ``k`` items in the probed clusters) have code -1 and score -inf.
+        ``nprobe`` scans more (or fewer) clusters than the index's own for this search."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.items.shape[0])
+        self.index.nprobe = min(nprobe or self.nprobe, self.nlist)
         if self.metric == "cosine":
             unit = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
             _, codes = self.index.search(np.ascontiguousarray(unit, np.float32), k)

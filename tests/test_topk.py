@@ -125,3 +125,20 @@ def test_similar_tracks_with_a_full_probe_index_equal_exact_ones() -> None:
                                   exact[["track_id", "similar_track_id", "rank"]])
     np.testing.assert_allclose(approx["score"], exact["score"], atol=1e-5)
     assert (approx["track_id"] != approx["similar_track_id"]).all()
+
+
+def test_short_ann_lists_scan_more_clusters_before_the_exact_path(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    model, history = model_with_history()
+    rows = np.arange(history.n_users)
+    # one probed cluster of 64 holds too few tracks: 8 and then all 64 are scanned
+    index = IvfIndex(model.model.item_factors, nlist=64, nprobe=1)
+    with caplog.at_level("INFO", logger="musicrec.als"):
+        approx = recommend_codes(model, rows, 10, progress=False, index=index)
+    assert "at nprobe 1, scanning 8" in caplog.text
+    assert "served exactly" not in caplog.text
+    np.testing.assert_array_equal(approx[0], np.repeat(rows, 10))  # every list full
+    heard = set(zip(*np.nonzero(model.user_items.toarray()), strict=True))
+    assert not any((r, t) in heard for r, t in zip(approx[0], approx[1], strict=True))
+    assert all(np.all(np.diff(approx[2][approx[0] == r]) <= 0) for r in rows)
