@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import importlib.resources
 import logging
 import os
 import re
@@ -51,17 +52,18 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from musicrec import io, served
+from musicrec import io, online, served
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.history import (
@@ -75,6 +77,12 @@ from musicrec.history import (
     open_history_store,
 )
 from musicrec.settings import Settings
+from musicrec.telemetry import (
+    RequestTelemetry,
+    ServiceMetrics,
+    configure_logging,
+    metrics_directory,
+)
 
 log = logging.getLogger("recommendation_service")
 
@@ -91,7 +99,7 @@ POPULAR_HEAD = 2048  # popular tracks kept as Python ints for filling lists
 NOTHING_HEARD: frozenset[int] = frozenset()
 POSITION_BITS = 32  # (track id < 2**31) << 32 | position: still a positive int64
 POSITION_MASK = np.int64(2**POSITION_BITS - 1)
-KINDS = ("personal", "similar", "default")
+KINDS = ("personal", "similar", "default", "fold-in")
 SOURCE_HEADER = "X-Recommendation-Source"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -240,6 +248,10 @@ class Artefacts:
     # the head of the popular list as Python ints: filling a short list is a few set
     # lookups instead of several numpy calls on tiny arrays (the hot path)
     popular_head: tuple[int, ...] = ()
+    # the ALS model for fold-in (None: the folder has no ALS served files) and the first
+    # artist of each catalogue row as a code (-1: none), for the per-artist cap
+    foldin: online.FoldInModel | None = None
+    artist_codes: np.ndarray | None = None
 
     @classmethod
     def from_served(cls, arrays: dict[str, Any], **fields: Any) -> Artefacts:
@@ -249,14 +261,25 @@ class Artefacts:
         item_ids = (ids.chunk(0).to_numpy(zero_copy_only=True) if ids.num_chunks == 1
                     else ids.to_numpy().astype(np.int32, copy=False))
         popular = arrays[served.POPULAR]
+        factors = served.factor_arrays(arrays)
         return cls(
             items=items, item_ids=item_ids, popular=popular,
             similar=RankedLists(arrays[served.SIMILAR_KEYS], arrays[served.SIMILAR_OFFSETS],
                                 arrays[served.SIMILAR_VALUES], arrays[served.SIMILAR_SCORES]),
             offline=RankedLists(arrays[served.OFFLINE_KEYS], arrays[served.OFFLINE_OFFSETS],
                                 arrays[served.OFFLINE_VALUES]),
-            popular_head=tuple(popular[:POPULAR_HEAD].tolist()), **fields,
+            popular_head=tuple(popular[:POPULAR_HEAD].tolist()),
+            foldin=None if factors is None else online.model_from_arrays(factors),
+            artist_codes=first_artist_codes(items), **fields,
         )
+
+    def artists_of(self, track_ids: list[int]) -> list[int]:
+        """The first artist's code of each track (-1: unknown), for the per-artist cap."""
+        if self.artist_codes is None or not track_ids:
+            return [-1] * len(track_ids)
+        rows = self._rows(np.asarray(track_ids, dtype=np.int64))
+        codes = np.where(rows >= 0, self.artist_codes[np.maximum(rows, 0)], -1)
+        return codes.tolist()
 
     def unknown_tracks(self, track_ids: Sequence[int]) -> list[int]:
         """Ids of ``track_ids`` not in the catalogue, each once, in order of appearance."""
@@ -301,6 +324,19 @@ class Artefacts:
 
 
 SERVICE_FILES = (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
+
+
+def first_artist_codes(items: pa.Table) -> np.ndarray:
+    """An int32 code of the first artist of each row of ``items`` (-1 when it has none)."""
+    artists = items.column(C.artists).combine_chunks()
+    lengths = pc.list_value_length(artists).fill_null(0).to_numpy(zero_copy_only=False)
+    out = np.full(len(artists), -1, dtype=np.int32)
+    has = np.flatnonzero(lengths > 0)
+    if has.size:
+        firsts = pc.list_element(artists.filter(pa.array(lengths > 0)), 0)
+        codes = pc.dictionary_encode(firsts).indices.to_numpy(zero_copy_only=False)
+        out[has] = codes
+    return out
 
 
 def read_manifest(parquet_dir: Path) -> dict[str, Any] | None:
@@ -563,6 +599,7 @@ class Recommendations:
         self.watch: dict[str, Any] | None = None  # the manifest watch's state, for /health
         self._read_pool: ThreadPoolExecutor | None = None  # history reads, off the loop
         self.started_at = datetime.now(UTC).isoformat()
+        self.metrics: ServiceMetrics | None = None  # Prometheus counters (set by the lifespan)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -613,6 +650,8 @@ class Recommendations:
         result.update(reason=reason, seconds=round(time.perf_counter() - started, 3),
                       at=datetime.now(UTC).isoformat())
         self.last_reload = result
+        if self.metrics is not None:
+            self.metrics.reloaded(result)
         return result
 
     def watch_manifest(self, stop: threading.Event, interval: float) -> None:
@@ -762,9 +801,12 @@ class Recommendations:
             raise BadParameterError(("body",), "at least one track id is required")
         self.check_known(track_ids, art=art)
         try:
-            return self.history.append(user_id, track_ids, idempotency_key)
+            added = self.history.append(user_id, track_ids, idempotency_key)
         except IdempotencyKeyReused as exc:
             raise BadParameterError(("header", "Idempotency-Key"), str(exc)) from exc
+        if self.metrics is not None:
+            self.metrics.history_written(len(track_ids), added.replayed)
+        return added
 
     def get_similar_items(
         self, track_ids: Sequence[int], k: int | None = None, exclude: Iterable[int] = (),
@@ -809,26 +851,40 @@ class Recommendations:
             history = self.get_user_history(user_id)
         row = art.offline.values_of(user_id)  # None: no offline list for the user
         heard: set[int] | frozenset[int] = NOTHING_HEARD
+        cap = self.settings.artist_cap
+        n = k if cap <= 0 else 2 * k  # candidates before the per-artist cap takes k
         if history:
             heard = set(history)
-            online = self._online_list(art, history, heard, 2 * k)
-            if row is not None:
-                kinds: tuple[str, ...] = ("personal", "similar")
-                offline = [t for t in row.tolist() if t not in heard]
-                # the first k of a blend take at most k elements of each list (each element
-                # taken or skipped as a duplicate is one of the k answers): 2k is plenty
-                tracks = _blend(online, offline[:2 * k], blend == "probability", p,
-                                request_seed(user_id, k, p), limit=k)
+            folded = self._folded(art, user_id, history, 2 * n)
+            if folded is not None and self.settings.online_method == "foldin":
+                kinds: tuple[str, ...] = ("fold-in",)
+                tracks = folded
             else:
-                kinds, tracks = ("similar",), online[:k]
+                near = self._online_list(art, history, heard, 2 * n)
+                if folded is not None:
+                    kinds, second = ("fold-in", "similar"), folded
+                elif row is not None:
+                    kinds, second = ("personal", "similar"), [t for t in row.tolist()
+                                                              if t not in heard][:2 * n]
+                else:
+                    kinds, second = ("similar",), None
+                # the first n of a blend take at most n elements of each list (each element
+                # taken or skipped as a duplicate is one of the n answers): 2n is plenty
+                tracks = near[:n] if second is None else _blend(
+                    near, second, blend == "probability", p, request_seed(user_id, k, p),
+                    limit=n)
         elif row is not None:  # dict.fromkeys: no duplicates even if a row repeated a track
-            kinds, tracks = ("personal",), list(dict.fromkeys(row[:2 * k].tolist()))
+            kinds, tracks = ("personal",), list(dict.fromkeys(row[:2 * n].tolist()))
         else:
             kinds, tracks = ("default",), []
-        tracks = self._fill(art, tracks[:k], heard, k)
+        tracks = self._fill(art, tracks[:n], heard, n)
+        if cap > 0:
+            tracks = online.cap_per_artist(tracks, art.artists_of(tracks), cap, k)
         with self._stats_lock:
             for kind in kinds:
                 self._stats[kind] += 1
+        if self.metrics is not None:
+            self.metrics.served(kinds)
         return Answer(tracks, kinds)
 
     def top_popular(self, k: int | None = None, art: Artefacts | None = None) -> list[int]:
@@ -841,7 +897,58 @@ class Recommendations:
             counters = dict(self._stats)
         return {**counters, "pid": os.getpid(), "since": self.started_at}
 
+    def reasons(self, user_id: int, history: list[int], answer: Answer,
+                art: Artefacts | None = None) -> list[dict[str, Any]]:
+        """Why each track of ``answer`` is there (API.md, "Additions"): ``source`` is the list
+        it came from (fold-in, similar, personal, popular) and ``because`` up to three of the
+        user's own tracks that led to it: the recent online events whose similar tracks hold
+        it, or the user's tracks that add most to its ALS score (implicit's ``explain``)."""
+        art = art or self.artefacts
+        tracks = answer.tracks
+        model = art.foldin
+        heard = set(history)
+        n = 4 * len(tracks)
+        folded = set(self._folded(art, user_id, history, n) or ()) if history else set()
+        seeds: dict[int, list[int]] = {}
+        if history and "similar" in answer.kinds:
+            recent = list(dict.fromkeys(reversed(history)))[:self.settings.online_history_window]
+            near = set(self._online_list(art, history, heard, n))
+            for seed in recent:  # most recent first, as they weigh
+                row = art.similar.values_of(seed)
+                for track in () if row is None else row.tolist():
+                    if track in near and len(seeds.setdefault(track, [])) < 3:
+                        seeds[track].append(seed)
+        row = art.offline.values_of(user_id)
+        offline = set() if row is None else set(row.tolist())
+        sources = []
+        for track in tracks:
+            if "fold-in" in answer.kinds and track in folded:
+                sources.append("fold-in")
+            elif track in seeds:
+                sources.append("similar")
+            elif "personal" in answer.kinds and track in offline:
+                sources.append("personal")
+            else:
+                sources.append("popular")
+        because: list[list[int]] = [seeds.get(t, []) if s == "similar" else []
+                                    for t, s in zip(tracks, sources, strict=True)]
+        scored = [i for i, s in enumerate(sources) if s in ("fold-in", "personal")]
+        if model is not None and scored:
+            online_tracks = history if "fold-in" in answer.kinds else []
+            found = model.explain_tracks(user_id, online_tracks, [tracks[i] for i in scored])
+            for i, ids in zip(scored, found, strict=True):
+                because[i] = ids
+        return [{"source": s, "because": b} for s, b in zip(sources, because, strict=True)]
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _folded(self, art: Artefacts, user_id: int, history: list[int], n: int
+                ) -> list[int] | None:
+        """The fold-in list of ``n`` tracks, or None when it is not served (no ALS files in
+        the artefact folder, or ``online_method`` 'similar')."""
+        if art.foldin is None or self.settings.online_method == "similar":
+            return None
+        return art.foldin.recommend(user_id, history, n, self.settings.foldin_nprobe)
 
     def _online_list(self, art: Artefacts, history: list[int], heard: Collection[int],
                      limit: int) -> list[int]:
@@ -974,12 +1081,21 @@ Details = Annotated[
 ]
 
 
+class Reason(BaseModel):
+    source: str = Field(description="the list the track came from: fold-in, similar, "
+                        "personal or popular")
+    because: list[int] = Field(description="up to three of the user's own track ids that "
+                               "led to it (empty when none did, e.g. popular)")
+
+
 class TrackDetails(BaseModel):
     track_id: int
     name: str | None
     artists: list[str]
     albums: list[str]
     genres: list[str]
+    reason: Reason | None = Field(None, description="why it is recommended "
+                                  "(/recommendations only)")
 
 
 TrackList = list[int] | list[TrackDetails]
@@ -1079,9 +1195,12 @@ Recs = Annotated[Recommendations, Depends(get_recs)]
 Art = Annotated[Artefacts, Depends(get_artefacts)]
 
 
-def _list_response(art: Artefacts, tracks: list[int], details: bool, **headers: str
-                   ) -> JSONBytes:
-    body = art.details(tracks) if details else tracks
+def _list_response(art: Artefacts, tracks: list[int], details: bool,
+                   reasons: list[dict[str, Any]] | None = None, **headers: str) -> JSONBytes:
+    body: list[Any] = art.details(tracks) if details else tracks
+    if details and reasons is not None:
+        for item, reason in zip(body, reasons, strict=True):
+            item["reason"] = reason
     return JSONBytes(body, headers=headers or None)
 
 
@@ -1098,11 +1217,13 @@ class FastRecommendations:
     exception handlers as from any route. It answers with the same bytes and headers."""
 
     PATH = "/recommendations/{user_id}"
+    path = PATH  # the route label of the metrics (scope["route"])
 
     def __init__(self, declared: APIRoute) -> None:
         self.declared = declared
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["route"] = self  # FastAPI's router sets it for its own routes only
         recs = scope["app"].state.recs
         query = None
         if scope["method"] == "GET" and recs is not None and recs._artefacts is not None:
@@ -1475,7 +1596,9 @@ def add_routes(app: FastAPI) -> None:
         history = await recs.read_store(recs.get_user_history, user_id)
         answer = recs.recommend(user_id, k, blend, p, art=art, history=history)
         return _list_response(
-            art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
+            art, answer.tracks, details,
+            recs.reasons(user_id, history, answer, art) if details else None,
+            **{SOURCE_HEADER: "+".join(answer.kinds)}
         )
 
     @app.post("/recommendations", response_model=TrackList, summary="recommendations",
@@ -1489,7 +1612,9 @@ def add_routes(app: FastAPI) -> None:
         answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art,
                                 history=history)
         return _list_response(
-            art, answer.tracks, details, **{SOURCE_HEADER: "+".join(answer.kinds)}
+            art, answer.tracks, details,
+            recs.reasons(request.user_id, history, answer, art) if details else None,
+            **{SOURCE_HEADER: "+".join(answer.kinds)}
         )
 
     @app.get("/stats", summary="how often each kind was served (this worker)")
@@ -1543,6 +1668,85 @@ def add_routes(app: FastAPI) -> None:
         return JSONBytes(result, status_code=200 if result["error"] is None else 409)
 
 
+UI_PAGE = "ui/index.html"  # in the musicrec package (package data)
+SUMMARY_TRACKS = 5
+
+
+def offline_heard(art: Artefacts, user_id: int) -> list[int] | None:
+    """Tracks the user heard in the training log, as the served ALS model keeps them (the rows
+    fold-in starts from); None when the set has no such model."""
+    model = getattr(art, "foldin", None)
+    if model is None:
+        return None
+    users = model.user_ids
+    pos = int(np.searchsorted(users, user_id))
+    if user_id > INT32_MAX or pos >= users.size or users[pos] != user_id:
+        return []
+    rows = model.heard_rows[model.heard_offsets[pos]:model.heard_offsets[pos + 1]]
+    return model.track_ids[rows].tolist()
+
+
+def add_operator_routes(app: FastAPI) -> None:
+    """``/metrics`` (Prometheus, all workers), ``/ui`` (the page to look at a user's lists)
+    and ``/users/{user_id}`` (what the page shows about a user)."""
+    page = importlib.resources.files("musicrec").joinpath(UI_PAGE).read_bytes()
+
+    @app.get("/metrics", summary="Prometheus metrics of every worker of this server",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def metrics(request: Request) -> Response:
+        """Text exposition format; counters add up the files of all workers (prometheus_client
+        multiprocess mode). Plain ``def``: reading the files runs off the event loop."""
+        collected = request.app.state.metrics
+        if collected is None:
+            raise HTTPException(404, "metrics are off (MUSICREC_METRICS_ENABLED=false)")
+        body, content_type = collected.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/ui", summary="a page to look at a user's lists", response_class=HTMLResponse)
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/tracks", response_model=list[TrackDetails], summary="names of given tracks")
+    async def tracks(
+        art: Art,
+        track_id: Annotated[list[TrackId], Query(
+            min_length=1, max_length=MAX_QUERY_TRACKS, description="a track id (repeatable)",
+            examples=[[26]])],
+    ) -> JSONBytes:
+        """Catalogue details of the given tracks, in order (an unknown id has no name); the
+        page names the tracks a reason's ``because`` gives with it."""
+        return JSONBytes(art.details(track_id))
+
+    @app.get("/users", summary="some user ids with a nightly list (for the page's picker)")
+    async def users(
+        art: Art, limit: Annotated[int, Query(ge=1, le=100, description="how many")] = 20,
+    ) -> JSONBytes:
+        return JSONBytes({"users_with_list": len(art.offline),
+                          "users": art.offline.keys[:limit].tolist()})
+
+    @app.get("/users/{user_id}", summary="what the service knows about a user")
+    async def user_summary(
+        user_id: UserIdPath, recs: Recs, art: Art,
+        n: Annotated[int, Query(ge=1, le=50, description="tracks shown of each list")]
+        = SUMMARY_TRACKS,
+    ) -> JSONBytes:
+        """The offline side (tracks heard in the training log when the served ALS model has
+        them, the nightly list) and the online history (latest first), with names."""
+        page_ = await recs.read_store(recs.history_page, user_id,
+                                      min(n, recs.settings.history_page_max), None)
+        heard = offline_heard(art, user_id)
+        row = art.offline.values_of(user_id)
+        return JSONBytes({
+            "user_id": user_id,
+            "offline_history": None if heard is None else {
+                "distinct_tracks": len(heard), "tracks": art.details(heard[:n])},
+            "offline_list": None if row is None else {
+                "length": int(row.size), "tracks": art.details(row[:n].tolist())},
+            "online_history": {"length": page_.length, "total": page_.total,
+                               "recent": art.details(page_.tracks[::-1])},
+        })
+
+
 DESCRIPTION = """
 Personal track recommendations: offline (ALS + ranker) lists, tracks similar to the online
 history, and the most popular tracks, blended per request. Ids are the input data's ids.
@@ -1571,9 +1775,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not logging.getLogger().handlers:  # under the uvicorn CLI our INFO lines show too
-            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
         current = settings if settings is not None else Settings()
+        # under the uvicorn CLI our INFO lines show too; json: one object per line, with the
+        # request id
+        configure_logging(current.log_format, LOG_FORMAT)
         # the access log names user ids (paths): only when asked for (uvicorn's CLI turns
         # it on by default)
         logging.getLogger("uvicorn.access").disabled = not current.access_log
@@ -1582,6 +1787,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recs = Recommendations(current)
         recs.load()  # raises DataError naming the file: the service refuses to start
         recs.open_store()
+        if current.metrics_enabled:  # files shared by the workers of this server
+            recs.metrics = ServiceMetrics(*metrics_directory(current.metrics_dir),
+                                          current.metrics_flush_seconds)
+            recs.metrics.set_run(recs.artefacts.run_id)
+        app.state.metrics = recs.metrics
         app.state.recs = recs
         stop = threading.Event()
         if current.reload_poll_seconds > 0:
@@ -1595,16 +1805,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             stop.set()
             app.state.recs = None
+            app.state.metrics = None
             recs.close()
+            if recs.metrics is not None:
+                recs.metrics.close()
 
     app = FastAPI(
         title="Music recommendations", version="1.0", description=DESCRIPTION,
         lifespan=lifespan, responses=COMMON_RESPONSES,
     )
     app.state.recs = None
+    app.state.metrics = None
     app.add_middleware(BodySizeLimit, state=app.state)
+    app.add_middleware(RequestTelemetry, state=app.state)  # outermost: ids, metrics
     install_error_handlers(app)
     add_routes(app)
+    add_operator_routes(app)
     install_fast_path(app)
     return app
 
@@ -1616,11 +1832,13 @@ def main() -> None:
     """``python recommendation_service.py``: uvicorn with host, port, workers from settings."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     settings = Settings()
+    configure_logging(settings.log_format, LOG_FORMAT)
     uvicorn.run(
         "recommendation_service:app", host=settings.host, port=settings.port,
         workers=settings.workers, access_log=settings.access_log,
+        # json: uvicorn's loggers go through the root's JSON handler (no config of its own)
+        **({"log_config": None} if settings.log_format == "json" else {}),
     )
 
 

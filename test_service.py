@@ -86,6 +86,10 @@ class Server:
             "MUSICREC_HISTORY_URL": f"sqlite:///{self.history_db}",
             "MUSICREC_DEFAULT_K": "25",
             "MUSICREC_MAX_K": "100",
+            # the lists checked here are the similar-tracks blend, uncapped (still selectable);
+            # the default fold-in and artist cap are tested in tests/test_online.py
+            "MUSICREC_ONLINE_METHOD": "similar",
+            "MUSICREC_ARTIST_CAP": "0",
         }
         self.output = open(self.workdir / "server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(

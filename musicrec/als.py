@@ -34,7 +34,7 @@ class AlsModel:
     model: AlternatingLeastSquares
     user_ids: np.ndarray  # int32, sorted; row code = position
     track_ids: np.ndarray  # int32, sorted; column code = position
-    user_items: sp.csr_matrix  # the confidence matrix it was fitted on (rows = user codes)
+    user_items: sp.csr_matrix  # what each user heard (rows = user codes; values unused)
 
     @property
     def users(self) -> IdIndex:

@@ -1,7 +1,8 @@
 """Online listening history: a small store interface and its SQLite implementation.
 
-The service talks to a ``HistoryStore`` only, so another backend (e.g. Redis, for several
-replicas on several machines) can be added in ``open_history_store`` without touching the rest.
+The service talks to a ``HistoryStore`` only; ``open_history_store`` picks the backend from
+the URL: this SQLite store (one machine) or ``musicrec.history_redis`` (several replicas on
+several machines sharing one Redis).
 
 SQLite is the default: one file, WAL journal (readers never block the writer), a busy timeout
 so several uvicorn worker processes can write to the same file, and one transaction per
@@ -443,13 +444,23 @@ def open_history_store(
     """Open the store a URL names.
 
     ``sqlite:///relative/path.db`` (relative to ``base_dir`` or the current folder) or
-    ``sqlite:////absolute/path.db``; option ``?synchronous=FULL|NORMAL``.
+    ``sqlite:////absolute/path.db``; option ``?synchronous=FULL|NORMAL``. Or
+    ``redis://[:password@]host:port/db`` (``rediss://`` for TLS), option ``?prefix=NAME``:
+    the Redis store of ``musicrec.history_redis``, shared by several replicas.
     """
+    if isinstance(url, str) and url.split(":", 1)[0] in ("redis", "rediss"):
+        from musicrec.history_redis import RedisHistoryStore  # redis only when used
+
+        return RedisHistoryStore(
+            url, max_events=max_events, read_timeout_ms=read_timeout_ms,
+            write_timeout_ms=write_timeout_ms, idempotency_seconds=idempotency_seconds,
+        )
     if not isinstance(url, str) or not url.startswith(SQLITE_PREFIX):
         scheme = url.split(":", 1)[0] if isinstance(url, str) and ":" in url else url
         raise ValueError(
             f"unsupported history store URL {url!r} (scheme {scheme!r}); "
-            "expected sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            "expected sqlite:///relative/path.db, sqlite:////absolute/path.db or "
+            "redis://host:port/db"
         )
     rest = url[len(SQLITE_PREFIX):]
     path_part, _, query = rest.partition("?")

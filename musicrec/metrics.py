@@ -1009,3 +1009,71 @@ def candidate_recall(
     log.info("candidate recall took %.1fs", time.perf_counter() - started)
     out = pd.DataFrame(rows, columns=list(CANDIDATE_COLUMNS))
     return out.astype({"pairs": np.int64, "hits": np.int64, "relevant": np.int64})
+
+
+# --- variety: artists within a list -----------------------------------------------------------
+
+VARIETY_COLUMNS = ("source", "k", "users", "diversity", "top_artist_share", "top10_artists_share")
+
+
+def list_diversity(artists: Sequence[int]) -> float:
+    """Intra-list diversity of one list: the share of distinct artists among its tracks (1.0
+    when every track is by another artist; a negative artist is unknown and counts as
+    distinct); 1.0 for an empty list."""
+    if len(artists) == 0:
+        return 1.0
+    known = [a for a in artists if a >= 0]
+    return (len(set(known)) + len(artists) - len(known)) / len(artists)
+
+
+def list_concentration(artists: Sequence[int]) -> float:
+    """Per-artist concentration of one list: the share of it held by its most frequent
+    artist (1/len when every track is by another artist); 0.0 for an empty list."""
+    if len(artists) == 0:
+        return 0.0
+    known = np.asarray([a for a in artists if a >= 0], dtype=np.int64)
+    top = int(np.bincount(known - known.min()).max()) if known.size else 1
+    return top / len(artists)
+
+
+def artist_variety(
+    recs: Mapping[str, pd.DataFrame],
+    track_ids: np.ndarray,
+    artist_ids: np.ndarray,
+    ks: Sequence[int] = (10,),
+) -> pd.DataFrame:
+    """Rows (``VARIETY_COLUMNS``) per source and k over every user's first k: ``diversity``
+    (mean intra-list share of distinct artists), ``top_artist_share`` (mean share of a list
+    held by its most frequent artist) and ``top10_artists_share`` (share of all the listed
+    slots held by the ten most listed artists: concentration across users).
+    ``artist_ids[i]`` is the (first) artist of ``track_ids[i]``; -1 or an absent track is
+    unknown and counted as its own artist."""
+    order = np.argsort(np.asarray(track_ids, dtype=np.int64), kind="stable")
+    ids = np.asarray(track_ids, dtype=np.int64)[order]
+    arts = np.asarray(artist_ids, dtype=np.int64)[order]
+    rows = []
+    for source, reco in recs.items():
+        _check_columns(reco, [C.user, C.track, C.rank], f"recommendations {source!r}")
+        for k in sorted({_check_k(k) for k in ks}):
+            top = reco[reco[C.rank].to_numpy() <= k].sort_values([C.user, C.rank])
+            tracks = top[C.track].to_numpy().astype(np.int64)
+            artist = np.full(tracks.size, -1, dtype=np.int64)
+            if ids.size:
+                pos = np.minimum(np.searchsorted(ids, tracks), ids.size - 1)
+                artist = np.where(ids[pos] == tracks, arts[pos], -1)
+            users = top[C.user].to_numpy()
+            starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if users.size else \
+                np.zeros(0, np.int64)
+            bounds = np.r_[starts, users.size]
+            lists = [artist[bounds[i]:bounds[i + 1]].tolist() for i in range(starts.size)]
+            diversity = [list_diversity(a) for a in lists]
+            concentration = [list_concentration(a) for a in lists]
+            counted = artist[artist >= 0]
+            top10 = (np.sort(np.unique(counted, return_counts=True)[1])[::-1][:10].sum()
+                     / max(artist.size, 1)) if counted.size else 0.0
+            rows.append({"source": source, "k": k, "users": len(lists),
+                         "diversity": float(np.mean(diversity)) if lists else float("nan"),
+                         "top_artist_share": (float(np.mean(concentration)) if lists
+                                              else float("nan")),
+                         "top10_artists_share": float(top10)})
+    return pd.DataFrame(rows, columns=list(VARIETY_COLUMNS))

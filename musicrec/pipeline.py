@@ -24,15 +24,25 @@ from typing import TYPE_CHECKING, Any, get_args
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
-from musicrec import io, served
+from musicrec import io, runs, served
 from musicrec.als import recs_frame
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.features import History, build_history, distinct
-from musicrec.selection import Choice, Truth, ndcg_per_user, recommend_batched, search
+from musicrec.online import fold_in_arrays
+from musicrec.progress import Steps
+from musicrec.selection import (
+    Choice,
+    Trial,
+    Truth,
+    ndcg_per_user,
+    recommend_batched,
+    search,
+)
 from musicrec.settings import Settings
 from musicrec.sources import (
     SOURCES,
@@ -44,6 +54,7 @@ from musicrec.sources import (
     make_source,
 )
 from musicrec.split import SplitDates, events_before, split_dates
+from musicrec.stages import STAGE_HELP, STAGES  # noqa: F401  (one list, shared with the CLI)
 
 if TYPE_CHECKING:
     from catboost import CatBoostRanker
@@ -59,14 +70,6 @@ RANKER = "ranker"  # the name of the ranked union among the sources' names
 # Files of one run, in the order they are published (the manifest is written after them).
 ARTEFACTS = (io.TOP_POPULAR, io.PERSONAL_ALS, io.SIMILAR, io.RANKER_MODEL, io.RECOMMENDATIONS,
              io.METRICS, io.CANDIDATE_RECALL, io.METRICS_PNG)
-STAGES = ("split", "search", "rank", "evaluate", "serve")
-STAGE_HELP = {
-    "split": "train / validation (label) / test periods by date",
-    "search": "each source's configuration by NDCG@10 on the validation period",
-    "rank": "train the ranker; pick the served model on held-out validation users",
-    "evaluate": "refit before the test period; metrics with intervals on it",
-    "serve": "refit on the whole log; write the lists the service serves",
-}
 
 
 @dataclass
@@ -100,6 +103,10 @@ class RunContext:
         if self.keep_events:
             self._events = events
         return events
+
+    def release_events(self) -> None:
+        """Drop the kept event log once a stage has taken what it needs from it."""
+        self._events = None
 
     def items(self) -> pa.Table:
         return pq.read_table(self.parquet / io.ITEMS, columns=[C.track, C.genre_ids, C.artist_ids])
@@ -175,12 +182,15 @@ def _fit_sources(run: RunContext, data: TrainData, start_from: str | None = None
                  save_as: str | None = None) -> dict[str, Source]:
     """The chosen sources fitted on ``data``; those with a state (ALS factors) start from the
     state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``."""
+    s = run.settings
     sources = {}
     for name, choice in run.choices().items():
         started = time.perf_counter()
-        source = make_source(name, run.settings, choice.params)
+        source = make_source(name, s, choice.params)
         state = run.load_state(start_from, name, choice.params) if start_from else None
-        sources[name] = source.warm(state).fit(data)
+        # a search trial learnt from a user sample: further from the full fit than a refit
+        iterations = s.als_sample_start_iterations if start_from == "search" else None
+        sources[name] = source.warm(state, iterations).fit(data)
         log.info("fitted %s%s in %.1f s", sources[name], " (warm start)" if state else "",
                  time.perf_counter() - started)
         if save_as:
@@ -256,9 +266,32 @@ def stage_search(run: RunContext) -> None:
                       truth.n_tracks).on_tracks(kept)
         log.info("search: trials learn from %d of %d users and the %d tracks they heard",
                  sample.size, n_users, kept.size)
-    choices = search(data, truth, s)
+    # each source's first (plain) and best trials keep their states: the first full fits
+    # start from them (``als_sample_start_iterations``) instead of from scratch
+    plain: dict[str, Trial] = {}
+    best: dict[str, Trial] = {}
+    states: dict[int, dict[str, np.ndarray]] = {}
+
+    def keep_state(trial: Trial, source: Source) -> None:
+        state = source.state()
+        if state is None:
+            return
+        if trial.source not in plain:
+            plain[trial.source] = trial
+        if trial.source not in best or trial.ndcg > best[trial.source].ndcg:
+            best[trial.source] = trial
+        states[id(trial)] = state
+        kept = {id(t) for t in (*plain.values(), *best.values())}
+        for key in [key for key in states if key not in kept]:
+            del states[key]
+
+    choices = search(data, truth, s, on_trial=keep_state)
     io.write_json({name: choice.as_dict() for name, choice in choices.items()},
                   run.work / SEARCH_JSON)
+    for name, trial in best.items():
+        run.save_state("search", name, trial.params, states[id(trial)])
+        first = plain[name]
+        run.save_state("search", f"{name}_plain", first.params, states[id(first)])
 
 
 def stage_rank(run: RunContext) -> None:
@@ -269,7 +302,7 @@ def stage_rank(run: RunContext) -> None:
 
     s = run.settings
     data, truth, (fit_rows, stop_rows, valid_rows) = _validation(run)
-    sources = _fit_sources(run, data, save_as="rank")
+    sources = _fit_sources(run, data, start_from="search", save_as="rank")
     model = train_ranker(training_set(data, sources, truth.subset(fit_rows), s),
                          training_set(data, sources, truth.subset(stop_rows), s), s)
     valid = truth.subset(valid_rows)
@@ -301,7 +334,7 @@ def stage_rank(run: RunContext) -> None:
 def stage_evaluate(run: RunContext) -> None:
     """Refit the chosen sources before the test period and score every list on it, with
     bootstrap intervals, by user activity, and the candidates' recall."""
-    from musicrec.metrics import activity_segments, candidate_recall, evaluate
+    from musicrec.metrics import activity_segments, artist_variety, candidate_recall, evaluate
     from musicrec.plots import plot_metrics
 
     s, dates = run.settings, run.dates()
@@ -315,33 +348,50 @@ def stage_evaluate(run: RunContext) -> None:
         users = np.sort(rng.choice(users, s.report_users, replace=False))
         test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
     log.info("test period: %d users with history are evaluated", users.size)
+    run.release_events()  # ~3 GB at full scale; the serve stage reads them again (~15 s)
+    steps = Steps("evaluate", 5, s.progress)
+    steps.step("refit the sources before the test period")
     choices = run.choices()
-    sources = _fit_sources(run, data, start_from="rank", save_as="evaluate")
     n = max(s.eval_k)
-    recs = {name: _frame(recommend_batched(src, users, max(n, s.n_candidates)), h, users)
-            for name, src in sources.items()}
+    recs: dict[str, pd.DataFrame] = {}
     plain = AlsSource.space(s)[0]
     if "als" in choices and choices["als"].params != plain:
+        # first, and dropped before the chosen sources are fitted: one ALS matrix at a time
         started = time.perf_counter()
-        baseline = make_source("als", s, plain).fit(data)
+        baseline = make_source("als", s, plain).warm(
+            run.load_state("search", "als_plain", plain), s.als_sample_start_iterations
+        ).fit(data)
         log.info("fitted the plain ALS baseline %s in %.1f s", baseline,
                  time.perf_counter() - started)
         recs["als_plain"] = _frame(recommend_batched(baseline, users, n), h, users)
+        del baseline
+    sources = _fit_sources(run, data, start_from="rank", save_as="evaluate")
+    steps.step(f"lists of {len(sources)} sources for {users.size:,} users")
+    recs.update({name: _frame(recommend_batched(src, users, max(n, s.n_candidates)), h, users)
+                 for name, src in sources.items()})
     selection = run.selection()
     model = run.ranker()
+    steps.step("ranked lists" if model is not None else "no ranker to score")
     if model is not None:
         recs[RANKER] = _frame(served_lists(RANKER, sources, model, data, users, n, s), h, users)
     recs["served"] = recs[selection["winner"]]
     train = pd.DataFrame({C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
                           C.track: h.tracks.ids[h.track_codes]})
     candidates = {name: recs[name] for name in sources}
+    steps.step("candidate recall")
     recall = candidate_recall(candidates, test, train, users=h.users.ids[users])
     io.write_table(recall, run.out / io.CANDIDATE_RECALL)
     heads = {name: table[table[C.rank].to_numpy() <= n] for name, table in recs.items()}
     n_items = pq.ParquetFile(run.parquet / io.ITEMS).metadata.num_rows
+    steps.step(f"metrics with {s.bootstrap} bootstrap resamples")
     metrics = evaluate(heads, test, train, n_items, ks=tuple(s.eval_k), bootstrap=s.bootstrap,
                        seed=s.seed, segments=activity_segments(train, h.users.ids[users]))
+    # intra-list artist variety of every list, on the rows of all users
+    variety = artist_variety(heads, *_first_artists(run.items()), ks=tuple(s.eval_k))
+    metrics = metrics.merge(variety.drop(columns="users").assign(segment="all"),
+                            on=["source", "k", "segment"], how="left")
     io.write_table(metrics, run.out / io.METRICS)
+    steps.close()
     io.write_figure(plot_metrics(metrics[metrics["segment"] == "all"]),
                     run.out / io.METRICS_PNG)
     k = 10 if 10 in s.eval_k else max(s.eval_k)
@@ -351,6 +401,18 @@ def stage_evaluate(run: RunContext) -> None:
     log.info("metrics@%d on the test period (served = %s):\n%s", k, selection["winner"],
              table[shown].to_string())
     log.info("candidate recall on the test period:\n%s", recall.to_string())
+
+
+def _first_artists(items: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(track ids, first artist id or -1) of the catalogue, for the variety metrics."""
+    artists = items.column(C.artist_ids).combine_chunks()
+    lengths = pc.list_value_length(artists).fill_null(0).to_numpy(zero_copy_only=False)
+    first = np.full(len(artists), -1, dtype=np.int64)
+    has = lengths > 0
+    if has.any():
+        first[has] = pc.list_element(artists.filter(pa.array(has)), 0).to_numpy(
+            zero_copy_only=False)
+    return items.column(C.track).to_numpy().astype(np.int64), first
 
 
 def _popular_table(source: PopularSource) -> pd.DataFrame:
@@ -369,6 +431,7 @@ def stage_serve(run: RunContext) -> None:
     """Refit the chosen sources on the whole log and write what the service serves."""
     s = run.settings
     data = run.train_data(None)
+    run.release_events()
     h = data.history
     sources = _fit_sources(run, data, start_from="evaluate")
     users = np.arange(h.n_users, dtype=np.int64)
@@ -383,6 +446,10 @@ def stage_serve(run: RunContext) -> None:
     als = chosen_or_plain("als")
     io.write_table(_frame(recommend_batched(als, users, s.n_recommendations), h, users),
                    run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
+    # the ALS model for the service's fold-in of online events (musicrec.online)
+    served.write_factors(fold_in_arrays(als.model, data.listeners(None),
+                                        als.params["regularization"], als.params["alpha"]),
+                         run.out)
     item_to_item = sources.get("item_knn") or als
     query, similar, score = item_to_item.similar(s.n_similar)
     # each track's neighbours scaled to its best one: the service sums the lists of several
@@ -395,7 +462,7 @@ def stage_serve(run: RunContext) -> None:
                    run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
     winner = run.selection()["winner"]
     lists = served_lists(winner, sources, run.ranker(), data, users, s.n_recommendations, s,
-                         progress=True)
+                         progress=s.progress)
     io.write_table(_frame(lists, h, users), run.out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
     log.info("served lists (%s) for %d users", winner, h.n_users)
 
@@ -517,11 +584,13 @@ def run_all(settings: Settings) -> dict:
     run = RunContext(settings, staging, keep_events=True)
     timings: dict[str, float] = {}
     try:
-        for stage in STAGES:
-            timings[stage] = _timed(stage, run)
+        with Steps("run", len(STAGES), settings.progress) as steps:  # the stage counter
+            for stage in STAGES:
+                steps.step(f"stage {stage}")
+                timings[stage] = _timed(stage, run)
         del run  # frees the event log before the served form is decoded
         served_entries = _write_served(parquet, staging)
-        for name in (*ARTEFACTS, *served.SERVED_FILES):
+        for name in (*ARTEFACTS, *served.SERVED_FILES, *served.ALS_NAMES):
             if (staging / name).exists():
                 os.replace(staging / name, parquet / name)
             else:  # not made by this run (e.g. no ranker was trained): no stale copy stays
@@ -529,7 +598,10 @@ def run_all(settings: Settings) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest = build_manifest(settings, run_id, timings, served_entries)
+    manifest["code"] = runs.code_version()  # versioned runs (musicrec.runs)
+    manifest["input"] = runs.input_fingerprint(parquet)
     io.write_json(manifest, parquet / io.MANIFEST)
+    runs.archive(parquet, manifest)  # runs/<run_id>/ (hard links) and runs/current
     log.info("run %s: %s", run_id,
              ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))
     return manifest

@@ -59,6 +59,24 @@ OFFLINE_OFFSETS = "served_offline_offsets.npy"
 OFFLINE_VALUES = "served_offline_values.npy"  # recommended track ids, rank 1 first
 SERVED_FILES = (ITEMS, POPULAR, SIMILAR_KEYS, SIMILAR_OFFSETS, SIMILAR_VALUES, SIMILAR_SCORES,
                 OFFLINE_KEYS, OFFLINE_OFFSETS, OFFLINE_VALUES)
+# the ALS model for fold-in (musicrec.online): optional, checked like the others when the
+# manifest records them; item rows are in popularity order, keys of fold_in_arrays -> file
+ALS_FILES = {
+    "item_factors": "served_als_item_factors.npy",  # float32 (tracks, factors)
+    "track_ids": "served_als_track_ids.npy",  # int32 track id of each row
+    "sorted_tracks": "served_als_sorted_tracks.npy",  # int32, sorted
+    "sorted_rows": "served_als_sorted_rows.npy",  # int32 row of each sorted id
+    "gram": "served_als_gram.npy",  # float64 YtY (factors, factors)
+    "params": "served_als_params.npy",  # float64 [regularization, alpha]
+    "user_ids": "served_als_user_ids.npy",  # int32, sorted
+    "user_factors": "served_als_user_factors.npy",  # float32 (users, factors)
+    "heard_offsets": "served_als_heard_offsets.npy",  # int64, users + 1
+    "heard_rows": "served_als_heard_rows.npy",  # int32 rows each user heard offline
+    "list_offsets": "served_als_list_offsets.npy",  # int64: rows of each IVF cluster
+    "centroids": "served_als_centroids.npy",  # float32 (clusters, factors)
+    "centroid_norms2": "served_als_centroid_norms2.npy",  # float32 (clusters,)
+}
+ALS_NAMES = tuple(ALS_FILES.values())
 # the parquet files the served form is made from (the service's inputs)
 SOURCE_FILES = (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
 SERVED_FROM = "served_from"  # manifest key: bytes of each source parquet file
@@ -348,9 +366,42 @@ def write_served(sources: dict[str, Path], out: Path) -> dict[str, dict[str, Any
         del value
         entry.update(bytes=path.stat().st_size, crc32=file_crc32(path))
         entries[name] = entry
+    entries.update(_factor_entries(out))
     entries[SERVED_FROM] = {name: Path(sources[name]).stat().st_size for name in SOURCE_FILES}
     log.info("served form written to %s (%.0f MB)", out,
              sum(e["bytes"] for n, e in entries.items() if n != SERVED_FROM) / 1e6)
+    return entries
+
+
+def write_factors(arrays: dict[str, np.ndarray], out: Path) -> None:
+    """Write the fold-in arrays (``musicrec.online.fold_in_arrays``) as the ALS served files
+    into ``out``, each atomically; ``write_served`` then records their checksums."""
+    missing = set(ALS_FILES) - set(arrays)
+    if missing:
+        raise ValueError(f"fold-in arrays missing: {sorted(missing)}")
+    factors = arrays["item_factors"]
+    if not (np.all(np.isfinite(factors)) and np.all(np.isfinite(arrays["user_factors"]))):
+        raise DataError("ALS factors hold values that are not finite")
+    for key, name in ALS_FILES.items():
+        _write_npy(arrays[key], Path(out) / name)
+
+
+def _factor_entries(out: Path) -> dict[str, dict[str, Any]]:
+    """Manifest entries of the ALS files in ``out`` (all or none: a partial set is an error)."""
+    present = [name for name in ALS_NAMES if (Path(out) / name).exists()]
+    if not present:
+        return {}
+    if len(present) < len(ALS_NAMES):
+        missing = sorted(set(ALS_NAMES) - set(present))
+        raise DataError(f"{out}: ALS served files missing: {', '.join(missing)}")
+    entries = {}
+    for name in ALS_NAMES:
+        path = Path(out) / name
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        entries[name] = {"rows": int(array.shape[0]), "dtype": array.dtype.str,
+                         "shape": list(array.shape), "bytes": path.stat().st_size,
+                         "crc32": file_crc32(path)}
+        del array
     return entries
 
 
@@ -379,7 +430,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
     download); DataError naming the first bad one. Returns the names checked."""
     artefacts = manifest.get("artefacts") or {}
     checked = []
-    for name in SERVED_FILES:
+    for name in (*SERVED_FILES, *ALS_NAMES):
         entry = artefacts.get(name)
         if not isinstance(entry, dict) or "crc32" not in entry:
             continue
@@ -489,8 +540,46 @@ def open_served(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any],
     identities: dict[str, Any] = {}
     for name in SERVED_FILES:
         arrays[name], identities[name] = _open_one(Path(folder) / name, artefacts[name])
+    recorded = [name for name in ALS_NAMES if isinstance(artefacts.get(name), dict)]
+    if recorded and len(recorded) < len(ALS_NAMES):
+        raise DataError(f"{Path(folder) / io.MANIFEST}: records only some ALS served files "
+                        f"({', '.join(recorded)}); republish the folder")
+    for name in recorded:
+        arrays[name], identities[name] = _open_one(Path(folder) / name, artefacts[name])
     _check_structure(folder, arrays)
+    if recorded:
+        _check_factors(folder, arrays)
     return arrays, identities
+
+
+def factor_arrays(arrays: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """The fold-in arrays (keys of ALS_FILES) among opened served arrays; None without them."""
+    if not all(name in arrays for name in ALS_NAMES):
+        return None
+    return {key: arrays[name] for key, name in ALS_FILES.items()}
+
+
+def _check_factors(folder: Path, arrays: dict[str, Any]) -> None:
+    """Cheap invariants of the ALS files: shapes agree, offsets describe the heard rows."""
+    a = factor_arrays(arrays)
+    assert a is not None
+    tracks, factors = a["item_factors"].shape if a["item_factors"].ndim == 2 else (-1, -1)
+    users = a["user_ids"].size
+    off = a["heard_offsets"]
+    ok = (tracks == a["track_ids"].size == a["sorted_tracks"].size == a["sorted_rows"].size
+          and a["user_factors"].shape == (users, factors) and a["gram"].shape == (factors, factors)
+          and a["params"].shape == (2,) and off.size == users + 1 and off[0] == 0
+          and off[-1] == a["heard_rows"].size
+          and bool(np.all(a["user_ids"][1:] > a["user_ids"][:-1]))
+          and bool(np.all(a["sorted_tracks"][1:] > a["sorted_tracks"][:-1]))
+          and a["list_offsets"].size == a["centroids"].shape[0] + 1
+          and a["centroid_norms2"].size == a["centroids"].shape[0]
+          and a["centroids"].shape[1:] == (factors,) and a["list_offsets"][0] == 0
+          and a["list_offsets"][-1] == tracks
+          and bool(np.all(a["list_offsets"][1:] >= a["list_offsets"][:-1])))
+    if not ok:
+        raise DataError(f"{Path(folder) / ALS_FILES['item_factors']}: the ALS served files do not "
+                        "agree with each other; republish the folder")
 
 
 def _check_structure(folder: Path, arrays: dict[str, Any]) -> None:

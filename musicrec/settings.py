@@ -40,16 +40,19 @@ class Settings(BaseSettings):
     seed: int = Field(42, description="random seed of the generator and of every model")
 
     # --- the real data (public bucket) -----------------------------------------------------
-    source_endpoint_url: str = "https://storage.yandexcloud.net"
-    source_bucket: str = "mle-data"
-    source_prefix: str = "ym"
+    source_endpoint_url: str = Field(
+        "https://storage.yandexcloud.net", description="endpoint of the public bucket `download` "
+        "reads the real data from"
+    )
+    source_bucket: str = Field("mle-data", description="public bucket holding the real data")
+    source_prefix: str = Field("ym", description="key prefix of the real data in that bucket")
     source_region: str = Field("ru-central1", description="region used to sign source requests")
 
     # --- the user's own bucket for artefacts (s3 push / pull) ------------------------------
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None = AWS")
     s3_bucket: str | None = Field(None, description="bucket for artefacts")
     s3_prefix: str = Field("musicrec", description="key prefix for artefacts in the bucket")
-    s3_region: str = "us-east-1"
+    s3_region: str = Field("us-east-1", description="region of the artefact bucket")
 
     # --- split -----------------------------------------------------------------------------
     test_start: date | None = Field(None, description="first day of the test period")
@@ -103,6 +106,12 @@ class Settings(BaseSettings):
         3, ge=1, description="iterations of the refits before the test period and on the whole "
         "log, which start from the factors of the previous cut-off"
     )
+    als_sample_start_iterations: int = Field(
+        8, ge=1, description="iterations of the first full ALS fits (for the ranker, and the "
+        "plain baseline of the report), which start from the search trial's factors learnt "
+        "from the user sample; on `small` from a 8 % sample, 8 iterations match a cold "
+        "15-iteration fit within the interval and 3 do not for plain ALS"
+    )
     als_regularization: float = Field(0.1, ge=0, description="of the configured ALS trial")
     als_alpha: float = Field(
         4.0, ge=0, description="configured ALS trial: confidence = 1 + alpha * strength"
@@ -137,6 +146,25 @@ class Settings(BaseSettings):
     )
     ranker_iterations: int = Field(500, ge=1, description="most trees (early stopping)")
     threads: int = Field(2, ge=1, description="worker threads for ALS and CatBoost")
+    engine: Literal["local", "spark"] = Field(
+        "local", description="where prepare and run compute: local (in this process) or spark "
+        "(preparation, split, top popular and ALS on a Spark session; musicrec.spark_engine)"
+    )
+    spark_master: str | None = Field(
+        None, description="Spark master of --engine spark (local[*] when unset and not under "
+        "spark-submit; e.g. spark://host:7077, yarn, k8s://https://host:443)"
+    )
+    spark_partitions: int = Field(
+        8, ge=1, description="Spark shuffle partitions (and default parallelism) of the spark "
+        "engine; a few per executor core"
+    )
+    spark_driver_memory: str = Field(
+        "2g", description="spark.driver.memory of a session the spark engine starts itself"
+    )
+    progress: bool = Field(
+        True, description="progress bars and stage counters of the long steps on stderr; "
+        "false silences them (the notebook turns them off: a saved notebook would keep stale bars)"
+    )
     bootstrap: int = Field(
         1000, ge=0, description="bootstrap resamples of the 95 % intervals; 0 = none"
     )
@@ -150,19 +178,41 @@ class Settings(BaseSettings):
     )
     ann_min_tracks: int = Field(200_000, ge=1, description="catalogue size where auto uses ann")
     ann_nprobe: int = Field(32, ge=1, description="IVF clusters scanned per query")
-    eval_k: tuple[int, ...] = (5, 10, 25)
+    eval_k: tuple[int, ...] = Field(
+        (5, 10, 25), description="list lengths k of the report's metrics (precision, recall, "
+        "NDCG, MAP @k)"
+    )
 
     # --- service ---------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    workers: int = Field(1, ge=1)
+    host: str = Field("127.0.0.1", description="address the service listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port the service listens on")
+    workers: int = Field(
+        1, ge=1, description="uvicorn worker processes of the service (they share the mapped "
+        "artefacts and the history store)"
+    )
     history_url: str = Field(
-        "sqlite:///parquet/history.db", description="online history store (sqlite:///PATH)"
+        "sqlite:///parquet/history.db", description="online history store: sqlite:///PATH "
+        "(one machine) or redis://[:password@]host:port/db[?prefix=NAME] (replicas sharing it)"
     )
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
-    default_k: int = Field(25, ge=1)
+    default_k: int = Field(25, ge=1, description="k of a list when the client gives none")
     online_history_window: int = Field(
         10, ge=1, description="recent online events used for similar tracks"
+    )
+    online_method: Literal["similar", "foldin", "blend"] = Field(
+        "foldin", description="list for a user with online events: 'foldin' (ALS fold-in of the "
+        "online events onto the offline factors), 'similar' (tracks similar to the recent "
+        "events blended with the offline list) or 'blend' (those similar tracks blended with the "
+        "fold-in list); chosen by the replay evaluation (python -m musicrec replay)"
+    )
+    foldin_nprobe: int = Field(
+        32, ge=0, description="fold-in scores the tracks of this many IVF clusters nearest the "
+        "user's vector (0 = every track, exact; catalogues with fewer clusters are exact): "
+        "what keeps a request within its latency budget"
+    )
+    artist_cap: int = Field(
+        2, ge=0, description="at most this many tracks of one artist in the first k of a list "
+        "(0 = no cap); chosen by the replay evaluation"
     )
     admin_token: SecretStr | None = Field(
         None, description="bearer token of POST /admin/reload; None = the endpoint is off "
@@ -203,4 +253,23 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         False, description="uvicorn's access log (one line per request, with user ids in "
         "the paths); off unless turned on"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="service log lines: text, or json (one object per line with "
+        "time, level, logger, message, request_id)"
+    )
+    metrics_enabled: bool = Field(
+        True, description="GET /metrics (Prometheus text format, counts of all workers); "
+        "false: no metric files are written and /metrics is 404"
+    )
+    metrics_dir: Path | None = Field(
+        None, description="folder where each server keeps its prometheus_client multiprocess "
+        "files (a sub-folder per server, removed at a later start once that server is gone); "
+        "None = <temp dir>/musicrec-metrics; PROMETHEUS_MULTIPROC_DIR, when set, wins and "
+        "is never emptied"
+    )
+    metrics_flush_seconds: float = Field(
+        1.0, gt=0, description="how often a worker writes the request counts it keeps in "
+        "memory into the shared metric files (the delay before another worker's /metrics "
+        "shows them)"
     )

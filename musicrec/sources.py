@@ -431,9 +431,10 @@ class AlsSource(Source):
         with threadpool_limits(limits=1, user_api="blas"):
             model.fit(matrix, show_progress=False)
         log.debug("ALS %s fitted in %.1f s", self.params, time.perf_counter() - started)
+        del matrix  # the heard filter needs only the pattern: the shared 0/1 matrix has it
         h = data.history
         self.model = AlsModel(model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32),
-                              matrix)
+                              data.binary())
         self.index = item_index(self.model, s)
         return self
 

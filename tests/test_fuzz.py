@@ -57,10 +57,12 @@ OPERATIONS = [("GET", "/"), ("GET", "/top_popular"), ("GET", "/top_popular/{k}")
               ("GET", "/similar/{k}"), ("POST", "/similar/{k}"), ("GET", "/history/{user_id}"),
               ("POST", "/history/{user_id}"), ("GET", "/recommendations/{user_id}"),
               ("POST", "/recommendations"), ("GET", "/stats"), ("GET", "/health"),
-              ("POST", "/admin/reload")]
+              ("POST", "/admin/reload"), ("GET", "/metrics"), ("GET", "/ui"), ("GET", "/users"),
+              ("GET", "/users/{user_id}"), ("GET", "/tracks")]
 
 
-WITHOUT_INPUT = {("GET", "/"), ("GET", "/stats"), ("GET", "/health"), ("POST", "/admin/reload")}
+WITHOUT_INPUT = {("GET", "/"), ("GET", "/stats"), ("GET", "/health"), ("POST", "/admin/reload"),
+                 ("GET", "/metrics"), ("GET", "/ui")}
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
     (m, p, GenerationMode.NEGATIVE) for m, p in OPERATIONS if (m, p) not in WITHOUT_INPUT
 ]  # nothing invalid can be made for an operation without input (any header is a string)

@@ -562,3 +562,22 @@ def test_candidate_recall_matches_a_plain_loop_and_bounds_ndcg() -> None:
     x["rank"] = x.groupby("user_id").cumcount() + 1
     ndcg = evaluate({"x": x}, test, train, n_items=n_tracks, ks=(5,))["ndcg"].iloc[0]
     assert 0 < ndcg <= got.loc["x", "ceiling_ndcg"]
+
+
+def test_artist_variety_rows_by_hand() -> None:
+    from musicrec.metrics import VARIETY_COLUMNS, artist_variety
+
+    # user 1: tracks 10, 11, 12 by artists 5, 5, 6 -> diversity 2/3, top share 2/3
+    # user 2: tracks 12, 13 by 6 and unknown (13 not in the table) -> 1.0, 1/2
+    recs = reco([(1, 1, 10), (1, 2, 11), (1, 3, 12), (2, 1, 12), (2, 2, 13), (2, 3, 10)])
+    table = artist_variety({"a": recs}, np.array([12, 11, 10]), np.array([6, 5, 5]), ks=(2, 3))
+    assert list(table.columns) == list(VARIETY_COLUMNS)
+    at3 = table[table["k"] == 3].iloc[0]
+    # user 2 at k=3: artists 6, unknown, 5 -> 1.0 and 1/3
+    assert at3["diversity"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert at3["top_artist_share"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    # slots with a known artist: 5, 5, 6, 6, 5 of 6 slots; the top ten artists hold all five
+    assert at3["top10_artists_share"] == pytest.approx(5 / 6)
+    at2 = table[table["k"] == 2].iloc[0]
+    assert at2["diversity"] == pytest.approx((0.5 + 1.0) / 2)
+    assert at2["users"] == 2

@@ -1,5 +1,7 @@
-"""``recommendations.ipynb``: the committed file matches its build script and carries a clean
-run; executed headless on the ``tiny`` preset it runs every cell without an error.
+"""``recommendations.ipynb``: the committed file and its plain-text twin
+(``notebooks/recommendations.py``, jupytext percent format) hold the same cells, the notebook
+carries a clean run; executed headless on the ``tiny`` preset it runs every cell without an
+error.
 
 The notebook is executed with the ``python3`` kernel of this interpreter's environment
 (ipykernel installs that kernel spec into the venv, so a fresh venv made from requirements.txt
@@ -10,32 +12,41 @@ data folder makes the notebook generate the preset itself, as it does on a first
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
-from types import ModuleType
 
+import jupytext
 import nbformat
 import pandas as pd
 import pytest
+from nbclient import NotebookClient
 
 from musicrec.sources import SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "recommendations.ipynb"
+TWIN = ROOT / "notebooks" / "recommendations.py"
+PAIRING = "ipynb,notebooks//py:percent"
 CELL_TIMEOUT = 90  # seconds per cell; the whole tiny run takes about 30 s
 
 
-def _builder() -> ModuleType:
-    path = ROOT / "notebooks" / "build_notebook.py"
-    spec = importlib.util.spec_from_file_location("build_notebook", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int) -> None:
+    """Run ``nb`` in place with the ``python3`` kernel from ``cwd`` (``import musicrec`` works
+    from the repository root); no per-cell timing nor widget state is recorded."""
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   store_widget_state=False, resources={"metadata": {"path": str(cwd)}}).execute()
+
+
+def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str, list[str]]]:
+    return [(c.cell_type, c.source, list(c.get("metadata", {}).get("tags", [])))
+            for c in nb.cells]
 
 
 def _text(cell: nbformat.NotebookNode) -> str:
@@ -66,11 +77,6 @@ def _tagged(nb: nbformat.NotebookNode, tag: str) -> nbformat.NotebookNode:
 
 
 @pytest.fixture(scope="module")
-def builder() -> ModuleType:
-    return _builder()
-
-
-@pytest.fixture(scope="module")
 def committed() -> nbformat.NotebookNode:
     return nbformat.read(NOTEBOOK, as_version=4)
 
@@ -89,7 +95,7 @@ TINY_ENV = {
 
 @pytest.fixture(scope="module")
 def executed(
-    builder: ModuleType, committed: nbformat.NotebookNode, tmp_path_factory: pytest.TempPathFactory
+    committed: nbformat.NotebookNode, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[nbformat.NotebookNode, Path, float]:
     """The committed notebook, outputs cleared, executed on the tiny preset."""
     root = tmp_path_factory.mktemp("notebook")
@@ -108,7 +114,7 @@ def executed(
         env.setenv("JUPYTER_PATH", str(Path(sys.prefix) / "share" / "jupyter"))
         started = time.perf_counter()
         try:
-            builder.execute(nb, ROOT, timeout=CELL_TIMEOUT)
+            execute(nb, ROOT, timeout=CELL_TIMEOUT)
         except Exception as exc:  # CellExecutionError carries the failing cell's traceback
             pytest.fail(f"the notebook failed on the tiny preset:\n{exc}"[:4000])
         elapsed = time.perf_counter() - started
@@ -119,13 +125,42 @@ def _work(root: Path, name: str) -> dict:
     return json.loads((root / "parquet" / "work" / name).read_text())
 
 
-def test_committed_cells_are_the_build_scripts(
-    builder: ModuleType, committed: nbformat.NotebookNode
-) -> None:
-    built = builder.build()
-    assert [(c.cell_type, c.source) for c in committed.cells] == [
-        (c.cell_type, c.source) for c in built.cells
-    ], "recommendations.ipynb differs from notebooks/build_notebook.py: rebuild it"
+def test_the_notebook_and_its_text_twin_hold_the_same_cells() -> None:
+    """Either file may be edited; ``jupytext --sync recommendations.ipynb`` brings the other in
+    line. Cell types, sources and tags (by which the tests below find cells) must agree."""
+    notebook, twin = jupytext.read(NOTEBOOK), jupytext.read(TWIN)
+    assert _cells(notebook) == _cells(twin), (
+        "recommendations.ipynb and notebooks/recommendations.py differ: "
+        "run `jupytext --sync recommendations.ipynb`"
+    )
+    # both files name the pairing, and so does pyproject.toml (for new notebooks)
+    assert notebook.metadata["jupytext"]["formats"] == PAIRING
+    assert twin.metadata["jupytext"]["formats"] == PAIRING
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert config["tool"]["jupytext"]["formats"] == PAIRING
+    assert "format_name: percent" in TWIN.read_text()[:400]
+    assert not (ROOT / "notebooks" / "build_notebook.py").exists()
+
+
+def test_a_twin_edit_reaches_the_notebook_keeping_outputs(tmp_path: Path) -> None:
+    """The edit path the pairing promises: change a cell in the .py, sync, and the .ipynb gets
+    the change while the other cells keep their outputs."""
+    (tmp_path / "notebooks").mkdir()
+    nb_path, twin_path = tmp_path / NOTEBOOK.name, tmp_path / "notebooks" / TWIN.name
+    nb_path.write_bytes(NOTEBOOK.read_bytes())
+    text = TWIN.read_text()
+    twin_path.write_text(text.replace("# %% [markdown]\n# ### Input data",
+                                      "# %% [markdown]\n# ### Input data (edited)", 1))
+    os.utime(nb_path, (time.time() - 60, time.time() - 60))  # the twin is the newer file
+    done = subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(nb_path)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    synced = nbformat.read(nb_path, as_version=4)
+    assert any(c.source.startswith("### Input data (edited)") for c in synced.cells)
+    outputs = [len(c.outputs) for c in synced.cells if c.cell_type == "code"]
+    committed = [len(c.outputs) for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                 if c.cell_type == "code"]
+    assert outputs == committed
 
 
 def test_committed_notebook_carries_a_clean_small_run(committed: nbformat.NotebookNode) -> None:
@@ -142,9 +177,9 @@ def test_committed_notebook_carries_a_clean_small_run(committed: nbformat.Notebo
     assert NOTEBOOK.stat().st_size < 1_000_000
 
 
-def test_prose_hard_codes_no_result(builder: ModuleType) -> None:
+def test_prose_hard_codes_no_result() -> None:
     """Numbers of a run are printed by code cells; markdown holds none (e.g. 0.123, 12.34)."""
-    for cell in builder.build().cells:
+    for cell in jupytext.read(TWIN).cells:
         if cell.cell_type == "markdown":
             assert not re.search(r"\d\.\d\d", cell.source), cell.source[:200]
 
@@ -163,6 +198,10 @@ def test_runs_headless_on_tiny_without_errors(
                  "recommendations.parquet", "metrics.parquet", "candidate_recall.parquet",
                  "manifest.json"):
         assert (root / "parquet" / name).stat().st_size > 0, name
+    # the notebook turns the progress setting off: no bar in any output
+    streams = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.outputs if o.output_type == "stream")
+    assert " steps |" not in streams and "batch/s" not in streams and "it/s]" not in streams
     trained = "ranker" in _work(root, "selection.json")["ndcg@10"]
     assert (root / "parquet" / "ranker.cbm").exists() == trained
     assert "generating the 'tiny' preset" in _text(_tagged(nb, "input-data"))
@@ -222,3 +261,26 @@ def test_metrics_ratios_and_candidate_recall_are_shown(
     assert f"{recall.loc['union', 'ceiling_ndcg']:.3f}" in shown
     findings = _text(_tagged(nb, "findings"))
     assert "won on held-out validation users" in findings and "test period, NDCG@10" in findings
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_evaluate_shows_its_stage_counter_unless_silenced(
+    executed: tuple[nbformat.NotebookNode, Path, float], tmp_path: Path, progress: bool
+) -> None:
+    """``musicrec evaluate`` on the notebook's tiny run (a copy): each step counted on the log
+    and a bar on stderr; ``--set progress=false`` silences both."""
+    _, root, _ = executed
+    parquet = tmp_path / "parquet"
+    shutil.copytree(root / "parquet", parquet)
+    env = {**os.environ, **TINY_ENV, "OPENBLAS_NUM_THREADS": "1",
+           "MUSICREC_DATA_DIR": str(root / "data")}
+    done = subprocess.run(
+        [sys.executable, "-m", "musicrec", "evaluate", "--parquet-dir", str(parquet),
+         "--set", f"progress={str(progress).lower()}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    counted = [f"evaluate {i}/5: " in done.stderr for i in range(1, 6)]
+    assert counted == [progress] * 5, done.stderr[-3000:]
+    assert ("evaluate: 4/5 steps" in done.stderr) == progress
+    assert "stage evaluate: done" in done.stderr  # the log itself is not silenced

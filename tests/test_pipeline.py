@@ -12,7 +12,7 @@ from musicrec import io, pipeline
 from musicrec.generate import generate
 from musicrec.prepare import prepare_files
 from musicrec.settings import Settings
-from musicrec.sources import make_source
+from musicrec.sources import AlsSource, make_source
 
 SCHEMAS = {
     io.TOP_POPULAR: io.POPULAR_SCHEMA,
@@ -105,6 +105,9 @@ def test_the_report_scores_the_served_list_with_intervals(built: tuple[Settings,
     assert served["ndcg"] == all_users.loc[(winner, 10), "ndcg"]
     assert served["ndcg_low"] <= served["ndcg"] <= served["ndcg_high"]
     assert {"light", "medium", "heavy"} <= set(metrics["segment"])
+    # artist variety of every list: a share of distinct artists, and the top artist's share
+    assert 0 < served["diversity"] <= 1 and 0 < served["top_artist_share"] <= 1
+    assert metrics[metrics["segment"] == "light"]["diversity"].isna().all()
     recall = pd.read_parquet(Path(settings.parquet_dir) / io.CANDIDATE_RECALL)
     union = recall.set_index("source").loc["union", "recall"]
     assert union >= recall.set_index("source").drop("union")["recall"].max()
@@ -157,6 +160,17 @@ def test_search_on_a_user_sample(built: tuple[Settings, dict],
     search = io.read_json(Path(settings.parquet_dir) / pipeline.WORK_DIR / pipeline.SEARCH_JSON)
     assert set(search) == set(settings.sources)
     assert all(0 < choice["ndcg"] <= 1 for choice in search.values())
+    # the sample fit of ALS is kept (best and plain trial) and the ranker's fit starts there
+    run = pipeline.RunContext(sampled, Path(settings.parquet_dir))
+    chosen = search["als"]["params"]
+    state = run.load_state("search", "als", chosen)
+    assert state is not None and state["user_ids"].size == 400
+    assert run.load_state("search", "als_plain", AlsSource.space(settings)[0]) is not None
+    caplog.clear()
+    with caplog.at_level("INFO", logger="musicrec.pipeline"):
+        pipeline.run_stage("rank", sampled.model_copy(update={"als_sample_start_iterations": 2}))
+    fitted = [line for line in caplog.messages if line.startswith("fitted als(")]
+    assert len(fitted) == 1 and "(warm start)" in fitted[0]
 
 
 def test_without_a_ranker_the_best_source_is_served(tmp_path: Path) -> None:

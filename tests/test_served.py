@@ -9,6 +9,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import weakref
@@ -126,8 +127,36 @@ def test_the_pipeline_publishes_the_served_form() -> None:
     folder = tiny_artefacts()
     manifest = json.loads((folder / io.MANIFEST).read_text())
     assert all("crc32" in manifest["artefacts"][name] for name in served.SERVED_FILES)
-    assert served.verify_files(folder, manifest) == list(served.SERVED_FILES)
+    assert served.verify_files(folder, manifest) == [*served.SERVED_FILES, *served.ALS_NAMES]
     assert load_artefacts(folder).mapped
+
+
+@pytest.mark.parametrize("name", [served.ALS_FILES["item_factors"],
+                                  served.ALS_FILES["user_factors"],
+                                  served.ALS_FILES["heard_rows"]])
+def test_the_als_factor_files_are_checksummed_and_mapped(tmp_path: Path, name: str) -> None:
+    """The pipeline's ALS files are in the manifest with CRC-32, mapped by the service, and a
+    damaged one is refused like any served file."""
+    folder = tmp_path / "parquet"
+    shutil.copytree(tiny_artefacts(), folder)
+    manifest = json.loads((folder / io.MANIFEST).read_text())
+    entry = manifest["artefacts"][name]
+    assert entry["crc32"] == served.file_crc32(folder / name)
+    art = load_artefacts(folder)
+    assert art.foldin is not None and _mapped(art.foldin.item_factors)
+    assert art.foldin.item_factors.shape[0] == art.foldin.track_ids.size
+    del art
+    data = bytearray((folder / name).read_bytes())
+    data[-5] ^= 0x41
+    (folder / name).write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"{name}: CRC-32 .* the served file is damaged"):
+        load_artefacts(folder)
+    # a manifest that records only some of the ALS files is refused, not half-used
+    (folder / name).write_bytes(bytes(data[:-5] + bytes([data[-5] ^ 0x41]) + data[-4:]))
+    manifest["artefacts"].pop(served.ALS_FILES["gram"])
+    (folder / io.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="records only some ALS served files"):
+        load_artefacts(folder)
 
 
 def test_a_reload_releases_the_old_mapping(tmp_path: Path) -> None:

@@ -53,8 +53,10 @@ def write_artefacts(folder: Path) -> Path:
 
 
 def make_settings(folder: Path) -> Settings:
+    # hand-computed lists: uncapped (the artist cap is tested in tests/test_online.py)
     return Settings(parquet_dir=folder, history_url=f"sqlite:///{folder}/history.db",
-                    default_k=5, max_k=10, online_history_window=10, reload_poll_seconds=0)
+                    default_k=5, max_k=10, online_history_window=10, reload_poll_seconds=0,
+                    artist_cap=0)
 
 
 @pytest.fixture()
@@ -180,7 +182,9 @@ def test_details_on_recommendations(client: TestClient) -> None:
     detailed = client.post("/recommendations?details=true", json={"user_id": 1, "k": 2}).json()
     assert [d["track_id"] for d in detailed] == [100, 90]
     assert detailed[0]["name"] == "track 100"
-    assert set(detailed[0]) == {"track_id", "name", "artists", "albums", "genres"}
+    assert set(detailed[0]) == {"track_id", "name", "artists", "albums", "genres", "reason"}
+    # the offline list, no ALS files in this folder: no tracks to name as the cause
+    assert detailed[0]["reason"] == {"source": "personal", "because": []}
 
 
 @pytest.mark.parametrize(
@@ -297,7 +301,7 @@ def test_bad_artefacts_refuse_to_start(folder: Path) -> None:
 
 
 def test_unknown_history_url_refuses_to_start(folder: Path) -> None:
-    settings = make_settings(folder).model_copy(update={"history_url": "redis://x"})
+    settings = make_settings(folder).model_copy(update={"history_url": "memcached://x"})
     with pytest.raises(ValueError, match="unsupported history store URL"), \
             TestClient(create_app(settings)):
         pass

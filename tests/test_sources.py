@@ -119,13 +119,27 @@ def test_als_alpha_zero_is_plain_implicit_on_the_binary_matrix() -> None:
     np.testing.assert_allclose(ours.item_factors, plain.item_factors, rtol=1e-4, atol=1e-5)
 
 
-def test_als_confidence_is_one_plus_alpha_times_strength() -> None:
+def test_als_confidence_is_one_plus_alpha_times_strength(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import musicrec.sources as sources_module
+
+    fitted_on: list = []
+
+    class Spy(AlternatingLeastSquares):
+        def fit(self, user_items, show_progress=True, callback=None):  # noqa: ANN001
+            fitted_on.append(user_items.toarray())
+            return super().fit(user_items, show_progress=show_progress)
+
+    monkeypatch.setattr(sources_module, "AlternatingLeastSquares", Spy)
     data = _hand_history([(1, 10, 19), (1, 11, 9), (2, 10, 19), (2, 12, 8), (2, 13, 10),
                           (2, 14, 11)], cutoff=20)
     source = make_source("als", SETTINGS, {"factors": 2, "regularization": 0.1, "alpha": 4.0,
                                            "half_life": 0.5}).fit(data)
+    # the model keeps only what was heard (the shared 0/1 matrix), not the confidences
+    assert source.model.user_items is data.binary()
     # daily dates, span 12 days -> half-life 6 days; ages 0 and 10 days
-    matrix = source.model.user_items.toarray()
+    matrix = fitted_on[0]
     expected = 1 + 4 * 0.5 ** (10 / 6)
     assert matrix[0, data.history.tracks.codes(np.array([10]))[0]] == pytest.approx(5.0)
     assert matrix[0, data.history.tracks.codes(np.array([11]))[0]] == pytest.approx(expected,
