@@ -52,7 +52,6 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -270,7 +269,7 @@ class Artefacts:
                                 arrays[served.OFFLINE_VALUES]),
             popular_head=tuple(popular[:POPULAR_HEAD].tolist()),
             foldin=None if factors is None else online.model_from_arrays(factors),
-            artist_codes=first_artist_codes(items), **fields,
+            artist_codes=online.first_codes(items.column(C.artists)), **fields,
         )
 
     def artists_of(self, track_ids: list[int]) -> list[int]:
@@ -324,19 +323,6 @@ class Artefacts:
 
 
 SERVICE_FILES = (io.ITEMS, io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
-
-
-def first_artist_codes(items: pa.Table) -> np.ndarray:
-    """An int32 code of the first artist of each row of ``items`` (-1 when it has none)."""
-    artists = items.column(C.artists).combine_chunks()
-    lengths = pc.list_value_length(artists).fill_null(0).to_numpy(zero_copy_only=False)
-    out = np.full(len(artists), -1, dtype=np.int32)
-    has = np.flatnonzero(lengths > 0)
-    if has.size:
-        firsts = pc.list_element(artists.filter(pa.array(lengths > 0)), 0)
-        codes = pc.dictionary_encode(firsts).indices.to_numpy(zero_copy_only=False)
-        out[has] = codes
-    return out
 
 
 def read_manifest(parquet_dir: Path) -> dict[str, Any] | None:
@@ -482,41 +468,8 @@ def blended_list(
         raise ValueError(f"unknown blend {mode!r}; expected one of {', '.join(BLEND_MODES)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    return _blend(_int_list(online), _int_list(offline), mode == "probability", p, seed, limit)
-
-
-def _blend(first: list[int], second: list[int], by_chance: bool, p: float,
-           seed: int | Sequence[int] | None, limit: int | None) -> list[int]:
-    """``blended_list`` on lists of Python ints, arguments already checked (the hot path)."""
-    n_first, n_second = len(first), len(second)
-    draws: list[bool] | None = None
-    if by_chance:
-        draws = (np.random.default_rng(seed).random(n_first + n_second) < p).tolist()
-    result: list[int] = []
-    seen: set[int] = set()
-    lists, pos, step = (first, second), [0, 0], 0
-    limit = n_first + n_second if limit is None else limit
-    # plain Python on purpose: the lists are at most 2k long, and a loop over two list
-    # indices costs less than any numpy call on arrays this short
-    while len(result) < limit and (pos[0] < n_first or pos[1] < n_second):
-        if pos[0] >= n_first:
-            side = 1
-        elif pos[1] >= n_second:
-            side = 0
-        elif draws is None:
-            side = step % 2
-        else:
-            side = 0 if draws[step] else 1
-        step += 1
-        source = lists[side]
-        while pos[side] < len(source):  # the side's next track not yet in the list
-            item = source[pos[side]]
-            pos[side] += 1
-            if item not in seen:
-                seen.add(item)
-                result.append(item)
-                break
-    return result
+    return online.blend(_int_list(online), _int_list(offline), mode == "probability", p, seed,
+                        limit)
 
 
 def _int_list(values: Iterable[int]) -> list[int]:
@@ -870,7 +823,7 @@ class Recommendations:
                     kinds, second = ("similar",), None
                 # the first n of a blend take at most n elements of each list (each element
                 # taken or skipped as a duplicate is one of the n answers): 2n is plenty
-                tracks = near[:n] if second is None else _blend(
+                tracks = near[:n] if second is None else online.blend(
                     near, second, blend == "probability", p, request_seed(user_id, k, p),
                     limit=n)
         elif row is not None:  # dict.fromkeys: no duplicates even if a row repeated a track

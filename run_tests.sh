@@ -5,20 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/venv.sh
-# tests/test_ui.py drives Debian's Chromium headless (never a downloaded browser)
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq chromium chromium-driver >/dev/null \
-      || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
-  else
-    echo "run_tests.sh: tests/test_ui.py needs Debian's packages chromium and chromium-driver;" \
-         "install them: sudo apt-get install -y chromium chromium-driver" >&2
-    exit 1
-  fi
-fi
-# tests/test_history*.py start a real redis-server; tests/test_spark_engine.py needs Java 17
+# Debian packages the tests drive (never downloaded at run time): Chromium for tests/test_ui.py,
+# redis-server for tests/test_history*.py, Java 17 for tests/test_spark_engine.py
 missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -27,7 +18,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null \
       || { apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null; }
   else
-    echo "run_tests.sh: the Redis and Spark tests need Debian's packages ${missing[*]};" \
+    echo "run_tests.sh: the tests need Debian's packages ${missing[*]};" \
          "install them: sudo apt-get install -y ${missing[*]}" >&2
     exit 1
   fi

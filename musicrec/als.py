@@ -128,10 +128,14 @@ def _recommend_ann(
                 _ann_batch(model, rows[pos], pos, int(k), n, index, nprobe, out_codes,
                            out_scores)
         todo = todo[(out_codes[todo] >= 0).sum(axis=1) < wanted[todo]]
-        if not todo.size or nprobe >= index.nlist:
+        if not todo.size or nprobe != index.nprobe or nprobe >= index.nlist \
+                or todo.size > rows.size // 2:
             break
-        # the probed clusters held too few unheard tracks (clusters of very unequal size, as
-        # unregularised factors give): scan 8x as many for those users before going exact
+        # a few users' probed clusters held too few unheard tracks: scan 8x as many for them
+        # (once: wider scans cost more than the exact path). When most lists come out short
+        # the clustering does not suit these factors (norms spread over orders of magnitude,
+        # as weakly regularised ALS gives: the MIPS transform then packs most tracks into a
+        # few clusters no query probes) and the exact path serves them all.
         log.info("ALS top-k: %d of %d users got a short ANN list at nprobe %d, scanning %d",
                  todo.size, rows.size, nprobe, min(nprobe * 8, index.nlist))
         nprobe = min(nprobe * 8, index.nlist)

@@ -1036,6 +1036,27 @@ def list_concentration(artists: Sequence[int]) -> float:
     return top / len(artists)
 
 
+def _variety_per_list(users: np.ndarray, artist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`list_diversity` and :func:`list_concentration` of every list at once: rows
+    grouped by ``users`` (consecutive), ``artist`` the artist of each row (-1 unknown)."""
+    if users.size == 0:
+        return np.zeros(0), np.zeros(0)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    owner = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, users.size]))
+    lengths = np.bincount(owner, minlength=starts.size).astype(np.float64)
+    known = artist >= 0
+    span = int(artist.max()) + 1 if known.any() else 1
+    keys = np.sort(owner[known].astype(np.int64) * span + artist[known])
+    first = np.r_[True, keys[1:] != keys[:-1]] if keys.size else np.zeros(0, bool)
+    distinct_known = np.bincount(keys[first] // span, minlength=starts.size)
+    unknown = np.bincount(owner[~known], minlength=starts.size)
+    runs = np.diff(np.r_[np.flatnonzero(first), keys.size])  # rows of each (list, artist)
+    top = np.zeros(starts.size, dtype=np.int64)
+    np.maximum.at(top, keys[first] // span, runs)
+    top[top == 0] = 1  # no known artist: as list_concentration counts it
+    return (distinct_known + unknown) / lengths, top / lengths
+
+
 def artist_variety(
     recs: Mapping[str, pd.DataFrame],
     track_ids: np.ndarray,
@@ -1062,18 +1083,15 @@ def artist_variety(
                 pos = np.minimum(np.searchsorted(ids, tracks), ids.size - 1)
                 artist = np.where(ids[pos] == tracks, arts[pos], -1)
             users = top[C.user].to_numpy()
-            starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if users.size else \
-                np.zeros(0, np.int64)
-            bounds = np.r_[starts, users.size]
-            lists = [artist[bounds[i]:bounds[i + 1]].tolist() for i in range(starts.size)]
-            diversity = [list_diversity(a) for a in lists]
-            concentration = [list_concentration(a) for a in lists]
-            counted = artist[artist >= 0]
-            top10 = (np.sort(np.unique(counted, return_counts=True)[1])[::-1][:10].sum()
-                     / max(artist.size, 1)) if counted.size else 0.0
-            rows.append({"source": source, "k": k, "users": len(lists),
-                         "diversity": float(np.mean(diversity)) if lists else float("nan"),
-                         "top_artist_share": (float(np.mean(concentration)) if lists
-                                              else float("nan")),
+            diversity, concentration = _variety_per_list(users, artist)
+            counted = np.sort(artist[artist >= 0])  # slots per artist: run lengths
+            runs = np.diff(np.r_[np.flatnonzero(np.r_[True, counted[1:] != counted[:-1]]),
+                                 counted.size]) if counted.size else np.zeros(0, np.int64)
+            top10 = np.sort(runs)[::-1][:10].sum() / max(artist.size, 1)
+            rows.append({"source": source, "k": k, "users": diversity.size,
+                         "diversity": float(diversity.mean()) if diversity.size
+                         else float("nan"),
+                         "top_artist_share": float(concentration.mean()) if diversity.size
+                         else float("nan"),
                          "top10_artists_share": float(top10)})
     return pd.DataFrame(rows, columns=list(VARIETY_COLUMNS))

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from musicrec.columns import Columns as C
@@ -258,6 +260,21 @@ def cluster_rows(item_factors: np.ndarray, order: np.ndarray, seed: int = 0
             np.einsum("ij,ij->i", centroids, centroids).astype(np.float32))
 
 
+def first_codes(lists: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An int32 code of the first element of each list (-1: empty or null), equal firsts
+    getting equal codes: a track's first artist for the per-artist cap and the variety
+    metrics."""
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    out = np.full(len(lists), -1, dtype=np.int32)
+    has = lengths > 0
+    if has.any():
+        firsts = pc.list_element(lists.filter(pa.array(has)), 0)
+        out[has] = pc.dictionary_encode(firsts).indices.to_numpy(zero_copy_only=False)
+    return out
+
+
 def fold_in_arrays(model: Any, listeners: np.ndarray, regularization: float, alpha: float,
                    seed: int = 0) -> dict[str, np.ndarray]:
     """The served arrays of a fitted ``AlsModel`` (``listeners``: per track code, to order
@@ -338,24 +355,41 @@ def _ndcg(recs: Sequence[int], truth: set[int], k: int) -> float:
     return gains / ideal if ideal else 0.0
 
 
-def _blend_strict(first: Sequence[int], second: Sequence[int], limit: int) -> list[int]:
-    """The service's 'strict' blend: heads in turn, duplicates skipped."""
-    out: list[int] = []
+def blend(first: list[int], second: list[int], by_chance: bool, p: float,
+           seed: int | Sequence[int] | None, limit: int | None) -> list[int]:
+    """Two lists merged without duplicates, up to ``limit``: in turn (``by_chance`` False, the
+    'strict' blend), or each next element from ``first`` with probability ``p`` (seeded by
+    ``seed``). Lists of Python ints, arguments checked by the caller: the service's hot path
+    and the replay evaluation use this one function."""
+    n_first, n_second = len(first), len(second)
+    draws: list[bool] | None = None
+    if by_chance:
+        draws = (np.random.default_rng(seed).random(n_first + n_second) < p).tolist()
+    result: list[int] = []
     seen: set[int] = set()
-    pos = [0, 0]
-    lists = (list(first), list(second))
-    step = 0
-    while len(out) < limit and (pos[0] < len(lists[0]) or pos[1] < len(lists[1])):
-        side = 1 if pos[0] >= len(lists[0]) else 0 if pos[1] >= len(lists[1]) else step % 2
+    lists, pos, step = (first, second), [0, 0], 0
+    limit = n_first + n_second if limit is None else limit
+    # plain Python on purpose: the lists are at most 2k long, and a loop over two list
+    # indices costs less than any numpy call on arrays this short
+    while len(result) < limit and (pos[0] < n_first or pos[1] < n_second):
+        if pos[0] >= n_first:
+            side = 1
+        elif pos[1] >= n_second:
+            side = 0
+        elif draws is None:
+            side = step % 2
+        else:
+            side = 0 if draws[step] else 1
         step += 1
-        while pos[side] < len(lists[side]):
-            t = lists[side][pos[side]]
+        source = lists[side]
+        while pos[side] < len(source):  # the side's next track not yet in the list
+            item = source[pos[side]]
             pos[side] += 1
-            if t not in seen:
-                seen.add(t)
-                out.append(t)
+            if item not in seen:
+                seen.add(item)
+                result.append(item)
                 break
-    return out
+    return result
 
 
 class _SimilarRows:
@@ -481,9 +515,10 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
         folded = h.tracks.codes(np.asarray(fold_ids, dtype=np.int64)).tolist()
         lists = {
             "offline": offline,
-            "similar": _blend_strict(online_list, offline, n_list) if offline else online_list,
+            "similar": (blend(online_list, offline, False, 0.0, None, n_list) if offline
+                        else online_list),
             "foldin": folded,
-            "blend": _blend_strict(online_list, folded, n_list),
+            "blend": blend(online_list, folded, False, 0.0, None, n_list),
         }
         for method, lst in lists.items():
             filled = list(lst)

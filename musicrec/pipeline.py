@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, get_args
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import SecretStr
 
@@ -33,7 +32,7 @@ from musicrec.als import recs_frame
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.features import History, build_history, distinct
-from musicrec.online import fold_in_arrays
+from musicrec.online import first_codes, fold_in_arrays
 from musicrec.progress import Steps
 from musicrec.selection import (
     Choice,
@@ -387,7 +386,9 @@ def stage_evaluate(run: RunContext) -> None:
     metrics = evaluate(heads, test, train, n_items, ks=tuple(s.eval_k), bootstrap=s.bootstrap,
                        seed=s.seed, segments=activity_segments(train, h.users.ids[users]))
     # intra-list artist variety of every list, on the rows of all users
-    variety = artist_variety(heads, *_first_artists(run.items()), ks=tuple(s.eval_k))
+    items = run.items()
+    variety = artist_variety(heads, items.column(C.track).to_numpy(),
+                             first_codes(items.column(C.artist_ids)), ks=tuple(s.eval_k))
     metrics = metrics.merge(variety.drop(columns="users").assign(segment="all"),
                             on=["source", "k", "segment"], how="left")
     io.write_table(metrics, run.out / io.METRICS)
@@ -401,18 +402,6 @@ def stage_evaluate(run: RunContext) -> None:
     log.info("metrics@%d on the test period (served = %s):\n%s", k, selection["winner"],
              table[shown].to_string())
     log.info("candidate recall on the test period:\n%s", recall.to_string())
-
-
-def _first_artists(items: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(track ids, first artist id or -1) of the catalogue, for the variety metrics."""
-    artists = items.column(C.artist_ids).combine_chunks()
-    lengths = pc.list_value_length(artists).fill_null(0).to_numpy(zero_copy_only=False)
-    first = np.full(len(artists), -1, dtype=np.int64)
-    has = lengths > 0
-    if has.any():
-        first[has] = pc.list_element(artists.filter(pa.array(has)), 0).to_numpy(
-            zero_copy_only=False)
-    return items.column(C.track).to_numpy().astype(np.int64), first
 
 
 def _popular_table(source: PopularSource) -> pd.DataFrame:

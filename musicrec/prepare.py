@@ -29,6 +29,7 @@ from musicrec import io
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.features import distinct
+from musicrec.progress import Steps
 
 if TYPE_CHECKING:
     from musicrec.settings import Settings
@@ -543,16 +544,21 @@ def prepare_files(
     """
     started = time.perf_counter()
     data_dir, parquet_dir = Path(data_dir), Path(parquet_dir)
-    items = read_items(data_dir)
-    events = read_interactions(
-        data_dir / io.INTERACTIONS,
-        items.column(C.track).to_numpy(),
-        min_plausible_date=None if settings is None else settings.min_plausible_date,
-        drop_implausible_dates=False if settings is None else settings.drop_implausible_dates,
-    )
-    log.info("validated %s in %.1f s", data_dir, time.perf_counter() - started)
-    io.write_table(items, parquet_dir / io.ITEMS)
-    io.write_table(events.table(), parquet_dir / io.EVENTS)
+    with Steps("prepare", 3, True if settings is None else settings.progress) as steps:
+        steps.step("read and check the catalogue")
+        items = read_items(data_dir)
+        steps.step(f"read and check {io.INTERACTIONS}")
+        events = read_interactions(
+            data_dir / io.INTERACTIONS,
+            items.column(C.track).to_numpy(),
+            min_plausible_date=None if settings is None else settings.min_plausible_date,
+            drop_implausible_dates=(False if settings is None
+                                    else settings.drop_implausible_dates),
+        )
+        log.info("validated %s in %.1f s", data_dir, time.perf_counter() - started)
+        steps.step(f"write {io.ITEMS} and {io.EVENTS}")
+        io.write_table(items, parquet_dir / io.ITEMS)
+        io.write_table(events.table(), parquet_dir / io.EVENTS)
     n_users = int(np.count_nonzero(events.user[1:] != events.user[:-1]) + 1)
     log.info(
         "prepared %d items and %d events in %.1f s",

@@ -54,7 +54,7 @@ from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.settings import Settings
 from musicrec.sources import AlsSource, PopularSource
-from musicrec.split import SplitDates
+from musicrec.split import SplitDates, split_from_day_counts
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -266,31 +266,7 @@ def day_counts(events: DataFrame) -> pd.Series:
 
 def split_from_counts(counts: pd.Series, settings: Settings) -> SplitDates:
     """``musicrec.split.split_dates`` from the events per day instead of every event."""
-    from musicrec.io import date_to_day
-
-    if counts.empty:
-        raise DataError("events table is empty: nothing to split")
-    days = counts.index.to_numpy().astype(np.int64)
-    first_day, last_day = int(days[0]), int(days[-1])
-    if settings.test_start is not None:
-        test_start = date_to_day(settings.test_start)
-    else:
-        on_or_after = np.cumsum(counts.to_numpy()[::-1])[::-1]
-        test_start = int(days[np.flatnonzero(on_or_after >= settings.test_share
-                                             * counts.sum())[-1]])
-    if settings.label_start is not None:
-        label_start = date_to_day(settings.label_start)
-    else:
-        label_start = test_start - (last_day - test_start + 1)
-        earlier = days[days < test_start]
-        if earlier.size:
-            label_start = min(label_start, int(earlier.max()))
-    dates = SplitDates(first_day, label_start, test_start, last_day)
-    if not first_day < label_start < test_start <= last_day:
-        raise DataError(f"split dates do not fit the data ({dates.as_dict()}): need first day "
-                        "< label start < test start <= last day; set MUSICREC_TEST_START / "
-                        "MUSICREC_LABEL_START")
-    return dates
+    return split_from_day_counts(counts.index.to_numpy(), counts.to_numpy(), settings)
 
 
 def _granularity(days: np.ndarray) -> int:

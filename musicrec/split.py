@@ -45,15 +45,6 @@ class SplitDates:
                       ("first_day", "label_start", "test_start", "last_day")})
 
 
-def test_start_from_share(days: np.ndarray, share: float) -> int:
-    """The latest day that leaves at least ``share`` of the events on or after it."""
-    first = int(days.min())
-    per_day = np.bincount(days.astype(np.int64) - first)
-    on_or_after = np.cumsum(per_day[::-1])[::-1]  # events on or after each day
-    candidates = np.flatnonzero(on_or_after >= share * days.size)
-    return first + int(candidates[-1])
-
-
 def split_dates(events: pd.DataFrame, settings: Settings) -> SplitDates:
     """Period boundaries from ``settings.test_start``/``label_start`` or from the data.
 
@@ -64,11 +55,26 @@ def split_dates(events: pd.DataFrame, settings: Settings) -> SplitDates:
     if len(events) == 0:
         raise DataError("events table is empty: nothing to split")
     days = events[C.day].to_numpy()
-    first_day, last_day = int(days.min()), int(days.max())
+    first = int(days.min())
+    per_day = np.bincount(days.astype(np.int64) - first)
+    seen = np.flatnonzero(per_day)
+    return split_from_day_counts(seen + first, per_day[seen], settings)
+
+
+def split_from_day_counts(days: np.ndarray, counts: np.ndarray, settings: Settings
+                          ) -> SplitDates:
+    """:func:`split_dates` from the distinct event days (sorted) and the events on each: all
+    the split needs, so an engine that cannot hold the events (Spark) passes only these."""
+    if days.size == 0:
+        raise DataError("events table is empty: nothing to split")
+    days = np.asarray(days, dtype=np.int64)
+    first_day, last_day = int(days[0]), int(days[-1])
     if settings.test_start is not None:
         test_start = date_to_day(settings.test_start)
-    else:
-        test_start = test_start_from_share(days, settings.test_share)
+    else:  # the latest day that leaves at least test_share of the events on or after it
+        on_or_after = np.cumsum(np.asarray(counts)[::-1])[::-1]
+        test_start = int(days[np.flatnonzero(on_or_after >= settings.test_share
+                                             * on_or_after[0])[-1]])
     if settings.label_start is not None:
         label_start = date_to_day(settings.label_start)
     else:

@@ -581,3 +581,17 @@ def test_artist_variety_rows_by_hand() -> None:
     at2 = table[table["k"] == 2].iloc[0]
     assert at2["diversity"] == pytest.approx((0.5 + 1.0) / 2)
     assert at2["users"] == 2
+
+
+def test_variety_of_many_lists_equals_the_one_list_functions() -> None:
+    from musicrec.metrics import _variety_per_list, list_concentration, list_diversity
+
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(1, 12, 300)
+    users = np.repeat(np.arange(300) * 7, lengths)
+    artist = rng.integers(-1, 6, users.size)  # -1: unknown
+    diversity, concentration = _variety_per_list(users, artist)
+    bounds = np.r_[0, np.cumsum(lengths)]
+    lists = [artist[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    np.testing.assert_allclose(diversity, [list_diversity(a) for a in lists])
+    np.testing.assert_allclose(concentration, [list_concentration(a) for a in lists])

@@ -624,3 +624,14 @@ def test_really_wrong_data_is_refused(tmp_path: Path, inputs: dict, message: str
     with pytest.raises(DataError, match=message):
         prepare_files(data, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_prepare_counts_its_steps_unless_silenced(tiny_data: Path, tmp_path: Path, shown: bool,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="musicrec.progress")
+    prepare_files(tiny_data, tmp_path / "parquet", Settings(progress=shown))
+    steps = [r for r in caplog.records if r.getMessage().startswith("prepare ")]
+    assert [r.getMessage().split(":")[0] for r in steps] == [
+        "prepare 1/3", "prepare 2/3", "prepare 3/3"]
+    assert {r.levelno for r in steps} == {logging.INFO if shown else logging.DEBUG}

@@ -132,13 +132,28 @@ def test_short_ann_lists_scan_more_clusters_before_the_exact_path(
 ) -> None:
     model, history = model_with_history()
     rows = np.arange(history.n_users)
-    # one probed cluster of 64 holds too few tracks: 8 and then all 64 are scanned
-    index = IvfIndex(model.model.item_factors, nlist=64, nprobe=1)
+    # 8 probed clusters of 64 hold too few tracks for some users: they scan all 64
+    index = IvfIndex(model.model.item_factors, nlist=64, nprobe=8)
     with caplog.at_level("INFO", logger="musicrec.als"):
         approx = recommend_codes(model, rows, 10, progress=False, index=index)
-    assert "at nprobe 1, scanning 8" in caplog.text
+    assert "at nprobe 8, scanning 64" in caplog.text
     assert "served exactly" not in caplog.text
     np.testing.assert_array_equal(approx[0], np.repeat(rows, 10))  # every list full
     heard = set(zip(*np.nonzero(model.user_items.toarray()), strict=True))
     assert not any((r, t) in heard for r, t in zip(approx[0], approx[1], strict=True))
     assert all(np.all(np.diff(approx[2][approx[0] == r]) <= 0) for r in rows)
+
+
+def test_mostly_short_ann_lists_go_straight_to_the_exact_path(
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """When most lists come out short the clustering does not suit the factors: a wider scan
+    would cost more than the exact path, which serves them."""
+    model, history = model_with_history()
+    rows = np.arange(history.n_users)
+    exact = recommend_codes(model, rows, 10, progress=False)
+    index = IvfIndex(model.model.item_factors, nlist=64, nprobe=1)
+    with caplog.at_level("INFO", logger="musicrec.als"):
+        approx = recommend_codes(model, rows, 10, progress=False, index=index)
+    assert "scanning" not in caplog.text and "served exactly" in caplog.text
+    np.testing.assert_array_equal(approx[1], exact[1])
