@@ -75,6 +75,7 @@ from musicrec.history import (
     IdempotencyKeyReused,
     open_history_store,
 )
+from musicrec.online import blend as _blend  # one blend for the service and the replay
 from musicrec.settings import Settings
 from musicrec.telemetry import (
     RequestTelemetry,
@@ -468,7 +469,7 @@ def blended_list(
         raise ValueError(f"unknown blend {mode!r}; expected one of {', '.join(BLEND_MODES)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    return online.blend(_int_list(online), _int_list(offline), mode == "probability", p, seed,
+    return _blend(_int_list(online), _int_list(offline), mode == "probability", p, seed,
                         limit)
 
 
@@ -823,7 +824,7 @@ class Recommendations:
                     kinds, second = ("similar",), None
                 # the first n of a blend take at most n elements of each list (each element
                 # taken or skipped as a duplicate is one of the n answers): 2n is plenty
-                tracks = near[:n] if second is None else online.blend(
+                tracks = near[:n] if second is None else _blend(
                     near, second, blend == "probability", p, request_seed(user_id, k, p),
                     limit=n)
         elif row is not None:  # dict.fromkeys: no duplicates even if a row repeated a track

@@ -153,8 +153,10 @@ def test_history_writes_reloads_and_errors_are_counted(server: Service) -> None:
     manifest.write_text(json.dumps(info))
     assert requests.post(url + "/admin/reload", headers=auth, timeout=30).status_code == 409
 
+    # the other worker's request counts arrive with its next flush (every 0.2 s)
     samples = _metrics_until(url, lambda s: value(
-        s, "musicrec_http_requests_total", route=ROUTE, status="422") >= 1)
+        s, "musicrec_http_requests_total", route=ROUTE, status="422") >= 1 and value(
+        s, "musicrec_http_requests_total", route="/history/{user_id}", status="200") >= 3)
     assert value(samples, "musicrec_history_writes_total", result="stored") == 2
     assert value(samples, "musicrec_history_writes_total", result="replayed") == 1
     assert value(samples, "musicrec_history_events_total") == 3
