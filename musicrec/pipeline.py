@@ -357,11 +357,12 @@ def stage_evaluate(run: RunContext) -> None:
     if "als" in choices and choices["als"].params != plain:
         # first, and dropped before the chosen sources are fitted: one ALS matrix at a time
         started = time.perf_counter()
-        baseline = make_source("als", s, plain).warm(
-            run.load_state("search", "als_plain", plain), s.als_sample_start_iterations
-        ).fit(data)
-        log.info("fitted the plain ALS baseline %s in %.1f s", baseline,
-                 time.perf_counter() - started)
+        state = run.load_state("search", "als_plain", plain)
+        baseline = make_source("als", s, plain).warm(state, s.als_sample_start_iterations
+                                                      ).fit(data)
+        log.info("fitted the plain ALS baseline %s %s in %.1f s", baseline,
+                 f"from the search's sample fit, {s.als_sample_start_iterations} iterations"
+                 if state else "from scratch", time.perf_counter() - started)
         recs["als_plain"] = _frame(recommend_batched(baseline, users, n), h, users)
         del baseline
     sources = _fit_sources(run, data, start_from="rank", save_as="evaluate")
