@@ -117,26 +117,16 @@ def test_default_limit_takes_a_full_batch(folder: Path) -> None:
 # --- 2. bounded history ---------------------------------------------------------------------
 
 
-def test_retention_keeps_the_latest_events(tmp_path: Path) -> None:
+def test_retention_deletes_the_older_events(tmp_path: Path) -> None:
+    """Retention and paging on both backends: tests/test_history.py; here, that SQLite deletes
+    the older rows (not hides them) and keeps the counts in ``history_users``."""
     store = SQLiteHistoryStore(tmp_path / "h.db", max_events=5)
-    assert store.add(1, [1, 2, 3]) == 3
-    assert store.add(1, [4, 5, 6, 7]) == 5
-    assert store.get(1) == [3, 4, 5, 6, 7]
+    store.add(1, [1, 2, 3, 4, 5, 6, 7])
     assert store.add(1, list(range(100, 120))) == 5  # a batch larger than the cap
-    assert store.get(1) == [115, 116, 117, 118, 119]
-    with sqlite3.connect(tmp_path / "h.db") as conn:  # older events are deleted, not hidden
+    with sqlite3.connect(tmp_path / "h.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM history WHERE user_id = 1").fetchone() == (5,)
         assert conn.execute("SELECT length, total FROM history_users WHERE user_id = 1"
                             ).fetchone() == (5, 27)
-    page = store.page(1, 2)
-    assert (page.tracks, page.first_position, page.total, page.length) == ([118, 119], 25, 27, 5)
-    page = store.page(1, 2, before=25)
-    assert (page.tracks, page.first_position) == ([116, 117], 23)
-    page = store.page(1, 10, before=23)
-    assert (page.tracks, page.first_position) == ([115], 22)
-    assert store.page(1, 10, before=22).tracks == []  # dropped
-    assert store.page(1, 10, before=10**12).tracks == [115, 116, 117, 118, 119]
-    assert store.page(2, 10).tracks == [] and store.page(2, 10).total == 0
     store.close()
 
 
