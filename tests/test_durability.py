@@ -51,6 +51,24 @@ class Load:
         self.lock = threading.Lock()
         self.acked = 0
 
+    def start(self) -> None:
+        """Start the clients and wait until ``STOP_AFTER`` events are acknowledged."""
+        self.threads = [threading.Thread(target=self.run, args=(c,), daemon=True)
+                        for c in self.clients]
+        for thread in self.threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while self.acked < STOP_AFTER and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert self.acked >= STOP_AFTER, "the load did not get going"
+
+    def finish(self) -> None:
+        """Let the paused clients go on and wait until every one has sent its events."""
+        self.up.set()
+        for thread in self.threads:
+            thread.join(120)
+        assert not any(t.is_alive() for t in self.threads)
+
     def events(self, client: Client) -> Iterator[tuple[int, int]]:
         for i in range(PER_THREAD):
             user = SHARED_USER if i % 4 == 3 else client.user
@@ -123,14 +141,7 @@ def test_acknowledged_events_survive(tmp_path: Path, tracks: list[int], how: str
         service.start()
         service.wait_healthy(workers=2)
         load = Load(service, tracks)
-        threads = [threading.Thread(target=load.run, args=(c,), daemon=True)
-                   for c in load.clients]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while load.acked < STOP_AFTER and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert load.acked >= STOP_AFTER, "the load did not get going"
+        load.start()
         load.up.clear()
         code = service.kill() if how == "kill" else service.stop()
         acked_at_stop = load.acked
@@ -138,10 +149,7 @@ def test_acknowledged_events_survive(tmp_path: Path, tracks: list[int], how: str
             assert code == -9, code
         service.start()
         service.wait_healthy(workers=2)
-        load.up.set()
-        for thread in threads:
-            thread.join(120)
-        assert not any(t.is_alive() for t in threads)
+        load.finish()
         assert acked_at_stop < EVENTS - 100  # the stop really came in the middle
         users = [c.user for c in load.clients] + [SHARED_USER]
         history = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json()

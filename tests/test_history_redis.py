@@ -24,7 +24,7 @@ from musicrec.history_redis import RedisHistoryStore
 from recommendation_service import create_app
 from tests.redis_support import RedisServer
 from tests.service_support import Service, tiny_artefacts
-from tests.test_durability import EVENTS, STOP_AFTER, Load, _check
+from tests.test_durability import EVENTS, Load, _check
 from tests.test_hardening import settings_for
 from tests.test_service_app import write_artefacts
 
@@ -160,23 +160,13 @@ def test_acknowledged_events_survive_sigkill_of_redis(tmp_path: Path) -> None:
         service.start()
         service.wait_healthy(workers=2)
         load = Load(service, tracks)
-        threads = [threading.Thread(target=load.run, args=(c,), daemon=True)
-                   for c in load.clients]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 60
-        while load.acked < STOP_AFTER and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert load.acked >= STOP_AFTER, "the load did not get going"
+        load.start()
         assert store_server.kill() == -9  # under load: requests are in flight
         load.up.clear()
         acked_at_kill = load.acked
         time.sleep(0.3)  # in-flight writes fail (503: not acknowledged)
         store_server.start()  # same folder, same port: replays the AOF
-        load.up.set()
-        for thread in threads:
-            thread.join(120)
-        assert not any(t.is_alive() for t in threads)
+        load.finish()
         assert acked_at_kill < EVENTS - 100
         users = [c.user for c in load.clients] + [9_000_000]
         history = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -139,16 +138,6 @@ def test_a_pipeline_run_records_code_and_input_and_is_kept(tmp_path: Path) -> No
     assert runs.use_run(folder, run_id)["run_id"] == run_id
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> str:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def test_runs_travel_through_s3_under_their_id_pointer_last(

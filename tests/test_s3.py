@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import subprocess
@@ -14,7 +13,6 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from moto.server import ThreadedMotoServer
 
 from musicrec.errors import DataError
 from musicrec.io import INPUT_FILES, MANIFEST
@@ -25,15 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIX = "ym"
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> str:
-    """A moto S3 server on a free localhost port for the whole module."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 @pytest.fixture(autouse=True)
