@@ -218,19 +218,6 @@ def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ..
     return data, truth, validation_split(truth, run.settings)
 
 
-def served_lists(winner: str, sources: dict[str, Source], ranker: CatBoostRanker | None,
-                 data: TrainData,
-                 users: np.ndarray, n: int, settings: Settings, progress: bool = False
-                 ) -> Lists:
-    """The lists of the served model (a source's own, or the ranker's) for ``users``."""
-    from musicrec.ranker import rank
-
-    if winner == RANKER:
-        return rank(ranker, data, sources, users, n, settings.n_candidates, progress=progress,
-                    threads=settings.threads)
-    return recommend_batched(sources[winner], users, n)
-
-
 def _frame(lists: Lists, history: History, users: np.ndarray) -> pd.DataFrame:
     """A recs table (input ids) of ``lists`` for the user codes ``users``."""
     return recs_frame(history.users.ids[users[lists.local()]],
@@ -335,6 +322,7 @@ def stage_evaluate(run: RunContext) -> None:
     bootstrap intervals, by user activity, and the candidates' recall."""
     from musicrec.metrics import activity_segments, artist_variety, candidate_recall, evaluate
     from musicrec.plots import plot_metrics
+    from musicrec.ranker import rank_with_lists
 
     s, dates = run.settings, run.dates()
     data = run.train_data(dates.test_start)
@@ -348,7 +336,7 @@ def stage_evaluate(run: RunContext) -> None:
         test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
     log.info("test period: %d users with history are evaluated", users.size)
     run.release_events()  # ~3 GB at full scale; the serve stage reads them again (~15 s)
-    steps = Steps("evaluate", 5, s.progress)
+    steps = Steps("evaluate", 4, s.progress)
     steps.step("refit the sources before the test period")
     choices = run.choices()
     n = max(s.eval_k)
@@ -366,14 +354,21 @@ def stage_evaluate(run: RunContext) -> None:
         recs["als_plain"] = _frame(recommend_batched(baseline, users, n), h, users)
         del baseline
     sources = _fit_sources(run, data, start_from="rank", save_as="evaluate")
-    steps.step(f"lists of {len(sources)} sources for {users.size:,} users")
-    recs.update({name: _frame(recommend_batched(src, users, max(n, s.n_candidates)), h, users)
-                 for name, src in sources.items()})
-    selection = run.selection()
     model = run.ranker()
-    steps.step("ranked lists" if model is not None else "no ranker to score")
+    steps.step(f"lists of {len(sources)} sources{' and the ranker' if model else ''} for "
+               f"{users.size:,} users")
+    # the sources' lists are the ranker's candidates too: one pass makes both
+    keep = {name: max(n, s.n_candidates) for name in sources}
     if model is not None:
-        recs[RANKER] = _frame(served_lists(RANKER, sources, model, data, users, n, s), h, users)
+        ranked, lists = rank_with_lists(model, data, sources, users, n, s.n_candidates, keep,
+                                        threads=s.threads)
+        recs[RANKER] = _frame(ranked, h, users)
+    else:
+        lists = {name: recommend_batched(src, users, keep[name])
+                 for name, src in sources.items()}
+    recs.update({name: _frame(lst, h, users) for name, lst in lists.items()})
+    del lists
+    selection = run.selection()
     recs["served"] = recs[selection["winner"]]
     train = pd.DataFrame({C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
                           C.track: h.tracks.ids[h.track_codes]})
@@ -419,6 +414,8 @@ def _popular_table(source: PopularSource) -> pd.DataFrame:
 
 def stage_serve(run: RunContext) -> None:
     """Refit the chosen sources on the whole log and write what the service serves."""
+    from musicrec.ranker import rank_with_lists
+
     s = run.settings
     data = run.train_data(None)
     run.release_events()
@@ -434,8 +431,24 @@ def stage_serve(run: RunContext) -> None:
     io.write_table(_popular_table(chosen_or_plain("popular")), run.out / io.TOP_POPULAR,
                    io.POPULAR_SCHEMA)
     als = chosen_or_plain("als")
-    io.write_table(_frame(recommend_batched(als, users, s.n_recommendations), h, users),
-                   run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
+    winner = run.selection()["winner"]
+    n = s.n_recommendations
+    if winner == RANKER:
+        # personal_als is the head of the ranker's ALS candidates: one top-k pass, not two
+        lists, kept = rank_with_lists(run.ranker(), data, sources, users, n, s.n_candidates,
+                                      {"als": n} if "als" in sources else {},
+                                      progress=s.progress, threads=s.threads)
+        personal = kept.get("als")
+    else:
+        lists = recommend_batched(sources[winner], users, n)
+        personal = lists if winner == "als" else None
+    if personal is None:
+        personal = recommend_batched(als, users, n)
+    io.write_table(_frame(personal, h, users), run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
+    del personal
+    io.write_table(_frame(lists, h, users), run.out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
+    del lists
+    log.info("served lists (%s) for %d users", winner, h.n_users)
     # the ALS model for the service's fold-in of online events (musicrec.online)
     served.write_factors(fold_in_arrays(als.model, data.listeners(None),
                                         als.params["regularization"], als.params["alpha"]),
@@ -450,11 +463,6 @@ def stage_serve(run: RunContext) -> None:
     io.write_table(recs_frame(h.tracks.ids[query], h.tracks.ids[similar], score)
                    .rename(columns={C.user: C.track, C.track: C.similar}),
                    run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
-    winner = run.selection()["winner"]
-    lists = served_lists(winner, sources, run.ranker(), data, users, s.n_recommendations, s,
-                         progress=s.progress)
-    io.write_table(_frame(lists, h, users), run.out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
-    log.info("served lists (%s) for %d users", winner, h.n_users)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {

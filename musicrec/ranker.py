@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -105,17 +106,26 @@ def _max_over_attributes(user_attr: sp.csr_matrix, track_attr: sp.csr_matrix,
 class Candidates:
     """The union of the sources' lists for a batch of users, one row per (user, track)."""
 
-    lists: dict[str, Lists]
+    lists: dict[str, Lists]  # each source's list (longer than the candidates when asked)
     local: np.ndarray  # int32 batch row of each pair, ascending
     tracks: np.ndarray  # int32 track codes
     features: pd.DataFrame
 
 
 def candidates(data: TrainData, sources: dict[str, Source], track_features: TrackFeatures,
-               users: np.ndarray, n: int) -> Candidates:
-    """Top-``n`` of every source for the user codes ``users`` (sorted), merged, with features."""
+               users: np.ndarray, n: int, longer: Mapping[str, int] | None = None
+               ) -> Candidates:
+    """Top-``n`` of every source for the user codes ``users`` (sorted), merged, with features.
+
+    A source named in ``longer`` is asked once for that many (when more than ``n``): its
+    candidates are the head of that list, and ``Candidates.lists`` keeps the whole of it, so
+    a caller who also needs the source's own longer list does not compute it twice."""
     h, n_tracks = data.history, data.history.n_tracks
-    lists = {name: src.recommend(users, n) for name, src in sources.items()}
+    longer = longer or {}
+    full = {name: src.recommend(users, max(n, longer.get(name, n)))
+            for name, src in sources.items()}
+    lists = {name: lst.head(n) if longer.get(name, n) > n else lst
+             for name, lst in full.items()}
     keys = np.concatenate([lst.local().astype(np.int64) * n_tracks + lst.tracks
                            for lst in lists.values()])
     union = distinct(keys)
@@ -171,7 +181,7 @@ def candidates(data: TrainData, sources: dict[str, Source], track_features: Trac
     f["user_days_since_last"] = (h.cutoff - last_day)[local].astype(np.float32)
     f["user_mainstream"] = mainstream[local].astype(np.float32)
     columns = feature_names(sources)
-    return Candidates(lists, local, tracks, pd.DataFrame({c: f[c] for c in columns}))
+    return Candidates(full, local, tracks, pd.DataFrame({c: f[c] for c in columns}))
 
 
 # --- training ---------------------------------------------------------------------------
@@ -266,20 +276,33 @@ def train_ranker(train: TrainingSet, stop: TrainingSet, settings: Settings
 def rank(model: CatBoostRanker, data: TrainData, sources: dict[str, Source],
          users: np.ndarray, n: int, n_candidates: int, batch_users: int = 2000,
          progress: bool = False, threads: int = 1) -> Lists:
-    """The ranker's top-``n`` of the union of the sources' candidates, per user code.
+    """The ranker's top-``n`` of the union of the sources' candidates, per user code."""
+    return rank_with_lists(model, data, sources, users, n, n_candidates, {}, batch_users,
+                           progress, threads)[0]
+
+
+def rank_with_lists(model: CatBoostRanker, data: TrainData, sources: dict[str, Source],
+                    users: np.ndarray, n: int, n_candidates: int, keep: Mapping[str, int],
+                    batch_users: int = 2000, progress: bool = False, threads: int = 1
+                    ) -> tuple[Lists, dict[str, Lists]]:
+    """``rank``, and the top-``keep[name]`` lists of the sources named in ``keep`` from the
+    same pass (the candidates are their heads): the serve and evaluate stages write those
+    lists too, and at full scale a second top-k pass over every user costs minutes.
 
     Batches run on ``threads`` threads: sorting, sparse products, the ANN search and
     CatBoost release the GIL, so two threads keep two cores busy for most of a batch."""
     track_features = TrackFeatures.build(data)
 
-    def one(start: int) -> Lists:
+    def one(start: int) -> tuple[Lists, dict[str, Lists]]:
         batch = users[start:start + batch_users]
-        cand = candidates(data, sources, track_features, batch, n_candidates)
+        cand = candidates(data, sources, track_features, batch, n_candidates, keep)
         score = model.predict(cand.features, thread_count=1).astype(np.float32)
-        return Lists.best(batch.size, cand.local, cand.tracks, score, n)
+        kept = {name: cand.lists[name].head(size) for name, size in keep.items()}
+        return Lists.best(batch.size, cand.local, cand.tracks, score, n), kept
 
     starts = range(0, users.size, batch_users)
     with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
         parts = list(tqdm(pool.map(one, starts), total=len(starts), desc="ranking",
                           unit="batch", disable=not progress, mininterval=2))
-    return join_lists(parts)
+    return (join_lists([ranked for ranked, _ in parts]),
+            {name: join_lists([kept[name] for _, kept in parts]) for name in keep})

@@ -14,6 +14,7 @@ from musicrec.ranker import (
     candidates,
     feature_names,
     rank,
+    rank_with_lists,
     train_ranker,
     training_set,
 )
@@ -144,3 +145,26 @@ def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict
                     h.track_codes.tolist(), strict=True))
     assert not any((int(users[u]), int(t)) in heard
                    for u, t in zip(local, lists.tracks, strict=True))
+
+
+def test_one_pass_keeps_the_longer_source_lists_and_ranks_the_same(
+        fitted: tuple[TrainData, dict]) -> None:
+    data, sources = fitted
+    truth = Truth.build(data.history, frame(LATER))
+    train = training_set(data, sources, truth, SETTINGS.model_copy(update={
+        "ranker_negatives": 5}))
+    model = train_ranker(train, train, SETTINGS)
+    assert model is not None
+    users = np.arange(data.history.n_users, dtype=np.int64)
+    name = next(iter(sources))
+    alone = rank(model, data, sources, users, 2, 2, batch_users=3)
+    ranked, kept = rank_with_lists(model, data, sources, users, 2, 2, {name: 4},
+                                   batch_users=3)
+    # the candidates are the head of the longer list, so the ranking does not change
+    np.testing.assert_array_equal(ranked.indptr, alone.indptr)
+    np.testing.assert_array_equal(ranked.tracks, alone.tracks)
+    own = sources[name].recommend(users, 4)
+    assert list(kept) == [name]
+    np.testing.assert_array_equal(kept[name].indptr, own.indptr)
+    np.testing.assert_array_equal(kept[name].tracks, own.tracks)
+    assert np.diff(own.indptr).max() > 2  # the kept list is longer than the candidates
