@@ -63,6 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from musicrec import io, online, served
+from musicrec.arrays import lookup_sorted
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.history import (
@@ -199,9 +200,7 @@ class RankedLists:
         valid = (keys >= 0) & (keys <= INT32_MAX)
         if self.keys.size == 0 or not valid.any():
             return out
-        needles = keys[valid].astype(np.int32)
-        pos = np.minimum(np.searchsorted(self.keys, needles), self.keys.size - 1)
-        out[np.flatnonzero(valid)[self.keys[pos] == needles]] = pos[self.keys[pos] == needles]
+        out[valid] = lookup_sorted(self.keys, keys[valid].astype(np.int32))
         return out
 
     def __contains__(self, key: int) -> bool:
@@ -296,10 +295,8 @@ class Artefacts:
         valid = (ids >= 0) & (ids <= INT32_MAX)
         if self.item_ids.size == 0 or not valid.any():
             return rows
-        needles = ids[valid].astype(np.int32)  # int32, so item_ids is not cast to int64
-        pos = np.minimum(np.searchsorted(self.item_ids, needles), self.item_ids.size - 1)
-        hit = self.item_ids[pos] == needles
-        rows[np.flatnonzero(valid)[hit]] = pos[hit]  # items are sorted by id: row = position
+        # int32 needles, so item_ids is not cast to int64; items are sorted by id: row = position
+        rows[valid] = lookup_sorted(self.item_ids, ids[valid].astype(np.int32))
         return rows
 
     def details(self, track_ids: Sequence[int]) -> list[dict[str, Any]]:

@@ -133,7 +133,7 @@ def bare_als(args: argparse.Namespace) -> dict:
     from threadpoolctl import threadpool_limits
 
     from musicrec import io
-    from musicrec.features import build_history
+    from musicrec.listens import build_listens
     from musicrec.pipeline import SEARCH_JSON, SPLIT_JSON, WORK_DIR
     from musicrec.sources import AlsSource
     from musicrec.split import SplitDates, events_before
@@ -145,7 +145,7 @@ def bare_als(args: argparse.Namespace) -> dict:
     params = chosen["params"] if chosen else AlsSource.space(settings)[0]
     started = time.perf_counter()
     events = io.read_events(Path(args.parquet_dir) / io.EVENTS)
-    history = build_history(events_before(events, dates.test_start), dates.test_start)
+    history = build_listens(events_before(events, dates.test_start), dates.test_start)
     del events
     matrix = history.matrix()
     matrix.data = (1.0 + params["alpha"] * matrix.data).astype(np.float32)

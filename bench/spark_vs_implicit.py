@@ -106,21 +106,21 @@ def run_engine(engine: str, parquet: Path, users: int) -> dict[str, Any]:
     params = AlsSource.space(settings)[1]
     result: dict[str, Any] = {"engine": engine, "params": params, "users": int(sample.size)}
     if engine == "implicit":
-        from musicrec.features import build_history
+        from musicrec.listens import build_listens
         from musicrec.pipeline import _frame
         from musicrec.selection import recommend_batched
         from musicrec.sources import TrainData
         from musicrec.split import events_before
 
         started = time.perf_counter()
-        data = TrainData.build(build_history(events_before(events, dates.test_start),
+        data = TrainData.build(build_listens(events_before(events, dates.test_start),
                                              dates.test_start), None)
         source = AlsSource(settings, **params).fit(data)
         result["fit_seconds"] = time.perf_counter() - started
-        codes = data.history.users.codes(sample)
+        codes = data.listens.users.codes(sample)
         codes = np.sort(codes[codes >= 0]).astype(np.int64)
         started = time.perf_counter()
-        lists = _frame(recommend_batched(source, codes, 10), data.history, codes)
+        lists = _frame(recommend_batched(source, codes, 10), data.listens, codes)
         result["score_seconds"] = time.perf_counter() - started
     else:
         from musicrec.spark_engine import (

@@ -16,8 +16,9 @@ from implicit.cpu.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from musicrec.arrays import distinct, gather_rows, in_sorted, rank_in_groups
 from musicrec.columns import Columns as C
-from musicrec.features import IdIndex, distinct, gather_rows
+from musicrec.listens import IdIndex
 from musicrec.settings import Settings
 from musicrec.topk import IvfIndex
 
@@ -143,9 +144,7 @@ def _recommend_ann(
         log.info("ALS top-k: %d of %d users got a short ANN list, served exactly",
                  todo.size, rows.size)
         e_rows, e_tracks, e_scores = recommend_codes(model, rows[todo], n, progress=False)
-        starts = np.r_[True, e_rows[1:] != e_rows[:-1]] if e_rows.size else np.zeros(0, bool)
-        slot = np.arange(e_rows.size) - np.maximum.accumulate(
-            np.where(starts, np.arange(e_rows.size), 0))
+        slot = rank_in_groups(e_rows)
         where = todo[_positions(rows[todo], e_rows)]
         out_codes[todo] = -1
         out_scores[todo] = -np.inf
@@ -167,10 +166,7 @@ def _ann_batch(model: AlsModel, batch: np.ndarray, pos: np.ndarray, k: int, n: i
     heard_pos, local = gather_rows(user_items.indptr, batch)
     heard = np.sort(local.astype(np.int64) * n_tracks + user_items.indices[heard_pos])
     keys = np.arange(batch.size, dtype=np.int64)[:, None] * n_tracks + codes
-    at = np.minimum(np.searchsorted(heard, keys), max(heard.size - 1, 0))
-    keep = codes >= 0
-    if heard.size:
-        keep &= heard[at] != keys
+    keep = (codes >= 0) & ~in_sorted(heard, keys)
     keep &= np.cumsum(keep, axis=1) <= n
     slot = np.cumsum(keep, axis=1) - 1
     r, c = np.nonzero(keep)
@@ -221,13 +217,11 @@ def recs_frame(user_ids: np.ndarray, track_ids: np.ndarray, scores: np.ndarray) 
     else:
         order = np.lexsort((track_ids, -scores.astype(np.float64), user_ids))
     users = user_ids[order]
-    starts = np.r_[True, users[1:] != users[:-1]] if users.size else np.zeros(0, bool)
-    first = np.maximum.accumulate(np.where(starts, np.arange(users.size), 0))
     return pd.DataFrame(
         {
             C.user: users,
             C.track: track_ids[order],
             C.score: scores[order],
-            C.rank: (np.arange(users.size) - first + 1).astype(np.int16),
+            C.rank: (rank_in_groups(users) + 1).astype(np.int16),
         }
     )

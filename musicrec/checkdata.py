@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from musicrec import io
+from musicrec.arrays import distinct
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.features import distinct
 
 # The real data set's figures (DATA.md); None where DATA.md gives none.
 REAL: dict[str, Any] = {

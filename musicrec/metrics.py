@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from musicrec.arrays import distinct, group_starts, in_sorted, lookup_sorted
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 
@@ -81,15 +82,7 @@ def _distinct(values: np.ndarray) -> np.ndarray:
         seen = np.zeros(hi - lo + 1, dtype=bool)
         seen[values - lo] = True
         return np.flatnonzero(seen).astype(np.int64) + lo
-    return _sorted_unique(values).astype(np.int64)
-
-
-def _sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique by sorting (numpy's hash-based unique is several times slower on int64 keys)."""
-    ordered = np.sort(values)
-    if len(ordered) < 2:
-        return ordered
-    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]]
+    return distinct(values).astype(np.int64)
 
 
 def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +98,7 @@ def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return distinct.astype(np.int64), inverse.astype(np.int64)
     packed = np.sort((_as_int64(values) << row_bits) | np.arange(n, dtype=np.int64))
     ordered = packed >> row_bits
-    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    first = group_starts(ordered)
     inverse = np.empty(n, dtype=np.int64)
     inverse[packed & ((1 << row_bits) - 1)] = np.cumsum(first) - 1
     return ordered[first], inverse
@@ -149,8 +142,7 @@ class _IdSet:
         if self.table is not None:
             out[inside] = self.table[wanted - self.lo]
         else:
-            pos = np.minimum(np.searchsorted(self.ids, wanted), len(self.ids) - 1)
-            out[inside] = np.where(self.ids[pos] == wanted, pos, -1)
+            out[inside] = lookup_sorted(self.ids, wanted)
         return out
 
     def contains(self, values: np.ndarray) -> np.ndarray:
@@ -161,15 +153,6 @@ class _IdSet:
         inside = (values >= self.lo) & (values <= self.hi)
         out[inside] = self.table[values[inside] - self.lo]
         return out
-
-
-def _in_sorted(queries: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
-    """Membership of ``queries`` in a sorted key array; fast when ``queries`` are sorted too."""
-    if len(sorted_keys) == 0:
-        return np.zeros(len(queries), dtype=bool)
-    pos = np.searchsorted(sorted_keys, queries)
-    pos = np.minimum(pos, len(sorted_keys) - 1)
-    return sorted_keys[pos] == queries
 
 
 def _check_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -201,7 +184,7 @@ class _TrainIndex:
         track = train[C.track].to_numpy()
         _check_track_ids(track, "train")
         ordered = np.sort(track)  # counting by sort: bincount scatters over the id span
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else []
+        starts = np.flatnonzero(group_starts(ordered))
         starts = np.asarray(starts, dtype=np.int64)
         counts = np.diff(np.r_[starts, len(ordered)])
         users = _IdSet(user, positions=False)
@@ -227,7 +210,7 @@ class _TestIndex:
         _check_track_ids(track, "test events")
         uidx = users.index(test[C.user].to_numpy())
         ok = uidx >= 0
-        keys = _sorted_unique((uidx[ok] << TRACK_BITS) | track[ok])
+        keys = distinct((uidx[ok] << TRACK_BITS) | track[ok])
         n_relevant = np.bincount(keys >> TRACK_BITS, minlength=len(users.ids))
         return cls(users, keys, n_relevant)
 
@@ -321,7 +304,7 @@ class HitTable:
         n_relevant = hit = cum_hits = None
         if test is not None:
             n_relevant = test.n_relevant
-            hit = _in_sorted(pair, test.keys)
+            hit = in_sorted(test.keys, pair)
             cum_hits = _cumulative_hits(row_user, row_rank, hit, rank_bits)
 
         heard = self_info = None
@@ -333,7 +316,7 @@ class HitTable:
                 train.pairs = _train_pairs(
                     train.user, train.track, user_index, _IdSet(row_track, positions=False)
                 )
-            heard = _in_sorted(pair, train.pairs)
+            heard = in_sorted(train.pairs, pair)
             self_info = _self_information(row_track, train)
 
         return cls(
@@ -398,7 +381,7 @@ def _cumulative_hits(
     hits_in_order = hit[order].astype(np.int64)
     running = np.cumsum(hits_in_order)
     user_in_order = row_user[order]
-    first = np.r_[True, user_in_order[1:] != user_in_order[:-1]]
+    first = group_starts(user_in_order)
     before_user = (running - hits_in_order)[first]
     cum_in_order = running - np.repeat(before_user, np.diff(np.r_[np.flatnonzero(first), len(hit)]))
     cum = np.empty_like(cum_in_order)
@@ -422,19 +405,16 @@ def _train_pairs(
         ok = uidx >= 0
         ok[ok] = tracks.contains(t_track[ok])
         parts.append((uidx[ok] << TRACK_BITS) | t_track[ok])
-    return _sorted_unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
+    return distinct(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
 def _self_information(row_track: np.ndarray, train: _TrainIndex) -> np.ndarray:
     """-log2(share of train users who heard the track); unheard tracks count as one listener."""
     n_users = max(train.n_users, 1)
-    distinct, inverse = _unique_inverse(row_track)
-    listeners = np.zeros(len(distinct), dtype=np.int64)
-    pos = np.searchsorted(train.track_ids, distinct)
-    pos = np.minimum(pos, max(len(train.track_ids) - 1, 0))
-    if len(train.track_ids):
-        found = train.track_ids[pos] == distinct
-        listeners[found] = train.listeners[pos[found]]
+    seen, inverse = _unique_inverse(row_track)
+    listeners = np.zeros(len(seen), dtype=np.int64)
+    pos = lookup_sorted(train.track_ids, seen)
+    listeners[pos >= 0] = train.listeners[pos[pos >= 0]]
     info = np.log2(n_users) - np.log2(np.maximum(listeners, 1))
     return info[inverse]
 
@@ -659,7 +639,7 @@ def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray |
         return None
     if np.isnan(ordered[-1]):  # NaN sorts last
         raise ValueError("values contain NaN; pass one value per user")
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    starts = np.flatnonzero(group_starts(ordered))
     spread = None
     if len(starts) <= _BOOT_GROUPS:
         value = ordered[starts]
@@ -966,7 +946,7 @@ def candidate_recall(
     heard_keys = _train_pairs(
         train_user, train_track, user_index, _IdSet(test_track, positions=False)
     )
-    relevant = test_index.keys[~_in_sorted(test_index.keys, heard_keys)]
+    relevant = test_index.keys[~in_sorted(heard_keys, test_index.keys)]
     relevant_user = relevant >> TRACK_BITS
     log.info(
         "candidate recall on %d users: %d test pairs, %d heard in train, %d relevant",
@@ -999,7 +979,7 @@ def candidate_recall(
     for name, reco in candidates.items():
         t0 = time.perf_counter()
         keys, pairs = _candidate_keys(reco, user_index, name)
-        found = _in_sorted(relevant, keys)
+        found = in_sorted(keys, relevant)
         found_any |= found
         rows.append(row(name, pairs, found))
         all_keys.append(keys)
@@ -1041,13 +1021,13 @@ def _variety_per_list(users: np.ndarray, artist: np.ndarray) -> tuple[np.ndarray
     grouped by ``users`` (consecutive), ``artist`` the artist of each row (-1 unknown)."""
     if users.size == 0:
         return np.zeros(0), np.zeros(0)
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    starts = np.flatnonzero(group_starts(users))
     owner = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, users.size]))
     lengths = np.bincount(owner, minlength=starts.size).astype(np.float64)
     known = artist >= 0
     span = int(artist.max()) + 1 if known.any() else 1
     keys = np.sort(owner[known].astype(np.int64) * span + artist[known])
-    first = np.r_[True, keys[1:] != keys[:-1]] if keys.size else np.zeros(0, bool)
+    first = group_starts(keys)
     distinct_known = np.bincount(keys[first] // span, minlength=starts.size)
     unknown = np.bincount(owner[~known], minlength=starts.size)
     runs = np.diff(np.r_[np.flatnonzero(first), keys.size])  # rows of each (list, artist)
@@ -1080,12 +1060,12 @@ def artist_variety(
             tracks = top[C.track].to_numpy().astype(np.int64)
             artist = np.full(tracks.size, -1, dtype=np.int64)
             if ids.size:
-                pos = np.minimum(np.searchsorted(ids, tracks), ids.size - 1)
-                artist = np.where(ids[pos] == tracks, arts[pos], -1)
+                pos = lookup_sorted(ids, tracks)
+                artist = np.where(pos >= 0, arts[pos], -1)
             users = top[C.user].to_numpy()
             diversity, concentration = _variety_per_list(users, artist)
             counted = np.sort(artist[artist >= 0])  # slots per artist: run lengths
-            runs = np.diff(np.r_[np.flatnonzero(np.r_[True, counted[1:] != counted[:-1]]),
+            runs = np.diff(np.r_[np.flatnonzero(group_starts(counted)),
                                  counted.size]) if counted.size else np.zeros(0, np.int64)
             top10 = np.sort(runs)[::-1][:10].sum() / max(artist.size, 1)
             rows.append({"source": source, "k": k, "users": diversity.size,

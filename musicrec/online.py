@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from musicrec.arrays import in_sorted, lookup_sorted
 from musicrec.columns import Columns as C
 from musicrec.metrics import (
     bootstrap_difference,
@@ -144,11 +145,8 @@ class FoldInModel:
         if self.sorted_tracks.size == 0 or ids.size == 0:
             return out
         ok = (ids >= 0) & (ids <= np.iinfo(np.int32).max)
-        needles = ids[ok].astype(np.int32)
-        pos = np.minimum(np.searchsorted(self.sorted_tracks, needles), self.sorted_tracks.size - 1)
-        hit = self.sorted_tracks[pos] == needles
-        where = np.flatnonzero(ok)
-        out[where[hit]] = self.sorted_rows[pos[hit]]
+        pos = lookup_sorted(self.sorted_tracks, ids[ok].astype(np.int32))
+        out[np.flatnonzero(ok)[pos >= 0]] = self.sorted_rows[pos[pos >= 0]]
         return out
 
     def user_position(self, user_id: int) -> int:
@@ -201,9 +199,7 @@ class FoldInModel:
         if candidates is not None and candidates.size >= n + heard.size:
             scores = self.item_factors[candidates] @ v32
             if heard.size:  # a binary search per candidate (np.isin sorts both: 3x slower)
-                heard = np.sort(heard)
-                at = np.minimum(np.searchsorted(heard, candidates), heard.size - 1)
-                scores[heard[at] == candidates] = -np.inf
+                scores[in_sorted(np.sort(heard), candidates)] = -np.inf
             best = top_rows(scores, np.zeros(0, dtype=np.int64), n)
             best = best[np.isfinite(scores[best])]
             return self.track_ids[candidates[best]].tolist()
@@ -427,7 +423,7 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
     nothing is written. Sources use the parameters of the folder's search (``work/
     search.json``) when there is one, else the configured ALS and item-kNN settings."""
     from musicrec import io
-    from musicrec.features import IdIndex, build_history
+    from musicrec.listens import IdIndex, build_listens
     from musicrec.sources import TrainData, make_source
     from musicrec.split import events_before, split_dates
 
@@ -437,8 +433,8 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
     dates = split_dates(events, settings)
     cutoff = dates.test_start
     items = pq.read_table(parquet / io.ITEMS, columns=[C.track, C.genre_ids, C.artist_ids])
-    data = TrainData.build(build_history(events_before(events, cutoff), cutoff), items)
-    h = data.history
+    data = TrainData.build(build_listens(events_before(events, cutoff), cutoff), items)
+    h = data.listens
     search_path = parquet / "work" / "search.json"
     chosen = io.read_json(search_path) if search_path.exists() else {}
     from musicrec.sources import SOURCES

@@ -29,9 +29,10 @@ from pydantic import SecretStr
 
 from musicrec import io, runs, served
 from musicrec.als import recs_frame
+from musicrec.arrays import distinct
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.features import History, build_history, distinct
+from musicrec.listens import Listens, build_listens
 from musicrec.online import first_codes, fold_in_arrays
 from musicrec.progress import Steps
 from musicrec.selection import (
@@ -161,13 +162,13 @@ class RunContext:
         return io.read_json(path)
 
     def train_data(self, cutoff: int | None) -> TrainData:
-        """The history before ``cutoff`` (None = every event) and the catalogue."""
+        """The listening log before ``cutoff`` (None = every event) and the catalogue."""
         events = self.events()
         if cutoff is None:
             cutoff = int(events[C.day].max()) + 1
         else:
             events = events_before(events, cutoff)
-        return TrainData.build(build_history(events, cutoff), self.items())
+        return TrainData.build(build_listens(events, cutoff), self.items())
 
     def later(self, start: int, stop: int | None = None) -> pd.DataFrame:
         """Events on or after ``start`` (and before ``stop``)."""
@@ -211,17 +212,17 @@ def validation_split(truth: Truth, settings: Settings) -> tuple[np.ndarray, ...]
 def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ...]]:
     dates = run.dates()
     data = run.train_data(dates.label_start)
-    truth = Truth.build(data.history, run.later(dates.label_start, dates.test_start))
+    truth = Truth.build(data.listens, run.later(dates.label_start, dates.test_start))
     if truth.users.size < 3:
         raise DataError(f"only {truth.users.size} users listen to new tracks in the validation "
                         "period: too few to choose models; widen it (MUSICREC_LABEL_START)")
     return data, truth, validation_split(truth, run.settings)
 
 
-def _frame(lists: Lists, history: History, users: np.ndarray) -> pd.DataFrame:
+def _frame(lists: Lists, listens: Listens, users: np.ndarray) -> pd.DataFrame:
     """A recs table (input ids) of ``lists`` for the user codes ``users``."""
-    return recs_frame(history.users.ids[users[lists.local()]],
-                      history.tracks.ids[lists.tracks], lists.scores)
+    return recs_frame(listens.users.ids[users[lists.local()]],
+                      listens.tracks.ids[lists.tracks], lists.scores)
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -238,16 +239,16 @@ def stage_search(run: RunContext) -> None:
     s = run.settings
     rng = np.random.default_rng(s.seed)
     truth = truth.subset(np.sort(rng.permutation(fit_rows)[: s.search_users]))
-    if s.search_train_users is not None and data.history.n_users > s.search_train_users:
+    if s.search_train_users is not None and data.listens.n_users > s.search_train_users:
         # trials learn from a sample of users (the scored ones among them): at full scale a
         # trial then costs a fraction of a fit on everyone
-        n_users = data.history.n_users
+        n_users = data.listens.n_users
         others = np.setdiff1d(np.arange(n_users), truth.users)
         extra = max(s.search_train_users - truth.users.size, 0)
         sample = np.union1d(truth.users, rng.choice(others, min(extra, others.size),
                                                     replace=False))
-        history, kept = data.history.subset(sample).compact()
-        data = TrainData.build(history, run.items()).keep_knn_window_of(data, s.knn_max_pairs)
+        listens, kept = data.listens.subset(sample).compact()
+        data = TrainData.build(listens, run.items()).keep_knn_window_of(data, s.knn_max_pairs)
         truth = Truth(np.searchsorted(sample, truth.users), truth.keys, truth.counts,
                       truth.n_tracks).on_tracks(kept)
         log.info("search: trials learn from %d of %d users and the %d tracks they heard",
@@ -326,7 +327,7 @@ def stage_evaluate(run: RunContext) -> None:
 
     s, dates = run.settings, run.dates()
     data = run.train_data(dates.test_start)
-    h = data.history
+    h = data.listens
     test = run.later(dates.test_start)
     test_users = h.users.codes(distinct(test[C.user].to_numpy()))
     users = np.sort(test_users[test_users >= 0]).astype(np.int64)
@@ -402,7 +403,7 @@ def stage_evaluate(run: RunContext) -> None:
 
 def _popular_table(source: PopularSource) -> pd.DataFrame:
     """The top_popular artefact from a fitted popular source: every heard track, best first."""
-    h = source.data.history
+    h = source.data.listens
     order = source.order
     return pd.DataFrame({
         C.track: h.tracks.ids[order].astype(np.int32),
@@ -419,7 +420,7 @@ def stage_serve(run: RunContext) -> None:
     s = run.settings
     data = run.train_data(None)
     run.release_events()
-    h = data.history
+    h = data.listens
     sources = _fit_sources(run, data, start_from="evaluate")
     users = np.arange(h.n_users, dtype=np.int64)
 
@@ -457,7 +458,7 @@ def stage_serve(run: RunContext) -> None:
     query, similar, score = item_to_item.similar(s.n_similar)
     # each track's neighbours scaled to its best one: the service sums the lists of several
     # recent tracks, and BM25 similarities of a popular track would outweigh every other
-    best = np.zeros(item_to_item.data.history.n_tracks, dtype=np.float32)
+    best = np.zeros(item_to_item.data.listens.n_tracks, dtype=np.float32)
     np.maximum.at(best, query, score)
     score = score / np.maximum(best[query], 1e-12)
     io.write_table(recs_frame(h.tracks.ids[query], h.tracks.ids[similar], score)

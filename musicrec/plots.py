@@ -23,8 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from musicrec.arrays import distinct, group_starts
 from musicrec.columns import Columns as C
-from musicrec.features import distinct
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _id_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids = np.flatnonzero(counts)
         return ids + lo, counts[ids]
     ordered = np.sort(values)  # a bincount would scatter over the whole (sparse) id span
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    starts = np.flatnonzero(group_starts(ordered))
     return ordered[starts].astype(np.int64), np.diff(np.r_[starts, len(ordered)])
 
 

@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from musicrec import io
+from musicrec.arrays import distinct, in_sorted
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
-from musicrec.features import distinct
 from musicrec.progress import Steps
 
 if TYPE_CHECKING:
@@ -404,8 +404,7 @@ def _check_known_tracks(path: Path, track: np.ndarray, known_tracks: np.ndarray)
             unknown = ~lookup[np.minimum(block, top)]
             unknown |= block > top
         else:
-            at = np.minimum(np.searchsorted(known, block), len(known) - 1)
-            unknown = known[at] != block
+            unknown = ~in_sorted(known, block)
         if unknown.any():
             count += int(np.count_nonzero(unknown))
             examples = np.union1d(examples, block[unknown])[:5]

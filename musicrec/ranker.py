@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from catboost import CatBoostRanker, Pool
 from tqdm.auto import tqdm
 
-from musicrec.features import distinct, gather_rows
+from musicrec.arrays import distinct, gather_rows, in_sorted, rank_in_groups
 from musicrec.selection import Truth
 from musicrec.settings import Settings
 from musicrec.sources import Lists, Source, TrainData, join_lists
@@ -70,7 +70,7 @@ class TrackFeatures:
 
     @classmethod
     def build(cls, data: TrainData) -> TrackFeatures:
-        h = data.history
+        h = data.listens
         listeners = data.listeners(None)
         recent = data.listeners(data.window(RECENT_FRACTION))
         first_day = np.full(h.n_tracks, np.iinfo(np.int32).max, dtype=np.int32)
@@ -79,11 +79,9 @@ class TrackFeatures:
         by_artist = data.artists.T.tocoo()
         order = np.lexsort((-listeners[by_artist.col], -recent[by_artist.col], by_artist.row))
         rows = by_artist.row[order]
-        starts = np.r_[True, rows[1:] != rows[:-1]] if rows.size else np.zeros(0, bool)
-        first = np.maximum.accumulate(np.where(starts, np.arange(rows.size), 0))
         rank = np.full(h.n_tracks, np.nan, dtype=np.float32)
         if rows.size:
-            rank_values = (np.arange(rows.size) - first + 1).astype(np.float32)
+            rank_values = (rank_in_groups(rows) + 1).astype(np.float32)
             tracks = by_artist.col[order]
             best = np.full(h.n_tracks, np.inf, dtype=np.float32)
             np.minimum.at(best, tracks, rank_values)
@@ -120,7 +118,7 @@ def candidates(data: TrainData, sources: dict[str, Source], track_features: Trac
     A source named in ``longer`` is asked once for that many (when more than ``n``): its
     candidates are the head of that list, and ``Candidates.lists`` keeps the whole of it, so
     a caller who also needs the source's own longer list does not compute it twice."""
-    h, n_tracks = data.history, data.history.n_tracks
+    h, n_tracks = data.listens, data.listens.n_tracks
     longer = longer or {}
     full = {name: src.recommend(users, max(n, longer.get(name, n)))
             for name, src in sources.items()}
@@ -210,8 +208,7 @@ def training_set(data: TrainData, sources: dict[str, Source], truth: Truth, sett
         users = truth.users[start:start + batch_users]
         cand = candidates(data, sources, track_features, users, settings.n_candidates)
         keys = (cand.local.astype(np.int64) + start) * truth.n_tracks + cand.tracks
-        pos = np.minimum(np.searchsorted(truth.keys, keys), max(truth.keys.size - 1, 0))
-        target = truth.keys[pos] == keys if truth.keys.size else np.zeros(keys.size, bool)
+        target = in_sorted(truth.keys, keys)
         positives = np.bincount(cand.local, weights=target, minlength=users.size)
         keep = positives[cand.local] > 0
         if sample_negatives:
@@ -219,10 +216,7 @@ def training_set(data: TrainData, sources: dict[str, Source], truth: Truth, sett
             neg = np.flatnonzero(~target & keep)
             order = neg[np.lexsort((noise[neg], cand.local[neg]))]
             grp = cand.local[order]
-            starts = np.r_[True, grp[1:] != grp[:-1]] if grp.size else np.zeros(0, bool)
-            first = np.maximum.accumulate(np.where(starts, np.arange(grp.size), 0))
-            chosen = order[np.arange(grp.size) - first
-                           < settings.ranker_negatives * positives[grp]]
+            chosen = order[rank_in_groups(grp) < settings.ranker_negatives * positives[grp]]
             keep = np.zeros(keys.size, dtype=bool)
             keep[chosen] = True
             keep |= target

@@ -1,7 +1,7 @@
 """Choosing by validation: the label period inside the training data scores every trial.
 
 ``Truth`` holds, for a sample of users, what they listened to in the validation period among
-the tracks the history knows and they had not heard (the only tracks a list can hit).
+the tracks the log knows and they had not heard (the only tracks a list can hit).
 ``search`` fits each source's configurations in turn (the plain default first) within a
 trial count and a time budget and keeps the one with the best NDCG@k on those users.
 """
@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from musicrec.arrays import distinct, in_sorted
 from musicrec.columns import Columns as C
-from musicrec.features import History, distinct
+from musicrec.listens import Listens
 from musicrec.settings import Settings
 from musicrec.sources import (
     SOURCES,
@@ -44,17 +45,17 @@ class Truth:
     n_tracks: int
 
     @classmethod
-    def build(cls, history: History, later: pd.DataFrame) -> Truth:
-        """Listens in ``later`` (events after the history's cut-off) of users with history, on
+    def build(cls, listens: Listens, later: pd.DataFrame) -> Truth:
+        """Listens in ``later`` (events after the log's cut-off) of users in the log, on
         known tracks they had not heard before; users left without one are dropped."""
-        u = history.users.codes(later[C.user].to_numpy())
-        t = history.tracks.codes(later[C.track].to_numpy())
+        u = listens.users.codes(later[C.user].to_numpy())
+        t = listens.tracks.codes(later[C.track].to_numpy())
         ok = (u >= 0) & (t >= 0)
-        n_tracks = history.n_tracks
+        n_tracks = listens.n_tracks
         keys = distinct(u[ok].astype(np.int64) * n_tracks + t[ok])
         users = distinct(keys // n_tracks)
         local = np.searchsorted(users, keys // n_tracks)
-        unheard = HeardFilter(history, users).unheard(local, keys % n_tracks)
+        unheard = HeardFilter(listens, users).unheard(local, keys % n_tracks)
         keys, local = keys[unheard], local[unheard]
         kept = distinct(local)
         local = np.searchsorted(kept, local)
@@ -83,11 +84,7 @@ class Truth:
 
     def hits(self, lists: Lists) -> np.ndarray:
         """Whether each list entry is a validation listen."""
-        keys = lists.local().astype(np.int64) * self.n_tracks + lists.tracks
-        if not self.keys.size:
-            return np.zeros(keys.size, dtype=bool)
-        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
-        return self.keys[pos] == keys
+        return in_sorted(self.keys, lists.local().astype(np.int64) * self.n_tracks + lists.tracks)
 
 
 def ndcg_per_user(lists: Lists, truth: Truth, k: int = 10) -> np.ndarray:

@@ -10,8 +10,8 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from musicrec.als import AlsModel
+from musicrec.arrays import distinct, rank_in_groups
 from musicrec.columns import Columns as C
-from musicrec.features import distinct
 from musicrec.topk import IvfIndex
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,11 @@ def similar_tracks(
         codes = codes[codes >= 0]
     query, similar, scores = similar_codes(model, codes, n, batch_size, index=index)
     # each query's matches come out together, best first: ranks count within the query
-    starts = np.r_[True, query[1:] != query[:-1]] if query.size else np.zeros(0, bool)
-    first = np.maximum.accumulate(np.where(starts, np.arange(query.size), 0))
     return pd.DataFrame(
         {
             C.track: model.track_ids[query],
             C.similar: model.track_ids[similar],
             C.score: scores,
-            C.rank: (np.arange(query.size) - first + 1).astype(np.int16),
+            C.rank: (rank_in_groups(query) + 1).astype(np.int16),
         }
     )

@@ -1,14 +1,14 @@
 """Candidate sources: named models that give each user a ranked list of unheard tracks.
 
-A source is fitted on a ``TrainData`` (a history of events before a cut-off, with the
-catalogue's artists) and answers, for a batch of that history's user codes, grouped arrays
+A source is fitted on a ``TrainData`` (the listening events before a cut-off, with the
+catalogue's artists) and answers, for a batch of that log's user codes, grouped arrays
 (``Lists``: indptr, track codes, scores; best first, unheard, no duplicates). The pipeline,
 the search and the ranker loop over ``SOURCES``: a new source is one class here and one entry
 in that dict, and its ranker features are named after it.
 
 Every source has a search space (``space``): its first configuration is the plain default,
 the others are what validation may prefer. Values that depend on time (recency half-lives,
-popularity windows) are fractions of the history's span and never finer than its date
+popularity windows) are fractions of the log's span and never finer than its date
 granularity, so a six-year log with month-granular dates gets sensible candidates too.
 """
 
@@ -27,8 +27,16 @@ from implicit.nearest_neighbours import ItemItemRecommender, bm25_weight, normal
 from threadpoolctl import threadpool_limits
 
 from musicrec.als import AlsModel, item_index, recommend_codes
+from musicrec.arrays import (
+    distinct,
+    gather_rows,
+    in_sorted,
+    rank_in_groups,
+    rank_in_rows,
+    top_k_per_group,
+)
 from musicrec.columns import Columns as C
-from musicrec.features import History, IdIndex, distinct, gather_rows, top_k_per_group
+from musicrec.listens import IdIndex, Listens
 from musicrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,8 +65,7 @@ class Lists:
 
     def ranks(self) -> np.ndarray:
         """1-based position of each entry in its list."""
-        return (np.arange(self.tracks.size) - np.repeat(self.indptr[:-1], np.diff(self.indptr))
-                + 1).astype(np.int32)
+        return (rank_in_rows(self.indptr) + 1).astype(np.int32)
 
     def head(self, n: int) -> Lists:
         """The first ``n`` entries of each list."""
@@ -100,19 +107,15 @@ def join_lists(parts: list[Lists]) -> Lists:
 class HeardFilter:
     """Which (batch row, track code) pairs a batch of users has already heard."""
 
-    def __init__(self, history: History, users: np.ndarray) -> None:
-        positions, local = gather_rows(history.indptr, users)
-        self.n_tracks = history.n_tracks
+    def __init__(self, listens: Listens, users: np.ndarray) -> None:
+        positions, local = gather_rows(listens.indptr, users)
+        self.n_tracks = listens.n_tracks
         self.keys = distinct(local.astype(np.int64) * self.n_tracks
-                              + history.track_codes[positions])
+                              + listens.track_codes[positions])
         self.counts = np.bincount(self.keys // self.n_tracks, minlength=users.size)  # per row
 
     def unheard(self, local: np.ndarray, tracks: np.ndarray) -> np.ndarray:
-        keys = np.asarray(local, np.int64) * self.n_tracks + tracks
-        if not self.keys.size:
-            return np.ones(keys.size, dtype=bool)
-        pos = np.minimum(np.searchsorted(self.keys, keys), self.keys.size - 1)
-        return self.keys[pos] != keys
+        return ~in_sorted(self.keys, np.asarray(local, np.int64) * self.n_tracks + tracks)
 
 
 def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int,
@@ -164,7 +167,8 @@ def _attribute_matrix(items: pa.Table | None, column: str, tracks: IdIndex) -> s
     if lists.null_count:
         lengths = np.where(lists.is_null().to_numpy(zero_copy_only=False), 0, lengths)
     starts = np.repeat(offsets[:-1], lengths)
-    values = lists.values.to_numpy()[starts + _ranges(lengths)] if lengths.sum() else \
+    within = rank_in_rows(np.concatenate([[0], np.cumsum(lengths)]))
+    values = lists.values.to_numpy()[starts + within] if lengths.sum() else \
         np.zeros(0, np.int64)
     rows = np.repeat(codes, lengths)
     keep = rows >= 0
@@ -176,32 +180,25 @@ def _attribute_matrix(items: pa.Table | None, column: str, tracks: IdIndex) -> s
     return matrix
 
 
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """0..n-1 for each n in ``lengths``, concatenated."""
-    starts = np.zeros(lengths.size, dtype=np.int64)
-    np.cumsum(lengths[:-1], out=starts[1:])
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
-
-
 @dataclass
 class TrainData:
-    """A history and what every source may derive from it (built once per cut-off)."""
+    """The listening log and what every source may derive from it (built once per cut-off)."""
 
-    history: History
+    listens: Listens
     artists: sp.csr_matrix  # tracks x artists, 0/1
     genres: sp.csr_matrix  # tracks x genres, 0/1
     granularity: int  # days between consecutive distinct dates (1 daily, ~30 monthly)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, history: History, items: pa.Table | None) -> TrainData:
-        return cls(history, _attribute_matrix(items, C.artist_ids, history.tracks),
-                   _attribute_matrix(items, C.genre_ids, history.tracks),
-                   _granularity_days(history.days))
+    def build(cls, listens: Listens, items: pa.Table | None) -> TrainData:
+        return cls(listens, _attribute_matrix(items, C.artist_ids, listens.tracks),
+                   _attribute_matrix(items, C.genre_ids, listens.tracks),
+                   _granularity_days(listens.days))
 
-    def with_history(self, history: History) -> TrainData:
-        """The same catalogue and date granularity over another history of the same tracks."""
-        return TrainData(history, self.artists, self.genres, self.granularity)
+    def with_listens(self, listens: Listens) -> TrainData:
+        """The same catalogue and date granularity over other events of the same tracks."""
+        return TrainData(listens, self.artists, self.genres, self.granularity)
 
     def keep_knn_window_of(self, other: TrainData, max_pairs: float) -> TrainData:
         """Use the item-kNN window of ``other`` (a search on a user sample must try what the
@@ -213,12 +210,12 @@ class TrainData:
         """A window of ``fraction`` of the span in days, at least two date steps; None = all."""
         if fraction is None:
             return None
-        return max(int(round(self.history.span_days * fraction)), 2 * self.granularity)
+        return max(int(round(self.listens.span_days * fraction)), 2 * self.granularity)
 
     def binary(self) -> sp.csr_matrix:
         """users x tracks, 1 where heard (cached)."""
         if "binary" not in self._cache:
-            matrix = self.history.matrix()
+            matrix = self.listens.matrix()
             matrix.data[:] = 1.0
             self._cache["binary"] = matrix
         return self._cache["binary"]
@@ -230,7 +227,7 @@ class TrainData:
         recent: dict[bytes, HeardFilter] = self._cache.setdefault("heard", {})
         found = recent.get(key)
         if found is None:
-            found = HeardFilter(self.history, users)
+            found = HeardFilter(self.listens, users)
             if len(recent) >= 4:
                 recent.pop(next(iter(recent)), None)
             recent[key] = found
@@ -241,7 +238,7 @@ class TrainData:
         pair visits (sum over users of min(events, window) ** 2); a user's whole history when
         the log is small enough."""
         if "knn_window" not in self._cache:
-            counts = self.history.counts().astype(np.float64)
+            counts = self.listens.counts().astype(np.float64)
             lo, hi = 1, max(int(counts.max(initial=1)), 1)
             if float((counts ** 2).sum()) <= max_pairs:
                 lo = hi
@@ -267,7 +264,7 @@ class TrainData:
         typical one's (the all-pairs cost grows with the square of a user's row)."""
         key = ("recent_binary", max_events)
         if key not in self._cache:
-            h = self.history
+            h = self.listens
             starts = np.maximum(h.indptr[:-1], h.indptr[1:] - max_events)
             lengths = h.indptr[1:] - starts
             indptr = np.zeros(h.n_users + 1, dtype=np.int64)
@@ -286,7 +283,7 @@ class TrainData:
         """Distinct listeners per track code, in the last ``window_days`` (None = all)."""
         key = ("listeners", window_days)
         if key not in self._cache:
-            h = self.history
+            h = self.listens
             if window_days is None:
                 counts = np.bincount(self.binary().indices, minlength=h.n_tracks)
             else:
@@ -385,10 +382,7 @@ class PopularSource(Source):
         tracks = np.tile(pool, users.size)
         ok = heard.unheard(local, tracks)
         local, tracks = local[ok], tracks[ok]
-        rank = np.arange(local.size) - np.repeat(
-            np.r_[0, np.cumsum(np.bincount(local, minlength=users.size))[:-1]],
-            np.bincount(local, minlength=users.size))
-        keep = rank < n
+        keep = rank_in_groups(local) < n
         return Lists.from_flat(users.size, local[keep], tracks[keep],
                                self.scores[tracks[keep]])
 
@@ -413,7 +407,7 @@ class AlsSource(Source):
         self.data = data
         p, s = self.params, self.settings
         half_life = data.window(p["half_life"])
-        matrix = data.history.matrix(half_life)
+        matrix = data.listens.matrix(half_life)
         matrix.data = (1.0 + p["alpha"] * matrix.data).astype(np.float32)
         model = AlternatingLeastSquares(
             factors=p["factors"], regularization=p["regularization"], alpha=1.0,
@@ -423,7 +417,7 @@ class AlsSource(Source):
             # the factors of an earlier cut-off for the users and tracks it knew, small random
             # ones (implicit's own start) for the new; a few iterations reach the cold fit
             rng = np.random.default_rng(s.seed)
-            h = data.history
+            h = data.listens
             model.user_factors = _carry(warm["user_ids"], warm["user_factors"], h.users, rng)
             model.item_factors = _carry(warm["track_ids"], warm["item_factors"], h.tracks, rng)
             model.iterations = getattr(self, "_warm_iterations", None) or s.als_refit_iterations
@@ -432,7 +426,7 @@ class AlsSource(Source):
             model.fit(matrix, show_progress=False)
         log.debug("ALS %s fitted in %.1f s", self.params, time.perf_counter() - started)
         del matrix  # the heard filter needs only the pattern: the shared 0/1 matrix has it
-        h = data.history
+        h = data.listens
         self.model = AlsModel(model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32),
                               data.binary())
         self.index = item_index(self.model, s)
@@ -460,7 +454,7 @@ class AlsSource(Source):
     def similar(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from musicrec.similar import similar_codes
 
-        codes = np.arange(self.data.history.n_tracks, dtype=np.int32)
+        codes = np.arange(self.data.listens.n_tracks, dtype=np.int32)
         return similar_codes(self.model, codes, n, progress=False,
                              index=item_index(self.model, self.settings, "cosine"))
 
@@ -517,13 +511,13 @@ class ItemKnnSource(Source):
             data._cache[key] = head, similarity.astype(np.float32)
         self.head, self.similarity = data._cache[key]
         self.half_life = data.window(p["half_life"])
-        self.in_head = np.full(data.history.n_tracks, -1, dtype=np.int32)
+        self.in_head = np.full(data.listens.n_tracks, -1, dtype=np.int32)
         self.in_head[self.head] = np.arange(self.head.size, dtype=np.int32)
         return self
 
     def _user_rows(self, users: np.ndarray) -> sp.csr_matrix:
         """batch x head tracks: the last ``recent`` events of each user, decayed by age."""
-        h = self.data.history
+        h = self.data.listens
         positions, local = gather_rows(h.indptr, users)
         ends = h.indptr[users + 1]
         keep = positions >= ends[local] - self.recent
@@ -557,7 +551,7 @@ class EaseSource(Source):
 
     def fit(self, data: TrainData) -> EaseSource:
         self.data = data
-        m = min(self.settings.ease_max_items, data.history.n_tracks)
+        m = min(self.settings.ease_max_items, data.listens.n_tracks)
         if ("ease", m) not in data._cache:  # trials of other l2 share the Gram matrix
             head = data.head_tracks(m)
             x = data.binary()[:, head].tocsr()

@@ -314,7 +314,7 @@ def popular_spark(events: DataFrame, cutoff: int, window: int | None) -> pd.Data
 
 def strength_matrix(events: DataFrame, cutoff: int, half_life: float | None) -> DataFrame:
     """(user, track, strength): plays, decayed by age before the cut-off when a half-life is
-    given, summed over a user's events of the track (``History.matrix``)."""
+    given, summed over a user's events of the track (``Listens.matrix``)."""
     from pyspark.sql import functions as F
 
     weight = F.col(C.plays).cast("double")

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from musicrec.als import AlsModel, recommend_als, recs_frame
-from musicrec.features import build_history
+from musicrec.listens import build_listens
 from musicrec.settings import Settings
 from musicrec.sources import TrainData, make_source
 
@@ -15,8 +15,8 @@ PARAMS = {"factors": 3, "regularization": 0.1, "alpha": 10.0, "half_life": None}
 
 
 def fit_als(events: pd.DataFrame, settings: Settings, last_day: int) -> AlsModel:
-    history = build_history(events, last_day + 1)
-    return make_source("als", settings, PARAMS).fit(TrainData.build(history, None)).model
+    listens = build_listens(events, last_day + 1)
+    return make_source("als", settings, PARAMS).fit(TrainData.build(listens, None)).model
 
 
 def two_tastes(seed: int = 0) -> pd.DataFrame:
@@ -37,8 +37,8 @@ def test_matrix_weights_decay_with_age() -> None:
     events = pd.DataFrame({"user_id": np.array([5, 5, 9], np.int32),
                            "track_id": np.array([70, 80, 70], np.int32),
                            "day": np.array([100, 90, 80], np.int16)})
-    history = build_history(events, cutoff=101)  # last day 100
-    matrix = history.matrix(half_life_days=10.0).toarray()
+    listens = build_listens(events, cutoff=101)  # last day 100
+    matrix = listens.matrix(half_life_days=10.0).toarray()
     # rows: users 5, 9; columns: tracks 70, 80; ages 0, 10 and 20 days
     np.testing.assert_allclose(matrix, [[1.0, 0.5], [0.25, 0.0]], rtol=1e-6)
 
@@ -48,13 +48,13 @@ def test_matrix_sums_plays_and_days_of_one_track() -> None:
                            "track_id": np.array([70, 80, 70], np.int32),
                            "day": np.array([90, 95, 100], np.int16),
                            "plays": np.array([3, 1, 2], np.int32)})
-    history = build_history(events, cutoff=101)
-    np.testing.assert_allclose(history.matrix().toarray(), [[5.0, 1.0]])
-    np.testing.assert_allclose(history.matrix(10.0).toarray(),
+    listens = build_listens(events, cutoff=101)
+    np.testing.assert_allclose(listens.matrix().toarray(), [[5.0, 1.0]])
+    np.testing.assert_allclose(listens.matrix(10.0).toarray(),
                                [[3 * 0.5 + 2, 0.5 ** 0.5]], rtol=1e-6)
-    codes_before = history.track_codes.copy()
-    history.matrix()
-    np.testing.assert_array_equal(history.track_codes, codes_before)  # not sorted in place
+    codes_before = listens.track_codes.copy()
+    listens.matrix()
+    np.testing.assert_array_equal(listens.track_codes, codes_before)  # not sorted in place
 
 
 def test_recommendations_are_unheard_in_taste_and_use_input_ids() -> None:

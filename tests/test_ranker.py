@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from musicrec.features import build_history
+from musicrec.listens import build_listens
 from musicrec.ranker import (
     TrackFeatures,
     candidates,
@@ -48,7 +48,7 @@ def fitted() -> tuple[TrainData, dict]:
                       "artist_ids": pa.array([ARTISTS[i] for i in ids], pa.list_(pa.int64())),
                       "genre_ids": pa.array([[1] if i < 20 else [2] for i in ids],
                                             pa.list_(pa.int64()))})
-    data = TrainData.build(build_history(frame(HISTORY), CUTOFF), items)
+    data = TrainData.build(build_listens(frame(HISTORY), CUTOFF), items)
     sources = {"popular": make_source("popular", SETTINGS, {"window": None}).fit(data),
                "artist": make_source("artist", SETTINGS, {"window": None, "per_artist": 30})
                .fit(data)}
@@ -57,11 +57,11 @@ def fitted() -> tuple[TrainData, dict]:
 
 def test_union_without_duplicates_or_heard_tracks(fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
-    users = np.arange(data.history.n_users, dtype=np.int64)
+    users = np.arange(data.listens.n_users, dtype=np.int64)
     cand = candidates(data, sources, TrackFeatures.build(data), users, 3)
-    keys = cand.local.astype(np.int64) * data.history.n_tracks + cand.tracks
+    keys = cand.local.astype(np.int64) * data.listens.n_tracks + cand.tracks
     assert np.unique(keys).size == keys.size
-    h = data.history
+    h = data.listens
     heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
                     h.track_codes.tolist(), strict=True))
     assert not any((int(users[u]), int(t)) in heard
@@ -72,7 +72,7 @@ def test_union_without_duplicates_or_heard_tracks(fitted: tuple[TrainData, dict]
 
 def test_features_hand_computed(fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
-    h = data.history
+    h = data.listens
     user = h.users.codes(np.array([1])).astype(np.int64)
     cand = candidates(data, sources, TrackFeatures.build(data), user, 3)
     got = pd.DataFrame(cand.features).assign(track=h.tracks.ids[cand.tracks]).set_index("track")
@@ -99,8 +99,8 @@ def test_features_hand_computed(fitted: tuple[TrainData, dict]) -> None:
 
 def test_truth_keeps_unheard_known_tracks_only(fitted: tuple[TrainData, dict]) -> None:
     data, _ = fitted
-    truth = Truth.build(data.history, frame(LATER))
-    h = data.history
+    truth = Truth.build(data.listens, frame(LATER))
+    h = data.listens
     # user 1: 12 and 30 (both unheard); user 2: 10 (unheard); user 5: only an unknown track
     np.testing.assert_array_equal(h.users.ids[truth.users], [1, 2])
     np.testing.assert_array_equal(truth.counts, [2, 1])
@@ -109,7 +109,7 @@ def test_truth_keeps_unheard_known_tracks_only(fitted: tuple[TrainData, dict]) -
 def test_training_pairs_keep_positive_users_and_sample_negatives(
         fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
-    truth = Truth.build(data.history, frame(LATER))
+    truth = Truth.build(data.listens, frame(LATER))
     train = training_set(data, sources, truth, SETTINGS)
     # each user with a positive keeps its positives and ranker_negatives (1) per positive
     assert train.target.sum() >= 1
@@ -121,7 +121,7 @@ def test_training_pairs_keep_positive_users_and_sample_negatives(
 
 def test_no_ranker_without_enough_positives(fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
-    truth = Truth.build(data.history, frame(LATER))
+    truth = Truth.build(data.listens, frame(LATER))
     train = training_set(data, sources, truth, SETTINGS)
     strict = SETTINGS.model_copy(update={"ranker_min_positives": 1000})
     assert train_ranker(train, train, strict) is None
@@ -129,18 +129,18 @@ def test_no_ranker_without_enough_positives(fitted: tuple[TrainData, dict]) -> N
 
 def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
-    truth = Truth.build(data.history, frame(LATER))
+    truth = Truth.build(data.listens, frame(LATER))
     train = training_set(data, sources, truth, SETTINGS.model_copy(update={
         "ranker_negatives": 5}))
     model = train_ranker(train, train, SETTINGS)
     assert model is not None
-    users = np.arange(data.history.n_users, dtype=np.int64)
+    users = np.arange(data.listens.n_users, dtype=np.int64)
     lists = rank(model, data, sources, users, 2, 3)
     assert np.all(np.diff(lists.indptr) <= 2)
     local = lists.local()
     same = local[1:] == local[:-1]
     assert np.all(lists.scores[1:][same] <= lists.scores[:-1][same])
-    h = data.history
+    h = data.listens
     heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
                     h.track_codes.tolist(), strict=True))
     assert not any((int(users[u]), int(t)) in heard
@@ -150,12 +150,12 @@ def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict
 def test_one_pass_keeps_the_longer_source_lists_and_ranks_the_same(
         fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
-    truth = Truth.build(data.history, frame(LATER))
+    truth = Truth.build(data.listens, frame(LATER))
     train = training_set(data, sources, truth, SETTINGS.model_copy(update={
         "ranker_negatives": 5}))
     model = train_ranker(train, train, SETTINGS)
     assert model is not None
-    users = np.arange(data.history.n_users, dtype=np.int64)
+    users = np.arange(data.listens.n_users, dtype=np.int64)
     name = next(iter(sources))
     alone = rank(model, data, sources, users, 2, 2, batch_users=3)
     ranked, kept = rank_with_lists(model, data, sources, users, 2, 2, {name: 4},

@@ -13,7 +13,7 @@ import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
 from musicrec import io
-from musicrec.features import build_history
+from musicrec.listens import build_listens
 from musicrec.settings import Settings
 from musicrec.sources import SOURCES, Lists, TrainData, make_source
 
@@ -40,14 +40,14 @@ def tiny(tiny_prepared: Path) -> tuple[pd.DataFrame, pa.Table, int]:
 
 def _data(events: pd.DataFrame, items: pa.Table, cutoff: int) -> TrainData:
     before = events[events["day"].to_numpy() < cutoff].reset_index(drop=True)
-    return TrainData.build(build_history(before, cutoff), items)
+    return TrainData.build(build_listens(before, cutoff), items)
 
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_source_contract(name: str, tiny: tuple[pd.DataFrame, pa.Table, int]) -> None:
     events, items, cutoff = tiny
     data = _data(events, items, cutoff)
-    h = data.history
+    h = data.listens
     users = np.arange(0, h.n_users, 3, dtype=np.int64)
     lists = make_source(name, SETTINGS, small_params(name)).fit(data).recommend(users, 20)
     assert lists.n_users == users.size
@@ -88,7 +88,7 @@ def _hand_history(rows: list[tuple[int, int, int]], cutoff: int = 20,
                           "artist_ids": pa.array([artists[i] for i in ids],
                                                  pa.list_(pa.int64())),
                           "genre_ids": pa.array([[1] for _ in ids], pa.list_(pa.int64()))})
-    return TrainData.build(build_history(events, cutoff), items)
+    return TrainData.build(build_listens(events, cutoff), items)
 
 
 def random_rows(seed: int, users: int, tracks: int, n: int) -> list[tuple[int, int, int]]:
@@ -103,10 +103,10 @@ def test_popular_counts_recent_listeners_then_all_time() -> None:
     data = _hand_history([(1, 10, 0), (2, 10, 1), (3, 10, 2), (1, 11, 18), (4, 11, 19),
                           (2, 12, 19)])
     source = make_source("popular", SETTINGS, {"window": 0.1}).fit(data)  # 2-day window
-    codes = data.history.tracks.codes(np.array([11, 12, 10]))
+    codes = data.listens.tracks.codes(np.array([11, 12, 10]))
     np.testing.assert_array_equal(source.order, codes)
-    lists = source.recommend(data.history.users.codes(np.array([4])).astype(np.int64), 5)
-    np.testing.assert_array_equal(data.history.tracks.ids[lists.tracks], [12, 10])
+    lists = source.recommend(data.listens.users.codes(np.array([4])).astype(np.int64), 5)
+    np.testing.assert_array_equal(data.listens.tracks.ids[lists.tracks], [12, 10])
 
 
 def test_als_alpha_zero_is_plain_implicit_on_the_binary_matrix() -> None:
@@ -141,8 +141,8 @@ def test_als_confidence_is_one_plus_alpha_times_strength(
     # daily dates, span 12 days -> half-life 6 days; ages 0 and 10 days
     matrix = fitted_on[0]
     expected = 1 + 4 * 0.5 ** (10 / 6)
-    assert matrix[0, data.history.tracks.codes(np.array([10]))[0]] == pytest.approx(5.0)
-    assert matrix[0, data.history.tracks.codes(np.array([11]))[0]] == pytest.approx(expected,
+    assert matrix[0, data.listens.tracks.codes(np.array([10]))[0]] == pytest.approx(5.0)
+    assert matrix[0, data.listens.tracks.codes(np.array([11]))[0]] == pytest.approx(expected,
                                                                                     rel=1e-5)
 
 
@@ -157,7 +157,7 @@ def test_item_knn_scores_are_weighted_sums_of_neighbour_similarities() -> None:
     np.testing.assert_allclose(source.similarity.toarray(), cosine, rtol=1e-4, atol=1e-6)
     user = np.array([0], np.int64)
     lists = source.recommend(user, 3)
-    heard_on_days = data.history.matrix().toarray()[0]  # a track heard on two days weighs 2
+    heard_on_days = data.listens.matrix().toarray()[0]  # a track heard on two days weighs 2
     expected = heard_on_days @ cosine
     expected[x[0] > 0] = -np.inf
     best = np.argsort(-expected, kind="stable")[:3]
@@ -183,8 +183,8 @@ def test_artist_source_ranks_unheard_tracks_of_played_artists() -> None:
     artists = {10: [100], 11: [100], 12: [100], 13: [100], 20: [200], 22: [200], 30: [300]}
     data = _hand_history(rows, artists=artists)
     source = make_source("artist", SETTINGS, {"window": None, "per_artist": 30}).fit(data)
-    lists = source.recommend(data.history.users.codes(np.array([1])).astype(np.int64), 5)
-    got = data.history.tracks.ids[lists.tracks]
+    lists = source.recommend(data.listens.users.codes(np.array([1])).astype(np.int64), 5)
+    got = data.listens.tracks.ids[lists.tracks]
     # 12: 2/3 * log1p(2) = .73, 13: 2/3 * log1p(1) = .46, 22: 1/3 * log1p(2) = .37
     np.testing.assert_array_equal(got, [12, 13, 22])
     assert 30 not in got
@@ -203,15 +203,15 @@ def test_item_knn_counts_co_listening_and_scores_from_the_last_events_only() -> 
     # user 1 heard 10 long ago, then 11 and 12; user 2 heard 10 and 13
     data = _hand_history([(1, 10, 1), (1, 11, 5), (1, 12, 6), (2, 10, 7), (2, 13, 8),
                           (3, 11, 8), (3, 13, 9)])
-    codes = data.history.tracks.codes
+    codes = data.listens.tracks.codes
     recent = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 10,
                                                 "half_life": None, "recent": 2}).fit(data)
     sim = recent.similarity.toarray()  # every track is in the head here
     assert sim[codes(np.array([10]))[0], codes(np.array([11]))[0]] == 0  # 10 is not recent
     assert sim[codes(np.array([11]))[0], codes(np.array([12]))[0]] > 0
-    lists = recent.recommend(data.history.users.codes(np.array([2])).astype(np.int64), 5)
+    lists = recent.recommend(data.listens.users.codes(np.array([2])).astype(np.int64), 5)
     # user 2 scores from 10 and 13; 13 -> 11 (user 3), 10 has no recent co-listening
-    assert list(data.history.tracks.ids[lists.tracks]) == [11]
+    assert list(data.listens.tracks.ids[lists.tracks]) == [11]
     whole = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 10,
                                                "half_life": None, "recent": 500}).fit(data)
     assert whole.similarity[codes(np.array([10]))[0], codes(np.array([11]))[0]] > 0
@@ -239,9 +239,9 @@ def test_sparse_top_matches_a_full_sort() -> None:
     from musicrec.sources import _sparse_top
 
     data = _hand_history(random_rows(seed=5, users=30, tracks=200, n=1500))
-    users = np.arange(data.history.n_users, dtype=np.int64)
+    users = np.arange(data.listens.n_users, dtype=np.int64)
     rng = np.random.default_rng(0)
-    scores = sparse.random(users.size, data.history.n_tracks, density=0.3, random_state=1,
+    scores = sparse.random(users.size, data.listens.n_tracks, density=0.3, random_state=1,
                            format="csr", dtype=np.float32)
     scores.data -= 0.2  # some non-positive entries, never recommended
     got = _sparse_top(scores, data.heard(users), 7)
@@ -257,7 +257,7 @@ def test_sparse_top_matches_a_full_sort() -> None:
 def test_recent_binary_keeps_each_users_last_events() -> None:
     data = _hand_history([(1, 10, 1), (1, 11, 2), (1, 12, 3), (1, 11, 4), (2, 10, 5)])
     m = data.recent_binary(2).toarray()
-    c = data.history.tracks.codes(np.array([10, 11, 12]))
+    c = data.listens.tracks.codes(np.array([10, 11, 12]))
     assert list(m[0, c]) == [0, 1, 1] and list(m[1, c]) == [1, 0, 0]
     assert m.max() == 1
 
@@ -290,20 +290,20 @@ def test_als_warm_start_carries_known_factors_and_refits_in_a_few_iterations() -
         sources_module.AlternatingLeastSquares = original
     assert int(seen["iterations"]) == 1
     old = {int(t): i for i, t in enumerate(state["track_ids"])}
-    for code, track in enumerate(later.history.tracks.ids):
+    for code, track in enumerate(later.listens.tracks.ids):
         if int(track) in old:
             np.testing.assert_array_equal(seen["items"][code],
                                           state["item_factors"][old[int(track)]])
         else:  # a new track starts as implicit starts a cold fit
             assert seen["items"][code].max() < 0.01
-    assert warm.model.model.item_factors.shape == (later.history.n_tracks, 4)
+    assert warm.model.model.item_factors.shape == (later.listens.n_tracks, 4)
     assert isinstance(first, AlsSource)
 
 
 def test_knn_window_is_the_largest_the_pair_budget_affords() -> None:
     rows = [(1, t, t) for t in range(3)] + [(2, 10 + t, t) for t in range(10)]
     data = _hand_history(rows)  # users with 3 and 10 events
-    assert data.with_history(data.history).knn_window(109) == 10  # 9 + 100: everything
-    assert data.with_history(data.history).knn_window(50) == 6  # 9 + 36 <= 50 < 9 + 49
-    sample = data.with_history(data.history.subset(np.array([0])))
-    assert sample.keep_knn_window_of(data.with_history(data.history), 50).knn_window(1e9) == 6
+    assert data.with_listens(data.listens).knn_window(109) == 10  # 9 + 100: everything
+    assert data.with_listens(data.listens).knn_window(50) == 6  # 9 + 36 <= 50 < 9 + 49
+    sample = data.with_listens(data.listens.subset(np.array([0])))
+    assert sample.keep_knn_window_of(data.with_listens(data.listens), 50).knn_window(1e9) == 6

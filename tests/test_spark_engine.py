@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from musicrec import io
 from musicrec.columns import Columns as C
-from musicrec.features import build_history
+from musicrec.listens import build_listens
 from musicrec.pipeline import _popular_table
 from musicrec.prepare import prepare_files
 from musicrec.settings import Settings
@@ -79,7 +79,7 @@ def test_split_and_popular_match_the_local_engine(folders: dict[str, Path]) -> N
     expected = split_dates(events, settings)
     assert io.read_json(folders["spark"] / "work" / "split.json") == expected.as_dict()
     cutoff = int(events[C.day].max()) + 1
-    data = TrainData.build(build_history(events, cutoff), None)
+    data = TrainData.build(build_listens(events, cutoff), None)
     local = _popular_table(PopularSource(settings, **PopularSource.space(settings)[0]).fit(data))
     spark_table = pq.read_table(folders["spark"] / io.TOP_POPULAR).to_pandas()
     assert pq.read_schema(folders["spark"] / io.TOP_POPULAR).equals(io.POPULAR_SCHEMA)

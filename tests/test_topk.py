@@ -7,7 +7,7 @@ import pytest
 
 from musicrec import als as als_module
 from musicrec.als import als_from_factors, item_index, recommend_codes
-from musicrec.features import build_history
+from musicrec.listens import build_listens
 from musicrec.settings import Settings
 from musicrec.similar import similar_tracks
 from musicrec.sources import TrainData, make_source
@@ -70,7 +70,7 @@ def model_with_history(n_users: int = 30, n_tracks: int = 200, seed: int = 5):
     tracks = np.concatenate([rng.choice(n_tracks, 12, replace=False) for _ in range(n_users)])
     events = pd.DataFrame({"user_id": users, "track_id": (tracks + 1000).astype(np.int32),
                            "day": np.full(users.size, 50, np.int16)})
-    history = build_history(events, cutoff=51)
+    history = build_listens(events, cutoff=51)
     settings = Settings(als_iterations=3, threads=1, seed=3, topk_method="exact")
     params = {"factors": 6, "regularization": 0.1, "alpha": 4.0, "half_life": None}
     source = make_source("als", settings, params).fit(TrainData.build(history, None))
