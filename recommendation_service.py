@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hashlib
 import importlib.resources
 import logging
@@ -53,7 +54,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
@@ -1245,10 +1246,11 @@ def _plain_query(query: bytes, max_k: int) -> tuple[int | None, str, float] | No
     return k, blend, p
 
 
-def install_fast_path(app: FastAPI) -> None:
-    """Put ``FastRecommendations`` first in the router, in front of the declared route."""
+def install_fast_path(app: FastAPI, router: APIRouter) -> None:
+    """Put ``FastRecommendations`` first in the app's routes, in front of the route
+    ``router`` declares (routers are included lazily, so it is looked up there)."""
     declared = next(
-        route for route in app.router.routes
+        route for route in router.routes
         if isinstance(route, APIRoute) and route.path == FastRecommendations.PATH
         and "GET" in route.methods
     )
@@ -1414,209 +1416,226 @@ RECOMMENDATION_HEADERS = {200: {"headers": {SOURCE_HEADER: {
     "schema": {"type": "string"}}}}}
 
 
-def add_routes(app: FastAPI) -> None:
-    """The endpoints of API.md, plus POST /admin/reload.
+HISTORY_HEADERS = {
+    "X-History-First-Position": {"description": "position of the first event of the page",
+                                 "schema": {"type": "string"}},
+    "X-History-Total": {"description": "events ever added (the next event's position)",
+                        "schema": {"type": "string"}},
+    "X-History-Length": {"description": "events kept", "schema": {"type": "string"}},
+}
 
-    Reads are ``async def``: their work (a binary search, a few small numpy calls) runs on
-    the event loop with no thread-pool hop, except the history read, which goes to the
-    read threads with a deadline (``Recommendations.read_store``): SQLite can make a reader
-    wait seconds when someone locks the file, and the loop must never wait. Writes (POST
-    /history waits for an fsync) and the admin reload (seconds of loading) are plain
-    ``def`` and run in the thread pool, off the event loop."""
 
-    @app.get("/", summary="what is loaded")
-    async def root(recs: Recs, art: Art) -> JSONBytes:
-        return JSONBytes({
-            "status": "ok",
-            "users_with_recommendations": len(art.offline),
-            "recommendation_rows": art.offline.n_pairs,
-            "tracks": int(art.item_ids.size),
-            "tracks_with_similar": len(art.similar),
-            "similar_pairs": art.similar.n_pairs,
-            "top_popular": int(art.popular.size),
-            "built_at": art.built_at,
-            "run_id": art.run_id,
-            "loaded_at": art.loaded_at,
-            "load_seconds": art.load_seconds,
-            "mapped": art.mapped,
-            "max_k": recs.settings.max_k,
-            "default_k": recs.settings.default_k,
-        })
+# --- routes: grouped into routers, included by create_app in this order ------------------------
+#
+# The endpoints of API.md, plus POST /admin/reload.
+#
+# Reads are ``async def``: their work (a binary search, a few small numpy calls) runs on
+# the event loop with no thread-pool hop, except the history read, which goes to the
+# read threads with a deadline (``Recommendations.read_store``): SQLite can make a reader
+# wait seconds when someone locks the file, and the loop must never wait. Writes (POST
+# /history waits for an fsync) and the admin reload (seconds of loading) are plain
+# ``def`` and run in the thread pool, off the event loop.
 
-    @app.get("/top_popular", response_model=TrackList, summary="most popular tracks")
-    async def top_popular_default(recs: Recs, art: Art, details: Details = False) -> JSONBytes:
-        return _list_response(art, recs.top_popular(None, art), details)
+list_routes = APIRouter(tags=["lists"])  # popular, similar, personal and blended lists
+history_routes = APIRouter(tags=["history"])  # each user's online history
+service_routes = APIRouter(tags=["service"])  # what is loaded, counts, health
+admin_routes = APIRouter(tags=["admin"])  # switching artefact sets
 
-    @app.get("/top_popular/{k}", response_model=TrackList, summary="k most popular tracks")
-    async def top_popular(k: KPath, recs: Recs, art: Art, details: Details = False) -> JSONBytes:
-        return _list_response(art, recs.top_popular(recs.check_k(k, ("path", "k")), art),
-                              details)
 
-    @app.get("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
-    async def similar_get(
-        k: KPath,
-        recs: Recs,
-        art: Art,
-        track_id: Annotated[
-            list[TrackId],
-            Query(min_length=1, max_length=MAX_QUERY_TRACKS,
-                  description=f"a given track id (repeatable, up to {MAX_QUERY_TRACKS}; "
-                  "POST for more)", examples=[[26]]),
-        ],
-        details: Details = False,
-    ) -> JSONBytes:
-        recs.check_k(k, ("path", "k"))
-        return _list_response(art, recs.get_similar_items(track_id, k, art=art), details)
+@service_routes.get("/", summary="what is loaded")
+async def root(recs: Recs, art: Art) -> JSONBytes:
+    return JSONBytes({
+        "status": "ok",
+        "users_with_recommendations": len(art.offline),
+        "recommendation_rows": art.offline.n_pairs,
+        "tracks": int(art.item_ids.size),
+        "tracks_with_similar": len(art.similar),
+        "similar_pairs": art.similar.n_pairs,
+        "top_popular": int(art.popular.size),
+        "built_at": art.built_at,
+        "run_id": art.run_id,
+        "loaded_at": art.loaded_at,
+        "load_seconds": art.load_seconds,
+        "mapped": art.mapped,
+        "max_k": recs.settings.max_k,
+        "default_k": recs.settings.default_k,
+    })
 
-    @app.post("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
-    async def similar_post(
-        k: KPath,
-        recs: Recs,
-        art: Art,
-        track_ids: Annotated[
-            list[StrictTrackId],
-            Body(min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]]),
-        ],
-        details: Details = False,
-    ) -> JSONBytes:
-        recs.check_k(k, ("path", "k"))
-        return _list_response(art, recs.get_similar_items(track_ids, k, art=art), details)
+@list_routes.get("/top_popular", response_model=TrackList, summary="most popular tracks")
+async def top_popular_default(recs: Recs, art: Art, details: Details = False) -> JSONBytes:
+    return _list_response(art, recs.top_popular(None, art), details)
 
-    @app.get("/history/{user_id}", response_model=TrackList, summary="online history",
-             description="The latest `limit` events (all kept ones by default) with a "
-             "position below `before`, in the order they were added. Positions number a "
-             "user's events from 0 in the order they were added; the headers give the "
-             "first one's (the `before` of the previous page), the next one's (events ever "
-             "added) and how many are kept.",
-             responses={200: {"headers": HISTORY_HEADERS}})
-    async def history_get(
-        user_id: UserIdPath, recs: Recs, art: Art, details: Details = False,
-        limit: Annotated[int | None, Query(
-            ge=1, description="events per page, 1..history_page_max (default "
-            "history_page_default)")] = None,
-        before: Annotated[int | None, Query(
-            ge=0, le=2**62, description="only events at positions below this")] = None,
-    ) -> JSONBytes:
-        page = await recs.read_store(recs.history_page, user_id, limit, before)
-        return _list_response(art, page.tracks, details, **{
-            "X-History-First-Position": str(page.first_position),
-            "X-History-Total": str(page.total), "X-History-Length": str(page.length)})
+@list_routes.get("/top_popular/{k}", response_model=TrackList, summary="k most popular tracks")
+async def top_popular(k: KPath, recs: Recs, art: Art, details: Details = False) -> JSONBytes:
+    return _list_response(art, recs.top_popular(recs.check_k(k, ("path", "k")), art),
+                          details)
 
-    @app.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events",
-              description="Stored all or none, committed to disk before the answer. With an "
-              "`Idempotency-Key`, a repeat of the same request within the retention window "
-              "gets the first answer again (header `Idempotent-Replayed: true`) and stores "
-              "nothing; the key used for another request is a 422.",
-              responses={507: {"model": Problem, "description": "disk full: nothing stored"},
-                         200: {"headers": {"Idempotent-Replayed": {
-                             "description": "true when this is the first answer replayed",
-                             "schema": {"type": "string"}}}}})
-    def history_post(
-        user_id: UserIdPath,
-        recs: Recs,
-        art: Art,
-        track_ids: Annotated[
-            list[StrictTrackId],
-            Body(
-                min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]],
-                description="track ids listened to, oldest first (stored all or none)",
-            ),
-        ],
-        idempotency_key: Annotated[str | None, Header(
-            alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
-            pattern=r"^[\x21-\x7e]+$",
-            description="any visible ASCII, up to 255 characters, unique per request")] = None,
-    ) -> JSONBytes:
-        added = recs.add_events(user_id, track_ids, art=art, idempotency_key=idempotency_key)
-        return JSONBytes(added.answer(),
-                         headers={"Idempotent-Replayed": "true"} if added.replayed else None)
+@list_routes.get("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
+async def similar_get(
+    k: KPath,
+    recs: Recs,
+    art: Art,
+    track_id: Annotated[
+        list[TrackId],
+        Query(min_length=1, max_length=MAX_QUERY_TRACKS,
+              description=f"a given track id (repeatable, up to {MAX_QUERY_TRACKS}; "
+              "POST for more)", examples=[[26]]),
+    ],
+    details: Details = False,
+) -> JSONBytes:
+    recs.check_k(k, ("path", "k"))
+    return _list_response(art, recs.get_similar_items(track_id, k, art=art), details)
 
-    @app.get("/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
-             responses=RECOMMENDATION_HEADERS)
-    async def recommendations_get(
-        user_id: UserIdPath,
-        http: Request,
-        k: KQuery = None,
-        blend: Annotated[BlendMode, Query(description="strict or probability")] = "strict",
-        p: Annotated[
-            float, Query(ge=0, le=1, allow_inf_nan=False, description="online share")
-        ] = 0.5,
-        details: Details = False,
-    ) -> JSONBytes:
-        recs, art = current(http)  # the hot path: no dependency resolution
-        history = await recs.read_store(recs.get_user_history, user_id)
-        answer = recs.recommend(user_id, k, blend, p, art=art, history=history)
-        return _list_response(
-            art, answer.tracks, details,
-            recs.reasons(user_id, history, answer, art) if details else None,
-            **{SOURCE_HEADER: "+".join(answer.kinds)}
-        )
+@list_routes.post("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
+async def similar_post(
+    k: KPath,
+    recs: Recs,
+    art: Art,
+    track_ids: Annotated[
+        list[StrictTrackId],
+        Body(min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]]),
+    ],
+    details: Details = False,
+) -> JSONBytes:
+    recs.check_k(k, ("path", "k"))
+    return _list_response(art, recs.get_similar_items(track_ids, k, art=art), details)
 
-    @app.post("/recommendations", response_model=TrackList, summary="recommendations",
-              responses=RECOMMENDATION_HEADERS)
-    async def recommendations_post(
-        request: RecommendationRequest, http: Request, details: Details = False
-    ) -> JSONBytes:
-        recs, art = current(http)
-        recs.check_k(request.k, ("body", "k"))
-        history = await recs.read_store(recs.get_user_history, request.user_id)
-        answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art,
-                                history=history)
-        return _list_response(
-            art, answer.tracks, details,
-            recs.reasons(request.user_id, history, answer, art) if details else None,
-            **{SOURCE_HEADER: "+".join(answer.kinds)}
-        )
+@history_routes.get("/history/{user_id}", response_model=TrackList, summary="online history",
+         description="The latest `limit` events (all kept ones by default) with a "
+         "position below `before`, in the order they were added. Positions number a "
+         "user's events from 0 in the order they were added; the headers give the "
+         "first one's (the `before` of the previous page), the next one's (events ever "
+         "added) and how many are kept.",
+         responses={200: {"headers": HISTORY_HEADERS}})
+async def history_get(
+    user_id: UserIdPath, recs: Recs, art: Art, details: Details = False,
+    limit: Annotated[int | None, Query(
+        ge=1, description="events per page, 1..history_page_max (default "
+        "history_page_default)")] = None,
+    before: Annotated[int | None, Query(
+        ge=0, le=2**62, description="only events at positions below this")] = None,
+) -> JSONBytes:
+    page = await recs.read_store(recs.history_page, user_id, limit, before)
+    return _list_response(art, page.tracks, details, **{
+        "X-History-First-Position": str(page.first_position),
+        "X-History-Total": str(page.total), "X-History-Length": str(page.length)})
 
-    @app.get("/stats", summary="how often each kind was served (this worker)")
-    async def stats(recs: Recs) -> JSONBytes:
-        return JSONBytes(recs.stats())
+@history_routes.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events",
+          description="Stored all or none, committed to disk before the answer. With an "
+          "`Idempotency-Key`, a repeat of the same request within the retention window "
+          "gets the first answer again (header `Idempotent-Replayed: true`) and stores "
+          "nothing; the key used for another request is a 422.",
+          responses={507: {"model": Problem, "description": "disk full: nothing stored"},
+                     200: {"headers": {"Idempotent-Replayed": {
+                         "description": "true when this is the first answer replayed",
+                         "schema": {"type": "string"}}}}})
+def history_post(
+    user_id: UserIdPath,
+    recs: Recs,
+    art: Art,
+    track_ids: Annotated[
+        list[StrictTrackId],
+        Body(
+            min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]],
+            description="track ids listened to, oldest first (stored all or none)",
+        ),
+    ],
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
+        pattern=r"^[\x21-\x7e]+$",
+        description="any visible ASCII, up to 255 characters, unique per request")] = None,
+) -> JSONBytes:
+    added = recs.add_events(user_id, track_ids, art=art, idempotency_key=idempotency_key)
+    return JSONBytes(added.answer(),
+                     headers={"Idempotent-Replayed": "true"} if added.replayed else None)
 
-    @app.get(
-        "/health", response_model=Health, summary="ready to serve",
-        responses={503: {"model": Health, "description": "not ready"}},
+@list_routes.get("/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
+         responses=RECOMMENDATION_HEADERS)
+async def recommendations_get(
+    user_id: UserIdPath,
+    http: Request,
+    k: KQuery = None,
+    blend: Annotated[BlendMode, Query(description="strict or probability")] = "strict",
+    p: Annotated[
+        float, Query(ge=0, le=1, allow_inf_nan=False, description="online share")
+    ] = 0.5,
+    details: Details = False,
+) -> JSONBytes:
+    recs, art = current(http)  # the hot path: no dependency resolution
+    history = await recs.read_store(recs.get_user_history, user_id)
+    answer = recs.recommend(user_id, k, blend, p, art=art, history=history)
+    return _list_response(
+        art, answer.tracks, details,
+        recs.reasons(user_id, history, answer, art) if details else None,
+        **{SOURCE_HEADER: "+".join(answer.kinds)}
     )
-    async def health(request: Request) -> JSONBytes:
-        """The store's ping runs in the read threads with a deadline, so /health answers
-        even while the store is locked. Messages are short, without paths; the log has the
-        details."""
-        recs: Recommendations | None = getattr(request.app.state, "recs", None)
-        art = recs._artefacts if recs is not None else None
-        store_ok = False
-        if recs is not None and recs.store is not None:
-            try:
-                store_ok = await recs.read_store(recs.store.ping)
-            except HistoryStoreError as exc:
-                log.warning("/health: %s", exc)
-        ok = art is not None and store_ok
-        last = recs.last_reload if recs is not None else None
-        body: dict[str, Any] = {
-            "status": "ok" if ok else "unavailable", "artefacts_loaded": art is not None,
-            "history_store": store_ok, "run_id": art.run_id if art is not None else None,
-            "reload_error": _short_error(last["error"]) if last and last["error"] else None}
-        if recs is not None and recs.watch is not None:
-            body["manifest_watch"] = dict(recs.watch)
-        headers = None if ok else {"Retry-After": str(getattr(request.app.state,
-                                                              "retry_after", 1))}
-        return JSONBytes(body, status_code=200 if ok else 503, headers=headers)
 
-    @app.post(
-        "/admin/reload", response_model=ReloadResult, summary="switch to the folder's new set",
-        description="Loads and checks the artefact set now in the folder and switches this "
-        "worker to it; a broken set is refused (409) and the old one keeps serving. Other "
-        "workers follow through the manifest watch; a run already served is skipped "
-        "(200, `skipped`). Needs `Authorization: Bearer <token>`.",
-        responses={401: {"model": Problem}, 403: {"model": Problem},
-                   409: {"model": ReloadResult, "description": "the new set was refused"}},
+@list_routes.post("/recommendations", response_model=TrackList, summary="recommendations",
+          responses=RECOMMENDATION_HEADERS)
+async def recommendations_post(
+    request: RecommendationRequest, http: Request, details: Details = False
+) -> JSONBytes:
+    recs, art = current(http)
+    recs.check_k(request.k, ("body", "k"))
+    history = await recs.read_store(recs.get_user_history, request.user_id)
+    answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art,
+                            history=history)
+    return _list_response(
+        art, answer.tracks, details,
+        recs.reasons(request.user_id, history, answer, art) if details else None,
+        **{SOURCE_HEADER: "+".join(answer.kinds)}
     )
-    def admin_reload(
-        recs: Recs,
-        authorization: Annotated[str | None, Header(description="Bearer <admin token>")] = None,
-    ) -> JSONBytes:
-        check_admin(recs, authorization)
-        result = recs.reload(reason="POST /admin/reload")
-        result.pop("transient", None)
-        return JSONBytes(result, status_code=200 if result["error"] is None else 409)
+
+@service_routes.get("/stats", summary="how often each kind was served (this worker)")
+async def stats(recs: Recs) -> JSONBytes:
+    return JSONBytes(recs.stats())
+
+@service_routes.get(
+    "/health", response_model=Health, summary="ready to serve",
+    responses={503: {"model": Health, "description": "not ready"}},
+)
+async def health(request: Request) -> JSONBytes:
+    """The store's ping runs in the read threads with a deadline, so /health answers
+    even while the store is locked. Messages are short, without paths; the log has the
+    details."""
+    recs: Recommendations | None = getattr(request.app.state, "recs", None)
+    art = recs._artefacts if recs is not None else None
+    store_ok = False
+    if recs is not None and recs.store is not None:
+        try:
+            store_ok = await recs.read_store(recs.store.ping)
+        except HistoryStoreError as exc:
+            log.warning("/health: %s", exc)
+    ok = art is not None and store_ok
+    last = recs.last_reload if recs is not None else None
+    body: dict[str, Any] = {
+        "status": "ok" if ok else "unavailable", "artefacts_loaded": art is not None,
+        "history_store": store_ok, "run_id": art.run_id if art is not None else None,
+        "reload_error": _short_error(last["error"]) if last and last["error"] else None}
+    if recs is not None and recs.watch is not None:
+        body["manifest_watch"] = dict(recs.watch)
+    headers = None if ok else {"Retry-After": str(getattr(request.app.state,
+                                                          "retry_after", 1))}
+    return JSONBytes(body, status_code=200 if ok else 503, headers=headers)
+
+@admin_routes.post(
+    "/admin/reload", response_model=ReloadResult, summary="switch to the folder's new set",
+    description="Loads and checks the artefact set now in the folder and switches this "
+    "worker to it; a broken set is refused (409) and the old one keeps serving. Other "
+    "workers follow through the manifest watch; a run already served is skipped "
+    "(200, `skipped`). Needs `Authorization: Bearer <token>`.",
+    responses={401: {"model": Problem}, 403: {"model": Problem},
+               409: {"model": ReloadResult, "description": "the new set was refused"}},
+)
+def admin_reload(
+    recs: Recs,
+    authorization: Annotated[str | None, Header(description="Bearer <admin token>")] = None,
+) -> JSONBytes:
+    check_admin(recs, authorization)
+    result = recs.reload(reason="POST /admin/reload")
+    result.pop("transient", None)
+    return JSONBytes(result, status_code=200 if result["error"] is None else 409)
+
 
 
 UI_PAGE = "ui/index.html"  # in the musicrec package (package data)
@@ -1637,65 +1656,71 @@ def offline_heard(art: Artefacts, user_id: int) -> list[int] | None:
     return model.track_ids[rows].tolist()
 
 
-def add_operator_routes(app: FastAPI) -> None:
-    """``/metrics`` (Prometheus, all workers), ``/ui`` (the page to look at a user's lists)
-    and ``/users/{user_id}`` (what the page shows about a user)."""
-    page = importlib.resources.files("musicrec").joinpath(UI_PAGE).read_bytes()
+@functools.cache
+def ui_page() -> bytes:
+    """The page of ``/ui`` (package data), read once."""
+    return importlib.resources.files("musicrec").joinpath(UI_PAGE).read_bytes()
 
-    @app.get("/metrics", summary="Prometheus metrics of every worker of this server",
-             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-    def metrics(request: Request) -> Response:
-        """Text exposition format; counters add up the files of all workers (prometheus_client
-        multiprocess mode). Plain ``def``: reading the files runs off the event loop."""
-        collected = request.app.state.metrics
-        if collected is None:
-            raise HTTPException(404, "metrics are off (MUSICREC_METRICS_ENABLED=false)")
-        body, content_type = collected.render()
-        return Response(body, media_type=content_type)
 
-    @app.get("/ui", summary="a page to look at a user's lists", response_class=HTMLResponse)
-    async def ui() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+operator_routes = APIRouter(tags=["operator"])
+# ``/metrics`` (Prometheus, all workers), ``/ui`` (the page to look at a user's lists)
+# and ``/users/{user_id}`` (what the page shows about a user).
 
-    @app.get("/tracks", response_model=list[TrackDetails], summary="names of given tracks")
-    async def tracks(
-        art: Art,
-        track_id: Annotated[list[TrackId], Query(
-            min_length=1, max_length=MAX_QUERY_TRACKS, description="a track id (repeatable)",
-            examples=[[26]])],
-    ) -> JSONBytes:
-        """Catalogue details of the given tracks, in order (an unknown id has no name); the
-        page names the tracks a reason's ``because`` gives with it."""
-        return JSONBytes(art.details(track_id))
+@operator_routes.get("/metrics", summary="Prometheus metrics of every worker of this server",
+         response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics(request: Request) -> Response:
+    """Text exposition format; counters add up the files of all workers (prometheus_client
+    multiprocess mode). Plain ``def``: reading the files runs off the event loop."""
+    collected = request.app.state.metrics
+    if collected is None:
+        raise HTTPException(404, "metrics are off (MUSICREC_METRICS_ENABLED=false)")
+    body, content_type = collected.render()
+    return Response(body, media_type=content_type)
 
-    @app.get("/users", summary="some user ids with a nightly list (for the page's picker)")
-    async def users(
-        art: Art, limit: Annotated[int, Query(ge=1, le=100, description="how many")] = 20,
-    ) -> JSONBytes:
-        return JSONBytes({"users_with_list": len(art.offline),
-                          "users": art.offline.keys[:limit].tolist()})
+@operator_routes.get("/ui", summary="a page to look at a user's lists", response_class=HTMLResponse)
+async def ui() -> HTMLResponse:
+    return HTMLResponse(ui_page(), headers={"Cache-Control": "no-cache"})
 
-    @app.get("/users/{user_id}", summary="what the service knows about a user")
-    async def user_summary(
-        user_id: UserIdPath, recs: Recs, art: Art,
-        n: Annotated[int, Query(ge=1, le=50, description="tracks shown of each list")]
-        = SUMMARY_TRACKS,
-    ) -> JSONBytes:
-        """The offline side (tracks heard in the training log when the served ALS model has
-        them, the nightly list) and the online history (latest first), with names."""
-        page_ = await recs.read_store(recs.history_page, user_id,
-                                      min(n, recs.settings.history_page_max), None)
-        heard = offline_heard(art, user_id)
-        row = art.offline.values_of(user_id)
-        return JSONBytes({
-            "user_id": user_id,
-            "offline_history": None if heard is None else {
-                "distinct_tracks": len(heard), "tracks": art.details(heard[:n])},
-            "offline_list": None if row is None else {
-                "length": int(row.size), "tracks": art.details(row[:n].tolist())},
-            "online_history": {"length": page_.length, "total": page_.total,
-                               "recent": art.details(page_.tracks[::-1])},
-        })
+@operator_routes.get("/tracks", response_model=list[TrackDetails], summary="names of given tracks")
+async def tracks(
+    art: Art,
+    track_id: Annotated[list[TrackId], Query(
+        min_length=1, max_length=MAX_QUERY_TRACKS, description="a track id (repeatable)",
+        examples=[[26]])],
+) -> JSONBytes:
+    """Catalogue details of the given tracks, in order (an unknown id has no name); the
+    page names the tracks a reason's ``because`` gives with it."""
+    return JSONBytes(art.details(track_id))
+
+@operator_routes.get("/users", summary="some user ids with a nightly list (for the page's picker)")
+async def users(
+    art: Art, limit: Annotated[int, Query(ge=1, le=100, description="how many")] = 20,
+) -> JSONBytes:
+    return JSONBytes({"users_with_list": len(art.offline),
+                      "users": art.offline.keys[:limit].tolist()})
+
+@operator_routes.get("/users/{user_id}", summary="what the service knows about a user")
+async def user_summary(
+    user_id: UserIdPath, recs: Recs, art: Art,
+    n: Annotated[int, Query(ge=1, le=50, description="tracks shown of each list")]
+    = SUMMARY_TRACKS,
+) -> JSONBytes:
+    """The offline side (tracks heard in the training log when the served ALS model has
+    them, the nightly list) and the online history (latest first), with names."""
+    page_ = await recs.read_store(recs.history_page, user_id,
+                                  min(n, recs.settings.history_page_max), None)
+    heard = offline_heard(art, user_id)
+    row = art.offline.values_of(user_id)
+    return JSONBytes({
+        "user_id": user_id,
+        "offline_history": None if heard is None else {
+            "distinct_tracks": len(heard), "tracks": art.details(heard[:n])},
+        "offline_list": None if row is None else {
+            "length": int(row.size), "tracks": art.details(row[:n].tolist())},
+        "online_history": {"length": page_.length, "total": page_.total,
+                           "recent": art.details(page_.tracks[::-1])},
+    })
+
 
 
 DESCRIPTION = """
@@ -1712,13 +1737,6 @@ COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
           "or busy (Retry-After says when to try again)"},
 }
 
-HISTORY_HEADERS = {
-    "X-History-First-Position": {"description": "position of the first event of the page",
-                                 "schema": {"type": "string"}},
-    "X-History-Total": {"description": "events ever added (the next event's position)",
-                        "schema": {"type": "string"}},
-    "X-History-Length": {"description": "events kept", "schema": {"type": "string"}},
-}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -1770,9 +1788,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, state=app.state)
     app.add_middleware(RequestTelemetry, state=app.state)  # outermost: ids, metrics
     install_error_handlers(app)
-    add_routes(app)
-    add_operator_routes(app)
-    install_fast_path(app)
+    for router in (service_routes, list_routes, history_routes, admin_routes, operator_routes):
+        app.include_router(router)
+    ui_page()  # a missing page fails here, at start-up, not at the first visit
+    install_fast_path(app, list_routes)
     return app
 
 
