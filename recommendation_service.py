@@ -216,7 +216,7 @@ class RankedLists:
         i = int(self.keys.searchsorted(np.int32(key)))
         if i == self.keys.size or self.keys[i] != key:
             return None
-        return self.values[self.offsets[i]:self.offsets[i + 1]]
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
 
     def row(self, key: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Values (and scores) of ``key``; empty when the key is absent."""
@@ -258,19 +258,32 @@ class Artefacts:
         """Build from ``musicrec.served``'s arrays (mapped or read), keyed by served file."""
         items = arrays[served.ITEMS]
         ids = items.column(C.track)
-        item_ids = (ids.chunk(0).to_numpy(zero_copy_only=True) if ids.num_chunks == 1
-                    else ids.to_numpy().astype(np.int32, copy=False))
+        item_ids = (
+            ids.chunk(0).to_numpy(zero_copy_only=True)
+            if ids.num_chunks == 1
+            else ids.to_numpy().astype(np.int32, copy=False)
+        )
         popular = arrays[served.POPULAR]
         factors = served.factor_arrays(arrays)
         return cls(
-            items=items, item_ids=item_ids, popular=popular,
-            similar=RankedLists(arrays[served.SIMILAR_KEYS], arrays[served.SIMILAR_OFFSETS],
-                                arrays[served.SIMILAR_VALUES], arrays[served.SIMILAR_SCORES]),
-            offline=RankedLists(arrays[served.OFFLINE_KEYS], arrays[served.OFFLINE_OFFSETS],
-                                arrays[served.OFFLINE_VALUES]),
+            items=items,
+            item_ids=item_ids,
+            popular=popular,
+            similar=RankedLists(
+                arrays[served.SIMILAR_KEYS],
+                arrays[served.SIMILAR_OFFSETS],
+                arrays[served.SIMILAR_VALUES],
+                arrays[served.SIMILAR_SCORES],
+            ),
+            offline=RankedLists(
+                arrays[served.OFFLINE_KEYS],
+                arrays[served.OFFLINE_OFFSETS],
+                arrays[served.OFFLINE_VALUES],
+            ),
             popular_head=tuple(popular[:POPULAR_HEAD].tolist()),
             foldin=None if factors is None else online.model_from_arrays(factors),
-            artist_codes=online.first_codes(items.column(C.artists)), **fields,
+            artist_codes=online.first_codes(items.column(C.artists)),
+            **fields,
         )
 
     def artists_of(self, track_ids: list[int]) -> list[int]:
@@ -356,8 +369,9 @@ def check_manifest(parquet_dir: Path, manifest: dict[str, Any] | None) -> None:
     """Every service file must have the byte size and row count its manifest records: a
     mismatch means files of different runs (a run still moving its files in, a half copy)."""
     if manifest is None:
-        log.warning("%s: no %s, the files cannot be checked against their run",
-                    parquet_dir, io.MANIFEST)
+        log.warning(
+            "%s: no %s, the files cannot be checked against their run", parquet_dir, io.MANIFEST
+        )
         return
     run_id = manifest.get("run_id")
     for name, want in _expected_files(manifest).items():
@@ -417,14 +431,19 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
         log.warning(
             "%s: %s; reading the parquet files into this worker's own memory (a slow start "
             "and one private copy per worker). `%s` writes the shared, memory-mapped form.",
-            parquet_dir, state.reason, served.PUBLISH_COMMAND.format(folder=parquet_dir))
+            parquet_dir,
+            state.reason,
+            served.PUBLISH_COMMAND.format(folder=parquet_dir),
+        )
         watched = {path: _identity(path) for path in paths.values()}
         arrays = served.read_parquet_set(paths)
 
     for path, identity in watched.items():
         if not path.exists() or _identity(path) != identity:
-            raise DataError(f"{path}: changed while it was being read (a pipeline run is "
-                            "publishing a new set?); the next reload will pick the new set up")
+            raise DataError(
+                f"{path}: changed while it was being read (a pipeline run is "
+                "publishing a new set?); the next reload will pick the new set up"
+            )
     if manifest != read_manifest(parquet_dir):
         raise DataError(f"{parquet_dir / io.MANIFEST}: changed while the artefacts were read")
 
@@ -435,12 +454,22 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
         built_at = datetime.fromtimestamp(mtime, UTC).isoformat()
     if not state.usable:
         pa.default_memory_pool().release_unused()  # hand the read buffers back to the OS now
-    art = Artefacts.from_served(arrays, parquet_dir=parquet_dir, mapped=state.usable,
-                                built_at=built_at, run_id=None if run_id is None else str(run_id))
+    art = Artefacts.from_served(
+        arrays,
+        parquet_dir=parquet_dir,
+        mapped=state.usable,
+        built_at=built_at,
+        run_id=None if run_id is None else str(run_id),
+    )
     seconds = time.perf_counter() - started
     object.__setattr__(art, "load_seconds", round(seconds, 3))
-    log.info("artefacts of run %s from %s %s in %.1f s", run_id, parquet_dir,
-             "mapped" if state.usable else "read", seconds)
+    log.info(
+        "artefacts of run %s from %s %s in %.1f s",
+        run_id,
+        parquet_dir,
+        "mapped" if state.usable else "read",
+        seconds,
+    )
     return art
 
 
@@ -467,8 +496,7 @@ def blended_list(
         raise ValueError(f"unknown blend {mode!r}; expected one of {', '.join(BLEND_MODES)}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
-    return _blend(_int_list(online), _int_list(offline), mode == "probability", p, seed,
-                        limit)
+    return _blend(_int_list(online), _int_list(offline), mode == "probability", p, seed, limit)
 
 
 def _int_list(values: Iterable[int]) -> list[int]:
@@ -495,9 +523,15 @@ def reload_lock(parquet_dir: Path) -> Iterator[None]:
     serving it) or, when the folder is read-only, a file in the temporary folder named after
     it. The kernel releases the lock when its holder dies, so a killed worker blocks no one.
     Without any lockable file the load goes ahead alone (logged)."""
-    candidates = [Path(parquet_dir) / RELOAD_LOCK, Path(tempfile.gettempdir()) / (
-        "musicrec-reload-"
-        + hashlib.sha256(str(Path(parquet_dir).resolve()).encode()).hexdigest()[:16] + ".lock")]
+    candidates = [
+        Path(parquet_dir) / RELOAD_LOCK,
+        Path(tempfile.gettempdir())
+        / (
+            "musicrec-reload-"
+            + hashlib.sha256(str(Path(parquet_dir).resolve()).encode()).hexdigest()[:16]
+            + ".lock"
+        ),
+    ]
     fd = -1
     for path in candidates:
         try:
@@ -506,8 +540,7 @@ def reload_lock(parquet_dir: Path) -> Iterator[None]:
         except OSError as exc:
             log.debug("reload lock %s: %s", path, exc)
     if fd < 0:
-        log.warning("no reload lock file can be opened for %s; loading without one",
-                    parquet_dir)
+        log.warning("no reload lock file can be opened for %s; loading without one", parquet_dir)
         yield
         return
     try:
@@ -576,31 +609,42 @@ class Recommendations:
         previous = self._artefacts.run_id if self._artefacts is not None else None
         folder = Path(self.settings.parquet_dir)
         started = time.perf_counter()
-        result: dict[str, Any] = {"reloaded": False, "skipped": False, "run_id": previous,
-                                  "previous_run_id": previous, "error": None}
+        result: dict[str, Any] = {
+            "reloaded": False,
+            "skipped": False,
+            "run_id": previous,
+            "previous_run_id": previous,
+            "error": None,
+        }
         try:
             with reload_lock(folder):
                 info = read_manifest(folder)
                 run_id = info.get("run_id") if info else None
                 if run_id is not None and previous is not None and str(run_id) == previous:
                     result["skipped"] = True
-                    log.info("reload (%s): run %s is already served, nothing to do",
-                             reason, previous)
+                    log.info(
+                        "reload (%s): run %s is already served, nothing to do", reason, previous
+                    )
                 else:
                     art = self.load()
                     result.update(reloaded=True, run_id=art.run_id)
-                    log.info("reload (%s): now serving run %s (was %s)", reason, art.run_id,
-                             previous)
+                    log.info(
+                        "reload (%s): now serving run %s (was %s)", reason, art.run_id, previous
+                    )
         except DataError as exc:
             result["error"] = _without_folder(str(exc), folder)
             log.error("reload (%s) refused, still serving run %s: %s", reason, previous, exc)
         except Exception as exc:  # noqa: BLE001 - a failed reload must never kill the caller
-            result["error"] = (f"{type(exc).__name__} while loading the new set "
-                               "(details in the service log)")
+            result["error"] = (
+                f"{type(exc).__name__} while loading the new set (details in the service log)"
+            )
             result["transient"] = True
             log.exception("reload (%s) failed, still serving run %s", reason, previous)
-        result.update(reason=reason, seconds=round(time.perf_counter() - started, 3),
-                      at=datetime.now(UTC).isoformat())
+        result.update(
+            reason=reason,
+            seconds=round(time.perf_counter() - started, 3),
+            at=datetime.now(UTC).isoformat(),
+        )
         self.last_reload = result
         if self.metrics is not None:
             self.metrics.reloaded(result)
@@ -613,8 +657,13 @@ class Recommendations:
         mid-read) is retried at the next poll. Runs in a daemon thread until ``stop`` is
         set; no error ends it: each is logged and shown in /health (``manifest_watch``)."""
         tried: tuple[str, int] | None = None
-        self.watch = {"running": True, "interval_seconds": interval, "last_poll": None,
-                      "last_error": None, "last_error_at": None}
+        self.watch = {
+            "running": True,
+            "interval_seconds": interval,
+            "last_poll": None,
+            "last_error": None,
+            "last_error_at": None,
+        }
         try:
             while not stop.wait(interval):
                 try:
@@ -623,9 +672,11 @@ class Recommendations:
                     log.exception("manifest watch: the poll failed; still watching")
                     folder = Path(self.settings.parquet_dir)
                     self.watch.update(
-                        last_error=_short_error(_without_folder(f"{type(exc).__name__}: "
-                                                                f"{exc}", folder)),
-                        last_error_at=datetime.now(UTC).isoformat())
+                        last_error=_short_error(
+                            _without_folder(f"{type(exc).__name__}: {exc}", folder)
+                        ),
+                        last_error_at=datetime.now(UTC).isoformat(),
+                    )
                 finally:
                     self.watch["last_poll"] = datetime.now(UTC).isoformat()
         finally:
@@ -645,22 +696,23 @@ class Recommendations:
             return tried
         result = self.reload(reason=f"manifest.json names run {state[0]}")
         if result["error"] is not None and not result.get("transient"):
-            self.watch.update(last_error=_short_error(result["error"]),
-                              last_error_at=result["at"])
+            self.watch.update(last_error=_short_error(result["error"]), last_error_at=result["at"])
         return tried if result.get("transient") else state
 
     def open_store(self) -> HistoryStore:
         if self.store is None:
             s = self.settings
             self.store = open_history_store(
-                s.history_url, max_events=s.history_max_events,
+                s.history_url,
+                max_events=s.history_max_events,
                 read_timeout_ms=s.history_read_timeout_ms,
                 write_timeout_ms=s.history_write_timeout_ms,
                 idempotency_seconds=s.idempotency_seconds,
             )
         if self._read_pool is None:
-            self._read_pool = ThreadPoolExecutor(HISTORY_READ_THREADS,
-                                                 thread_name_prefix="history-read")
+            self._read_pool = ThreadPoolExecutor(
+                HISTORY_READ_THREADS, thread_name_prefix="history-read"
+            )
         return self.store
 
     async def read_store(self, read: Callable[..., T], *args: Any) -> T:
@@ -711,7 +763,9 @@ class Recommendations:
         return k
 
     def check_known(
-        self, track_ids: Sequence[int], loc: Sequence[str | int] = ("body",),
+        self,
+        track_ids: Sequence[int],
+        loc: Sequence[str | int] = ("body",),
         art: Artefacts | None = None,
     ) -> None:
         unknown = (art or self.artefacts).unknown_tracks(track_ids)
@@ -733,8 +787,9 @@ class Recommendations:
         limit = self.settings.history_page_default if limit is None else int(limit)
         top = self.settings.history_page_max
         if not 1 <= limit <= top:
-            raise BadParameterError(("query", "limit"),
-                                    f"limit must be between 1 and {top}, got {limit}")
+            raise BadParameterError(
+                ("query", "limit"), f"limit must be between 1 and {top}, got {limit}"
+            )
         return self.history.page(user_id, limit, before)
 
     def update_user_events(
@@ -744,7 +799,10 @@ class Recommendations:
         return self.add_events(user_id, track_ids, art=art).history_length
 
     def add_events(
-        self, user_id: int, track_ids: Sequence[int], art: Artefacts | None = None,
+        self,
+        user_id: int,
+        track_ids: Sequence[int],
+        art: Artefacts | None = None,
         idempotency_key: str | None = None,
     ) -> Added:
         """Append listening events (all or none); a repeated ``idempotency_key`` stores
@@ -761,7 +819,10 @@ class Recommendations:
         return added
 
     def get_similar_items(
-        self, track_ids: Sequence[int], k: int | None = None, exclude: Iterable[int] = (),
+        self,
+        track_ids: Sequence[int],
+        k: int | None = None,
+        exclude: Iterable[int] = (),
         art: Artefacts | None = None,
     ) -> list[int]:
         """Up to k tracks most similar to the given ones (scores summed), none of them in it.
@@ -782,8 +843,13 @@ class Recommendations:
         return self.recommend(user_id, k, blend, p).tracks
 
     def recommend(
-        self, user_id: int, k: int | None = None, blend: str = "strict", p: float = 0.5,
-        art: Artefacts | None = None, history: list[int] | None = None,
+        self,
+        user_id: int,
+        k: int | None = None,
+        blend: str = "strict",
+        p: float = 0.5,
+        art: Artefacts | None = None,
+        history: list[int] | None = None,
     ) -> Answer:
         """Recommendations and the kinds they count as (API.md, "Which recommendations");
         ``art``: the set to answer from (default: the current one); ``history``: the
@@ -816,17 +882,28 @@ class Recommendations:
                 if folded is not None:
                     kinds, second = ("fold-in", "similar"), folded
                 elif row is not None:
-                    kinds, second = ("personal", "similar"), [t for t in row.tolist()
-                                                              if t not in heard][:2 * n]
+                    kinds, second = (
+                        ("personal", "similar"),
+                        [t for t in row.tolist() if t not in heard][: 2 * n],
+                    )
                 else:
                     kinds, second = ("similar",), None
                 # the first n of a blend take at most n elements of each list (each element
                 # taken or skipped as a duplicate is one of the n answers): 2n is plenty
-                tracks = near[:n] if second is None else _blend(
-                    near, second, blend == "probability", p, request_seed(user_id, k, p),
-                    limit=n)
+                tracks = (
+                    near[:n]
+                    if second is None
+                    else _blend(
+                        near,
+                        second,
+                        blend == "probability",
+                        p,
+                        request_seed(user_id, k, p),
+                        limit=n,
+                    )
+                )
         elif row is not None:  # dict.fromkeys: no duplicates even if a row repeated a track
-            kinds, tracks = ("personal",), list(dict.fromkeys(row[:2 * n].tolist()))
+            kinds, tracks = ("personal",), list(dict.fromkeys(row[: 2 * n].tolist()))
         else:
             kinds, tracks = ("default",), []
         tracks = self._fill(art, tracks[:n], heard, n)
@@ -849,8 +926,9 @@ class Recommendations:
             counters = dict(self._stats)
         return {**counters, "pid": os.getpid(), "since": self.started_at}
 
-    def reasons(self, user_id: int, history: list[int], answer: Answer,
-                art: Artefacts | None = None) -> list[dict[str, Any]]:
+    def reasons(
+        self, user_id: int, history: list[int], answer: Answer, art: Artefacts | None = None
+    ) -> list[dict[str, Any]]:
         """Why each track of ``answer`` is there (API.md, "Additions"): ``source`` is the list
         it came from (fold-in, similar, personal, popular) and ``because`` up to three of the
         user's own tracks that led to it: the recent online events whose similar tracks hold
@@ -863,7 +941,7 @@ class Recommendations:
         folded = set(self._folded(art, user_id, history, n) or ()) if history else set()
         seeds: dict[int, list[int]] = {}
         if history and "similar" in answer.kinds:
-            recent = list(dict.fromkeys(reversed(history)))[:self.settings.online_history_window]
+            recent = list(dict.fromkeys(reversed(history)))[: self.settings.online_history_window]
             near = set(self._online_list(art, history, heard, n))
             for seed in recent:  # most recent first, as they weigh
                 row = art.similar.values_of(seed)
@@ -882,8 +960,9 @@ class Recommendations:
                 sources.append("personal")
             else:
                 sources.append("popular")
-        because: list[list[int]] = [seeds.get(t, []) if s == "similar" else []
-                                    for t, s in zip(tracks, sources, strict=True)]
+        because: list[list[int]] = [
+            seeds.get(t, []) if s == "similar" else [] for t, s in zip(tracks, sources, strict=True)
+        ]
         scored = [i for i, s in enumerate(sources) if s in ("fold-in", "personal")]
         if model is not None and scored:
             online_tracks = history if "fold-in" in answer.kinds else []
@@ -894,16 +973,16 @@ class Recommendations:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _folded(self, art: Artefacts, user_id: int, history: list[int], n: int
-                ) -> list[int] | None:
+    def _folded(self, art: Artefacts, user_id: int, history: list[int], n: int) -> list[int] | None:
         """The fold-in list of ``n`` tracks, or None when it is not served (no ALS files in
         the artefact folder, or ``online_method`` 'similar')."""
         if art.foldin is None or self.settings.online_method == "similar":
             return None
         return art.foldin.recommend(user_id, history, n, self.settings.foldin_nprobe)
 
-    def _online_list(self, art: Artefacts, history: list[int], heard: Collection[int],
-                     limit: int) -> list[int]:
+    def _online_list(
+        self, art: Artefacts, history: list[int], heard: Collection[int], limit: int
+    ) -> list[int]:
         """The best ``limit`` tracks similar to the most recent distinct online events, none
         of ``heard``; the latest event weighs most (weight 1 / (1 + age), age 0 = latest)."""
         recent: list[int] = []
@@ -920,8 +999,11 @@ class Recommendations:
 
     @staticmethod
     def _similar_ranked(
-        art: Artefacts, track_ids: Sequence[int], weights: Sequence[float],
-        exclude: Collection[int], limit: int,
+        art: Artefacts,
+        track_ids: Sequence[int],
+        weights: Sequence[float],
+        exclude: Collection[int],
+        limit: int,
     ) -> list[int]:
         """The best ``limit`` tracks similar to ``track_ids`` (scores weighted and summed,
         best first, ties by id), none of ``exclude``."""
@@ -929,8 +1011,7 @@ class Recommendations:
         if not track_ids or sim.scores is None or sim.keys.size == 0:
             return []
         if min(track_ids) < 0 or max(track_ids) > INT32_MAX:  # not a track id: no row
-            pairs = [(t, w) for t, w in zip(track_ids, weights, strict=True)
-                     if 0 <= t <= INT32_MAX]
+            pairs = [(t, w) for t, w in zip(track_ids, weights, strict=True) if 0 <= t <= INT32_MAX]
             if not pairs:
                 return []
             track_ids, weights = [t for t, _ in pairs], [w for _, w in pairs]
@@ -994,12 +1075,12 @@ class Recommendations:
         # the head ran dry (k + heard tracks beyond POPULAR_HEAD): numpy over the rest
         taken.update(result)
         taken_array = np.fromiter(taken, dtype=np.int64, count=len(taken))
-        for pool in (art.popular[len(art.popular_head):], art.item_ids):
+        for pool in (art.popular[len(art.popular_head) :], art.item_ids):
             chunk = max(4 * k, 1024)
             for start in range(0, pool.size, chunk):
-                part = pool[start:start + chunk]
+                part = pool[start : start + chunk]
                 part = part[~np.isin(part, taken_array)]
-                extra = part[:k - len(result)]
+                extra = part[: k - len(result)]
                 result.extend(extra.tolist())
                 taken_array = np.concatenate([taken_array, extra.astype(np.int64)])
                 if len(result) >= k:
@@ -1025,19 +1106,18 @@ UserIdPath = Annotated[
     int, PathParam(ge=0, le=INT32_MAX, description="user id of the input data", examples=[17])
 ]
 KPath = Annotated[int, PathParam(ge=1, description="number of tracks, 1..max_k", examples=[10])]
-KQuery = Annotated[
-    int | None, Query(ge=1, description="number of tracks, 1..max_k (default 25)")
-]
-Details = Annotated[
-    bool, Query(description="objects with names instead of bare track ids")
-]
+KQuery = Annotated[int | None, Query(ge=1, description="number of tracks, 1..max_k (default 25)")]
+Details = Annotated[bool, Query(description="objects with names instead of bare track ids")]
 
 
 class Reason(BaseModel):
-    source: str = Field(description="the list the track came from: fold-in, similar, "
-                        "personal or popular")
-    because: list[int] = Field(description="up to three of the user's own track ids that "
-                               "led to it (empty when none did, e.g. popular)")
+    source: str = Field(
+        description="the list the track came from: fold-in, similar, personal or popular"
+    )
+    because: list[int] = Field(
+        description="up to three of the user's own track ids that "
+        "led to it (empty when none did, e.g. popular)"
+    )
 
 
 class TrackDetails(BaseModel):
@@ -1046,8 +1126,7 @@ class TrackDetails(BaseModel):
     artists: list[str]
     albums: list[str]
     genres: list[str]
-    reason: Reason | None = Field(None, description="why it is recommended "
-                                  "(/recommendations only)")
+    reason: Reason | None = Field(None, description="why it is recommended (/recommendations only)")
 
 
 TrackList = list[int] | list[TrackDetails]
@@ -1058,9 +1137,7 @@ class RecommendationRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "examples": [{"user_id": 17, "k": 10, "blend": "strict", "p": 0.5}]
-        },
+        json_schema_extra={"examples": [{"user_id": 17, "k": 10, "blend": "strict", "p": 0.5}]},
     )
     user_id: StrictTrackId = Field(description="user id of the input data")
     k: Annotated[int, Field(strict=True, ge=1)] | None = Field(
@@ -1093,7 +1170,8 @@ class Health(BaseModel):
     run_id: str | None = None
     reload_error: str | None = Field(None, description="why the last reload was refused")
     manifest_watch: ManifestWatch | None = Field(
-        None, description="the reload watcher (only when it is configured)")
+        None, description="the reload watcher (only when it is configured)"
+    )
 
 
 class ProblemItem(BaseModel):
@@ -1147,8 +1225,13 @@ Recs = Annotated[Recommendations, Depends(get_recs)]
 Art = Annotated[Artefacts, Depends(get_artefacts)]
 
 
-def _list_response(art: Artefacts, tracks: list[int], details: bool,
-                   reasons: list[dict[str, Any]] | None = None, **headers: str) -> JSONBytes:
+def _list_response(
+    art: Artefacts,
+    tracks: list[int],
+    details: bool,
+    reasons: list[dict[str, Any]] | None = None,
+    **headers: str,
+) -> JSONBytes:
     body: list[Any] = art.details(tracks) if details else tracks
     if details and reasons is not None:
         for item, reason in zip(body, reasons, strict=True):
@@ -1189,11 +1272,17 @@ class FastRecommendations:
         history = await recs.read_store(recs.get_user_history, user_id)
         answer = recs.recommend(user_id, query[0], query[1], query[2], art=art, history=history)
         body = orjson.dumps(answer.tracks)
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-length", str(len(body)).encode()),
-            (b"content-type", b"application/json"),
-            (SOURCE_HEADER_BYTES, "+".join(answer.kinds).encode()),
-        ]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"content-type", b"application/json"),
+                    (SOURCE_HEADER_BYTES, "+".join(answer.kinds).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _declared(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -1209,8 +1298,13 @@ PLAIN_P = re.compile(rb"[01](?:\.[0-9]{1,9})?")
 
 def _plain_id(text: str) -> bool:
     """A user id the declared route would accept as is: ASCII digits, no leading zero."""
-    return (text.isascii() and text.isdigit() and len(text) <= 10
-            and (text == "0" or text[0] != "0") and int(text) <= INT32_MAX)
+    return (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= 10
+        and (text == "0" or text[0] != "0")
+        and int(text) <= INT32_MAX
+    )
 
 
 def _plain_query(query: bytes, max_k: int) -> tuple[int | None, str, float] | None:
@@ -1250,24 +1344,30 @@ def install_fast_path(app: FastAPI, router: APIRouter) -> None:
     """Put ``FastRecommendations`` first in the app's routes, in front of the route
     ``router`` declares (routers are included lazily, so it is looked up there)."""
     declared = next(
-        route for route in router.routes
-        if isinstance(route, APIRoute) and route.path == FastRecommendations.PATH
+        route
+        for route in router.routes
+        if isinstance(route, APIRoute)
+        and route.path == FastRecommendations.PATH
         and "GET" in route.methods
     )
-    app.router.routes.insert(0, Route(FastRecommendations.PATH, FastRecommendations(declared),
-                                      include_in_schema=False))
+    app.router.routes.insert(
+        0, Route(FastRecommendations.PATH, FastRecommendations(declared), include_in_schema=False)
+    )
 
 
 def _problem_response(
-    status: int, problems: list[dict[str, Any]], headers: dict[str, str] | None = None,
+    status: int,
+    problems: list[dict[str, Any]],
+    headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONBytes:
     message = "; ".join(
         (" ".join(str(part) for part in p["loc"]) + ": " if p["loc"] else "") + p["msg"]
         for p in problems
     )
-    return JSONBytes({"message": message, "detail": problems, **extra}, status_code=status,
-                     headers=headers)
+    return JSONBytes(
+        {"message": message, "detail": problems, **extra}, status_code=status, headers=headers
+    )
 
 
 def _short(value: Any) -> str:
@@ -1326,12 +1426,17 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _refuse(scope: dict[str, Any], receive: Any, send: Any, limit: int,
-                      got: str) -> None:
-        problems = [{"loc": ["body"], "type": "body_too_large",
-                     "msg": f"the body is larger than {limit} bytes (got {got})"}]
-        response = _problem_response(413, problems, headers={"Connection": "close"},
-                                     code="body_too_large")
+    async def _refuse(scope: dict[str, Any], receive: Any, send: Any, limit: int, got: str) -> None:
+        problems = [
+            {
+                "loc": ["body"],
+                "type": "body_too_large",
+                "msg": f"the body is larger than {limit} bytes (got {got})",
+            }
+        ]
+        response = _problem_response(
+            413, problems, headers={"Connection": "close"}, code="body_too_large"
+        )
         await response(scope, receive, send)
 
 
@@ -1353,16 +1458,15 @@ def install_error_handlers(app: FastAPI) -> None:
         # 404 of an unknown path, 405 of a wrong method, 401/403 of the admin endpoint; a
         # body FastAPI cannot even decode (400) is bad input like malformed JSON: 422
         if exc.status_code == 400:
-            problems = [{"loc": ["body"], "msg": f"malformed body: {exc.detail}",
-                         "type": "body_unreadable"}]
+            problems = [
+                {"loc": ["body"], "msg": f"malformed body: {exc.detail}", "type": "body_unreadable"}
+            ]
             return _problem_response(422, problems)
         problems = [{"loc": [], "msg": str(exc.detail), "type": f"http_{exc.status_code}"}]
         return _problem_response(exc.status_code, problems, headers=exc.headers)
 
     async def on_service_error(request: Request, exc: Exception) -> JSONBytes:
-        status = next(
-            (code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400
-        )
+        status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
         if isinstance(exc, HistoryStoreError):
             # the cause (path, SQLite's words) goes to the log; the client gets the code
             log.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
@@ -1370,13 +1474,15 @@ def install_error_handlers(app: FastAPI) -> None:
             extra: dict[str, Any] = {"code": exc.code}
         else:
             problems = (
-                exc.problems() if isinstance(exc, ServiceError)
+                exc.problems()
+                if isinstance(exc, ServiceError)
                 else [{"loc": [], "msg": str(exc), "type": type(exc).__name__}]
             )
             if status >= 500:
                 log.warning("%s: %s", type(exc).__name__, exc)
-            extra = ({"unknown_track_ids": exc.track_ids}
-                     if isinstance(exc, UnknownTracksError) else {})
+            extra = (
+                {"unknown_track_ids": exc.track_ids} if isinstance(exc, UnknownTracksError) else {}
+            )
         headers = None
         if status == 503:  # busy, unreachable or starting: worth retrying soon
             headers = {"Retry-After": str(getattr(request.app.state, "retry_after", 1))}
@@ -1407,20 +1513,34 @@ def check_admin(recs: Recs, authorization: str | None) -> None:
     if scheme.lower() != "bearer" or not secrets.compare_digest(
         given.strip().encode("utf-8", "replace"), token.encode("utf-8")
     ):
-        raise HTTPException(401, "a valid 'Authorization: Bearer <token>' header is required",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "a valid 'Authorization: Bearer <token>' header is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
-RECOMMENDATION_HEADERS = {200: {"headers": {SOURCE_HEADER: {
-    "description": "kinds served: personal, similar, default (joined by +)",
-    "schema": {"type": "string"}}}}}
+RECOMMENDATION_HEADERS = {
+    200: {
+        "headers": {
+            SOURCE_HEADER: {
+                "description": "kinds served: personal, similar, default (joined by +)",
+                "schema": {"type": "string"},
+            }
+        }
+    }
+}
 
 
 HISTORY_HEADERS = {
-    "X-History-First-Position": {"description": "position of the first event of the page",
-                                 "schema": {"type": "string"}},
-    "X-History-Total": {"description": "events ever added (the next event's position)",
-                        "schema": {"type": "string"}},
+    "X-History-First-Position": {
+        "description": "position of the first event of the page",
+        "schema": {"type": "string"},
+    },
+    "X-History-Total": {
+        "description": "events ever added (the next event's position)",
+        "schema": {"type": "string"},
+    },
     "X-History-Length": {"description": "events kept", "schema": {"type": "string"}},
 }
 
@@ -1444,31 +1564,35 @@ admin_routes = APIRouter(tags=["admin"])  # switching artefact sets
 
 @service_routes.get("/", summary="what is loaded")
 async def root(recs: Recs, art: Art) -> JSONBytes:
-    return JSONBytes({
-        "status": "ok",
-        "users_with_recommendations": len(art.offline),
-        "recommendation_rows": art.offline.n_pairs,
-        "tracks": int(art.item_ids.size),
-        "tracks_with_similar": len(art.similar),
-        "similar_pairs": art.similar.n_pairs,
-        "top_popular": int(art.popular.size),
-        "built_at": art.built_at,
-        "run_id": art.run_id,
-        "loaded_at": art.loaded_at,
-        "load_seconds": art.load_seconds,
-        "mapped": art.mapped,
-        "max_k": recs.settings.max_k,
-        "default_k": recs.settings.default_k,
-    })
+    return JSONBytes(
+        {
+            "status": "ok",
+            "users_with_recommendations": len(art.offline),
+            "recommendation_rows": art.offline.n_pairs,
+            "tracks": int(art.item_ids.size),
+            "tracks_with_similar": len(art.similar),
+            "similar_pairs": art.similar.n_pairs,
+            "top_popular": int(art.popular.size),
+            "built_at": art.built_at,
+            "run_id": art.run_id,
+            "loaded_at": art.loaded_at,
+            "load_seconds": art.load_seconds,
+            "mapped": art.mapped,
+            "max_k": recs.settings.max_k,
+            "default_k": recs.settings.default_k,
+        }
+    )
+
 
 @list_routes.get("/top_popular", response_model=TrackList, summary="most popular tracks")
 async def top_popular_default(recs: Recs, art: Art, details: Details = False) -> JSONBytes:
     return _list_response(art, recs.top_popular(None, art), details)
 
+
 @list_routes.get("/top_popular/{k}", response_model=TrackList, summary="k most popular tracks")
 async def top_popular(k: KPath, recs: Recs, art: Art, details: Details = False) -> JSONBytes:
-    return _list_response(art, recs.top_popular(recs.check_k(k, ("path", "k")), art),
-                          details)
+    return _list_response(art, recs.top_popular(recs.check_k(k, ("path", "k")), art), details)
+
 
 @list_routes.get("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
 async def similar_get(
@@ -1477,14 +1601,18 @@ async def similar_get(
     art: Art,
     track_id: Annotated[
         list[TrackId],
-        Query(min_length=1, max_length=MAX_QUERY_TRACKS,
-              description=f"a given track id (repeatable, up to {MAX_QUERY_TRACKS}; "
-              "POST for more)", examples=[[26]]),
+        Query(
+            min_length=1,
+            max_length=MAX_QUERY_TRACKS,
+            description=f"a given track id (repeatable, up to {MAX_QUERY_TRACKS}; POST for more)",
+            examples=[[26]],
+        ),
     ],
     details: Details = False,
 ) -> JSONBytes:
     recs.check_k(k, ("path", "k"))
     return _list_response(art, recs.get_similar_items(track_id, k, art=art), details)
+
 
 @list_routes.post("/similar/{k}", response_model=TrackList, summary="tracks similar to given ones")
 async def similar_post(
@@ -1500,35 +1628,66 @@ async def similar_post(
     recs.check_k(k, ("path", "k"))
     return _list_response(art, recs.get_similar_items(track_ids, k, art=art), details)
 
-@history_routes.get("/history/{user_id}", response_model=TrackList, summary="online history",
-         description="The latest `limit` events (all kept ones by default) with a "
-         "position below `before`, in the order they were added. Positions number a "
-         "user's events from 0 in the order they were added; the headers give the "
-         "first one's (the `before` of the previous page), the next one's (events ever "
-         "added) and how many are kept.",
-         responses={200: {"headers": HISTORY_HEADERS}})
+
+@history_routes.get(
+    "/history/{user_id}",
+    response_model=TrackList,
+    summary="online history",
+    description="The latest `limit` events (all kept ones by default) with a "
+    "position below `before`, in the order they were added. Positions number a "
+    "user's events from 0 in the order they were added; the headers give the "
+    "first one's (the `before` of the previous page), the next one's (events ever "
+    "added) and how many are kept.",
+    responses={200: {"headers": HISTORY_HEADERS}},
+)
 async def history_get(
-    user_id: UserIdPath, recs: Recs, art: Art, details: Details = False,
-    limit: Annotated[int | None, Query(
-        ge=1, description="events per page, 1..history_page_max (default "
-        "history_page_default)")] = None,
-    before: Annotated[int | None, Query(
-        ge=0, le=2**62, description="only events at positions below this")] = None,
+    user_id: UserIdPath,
+    recs: Recs,
+    art: Art,
+    details: Details = False,
+    limit: Annotated[
+        int | None,
+        Query(
+            ge=1, description="events per page, 1..history_page_max (default history_page_default)"
+        ),
+    ] = None,
+    before: Annotated[
+        int | None, Query(ge=0, le=2**62, description="only events at positions below this")
+    ] = None,
 ) -> JSONBytes:
     page = await recs.read_store(recs.history_page, user_id, limit, before)
-    return _list_response(art, page.tracks, details, **{
-        "X-History-First-Position": str(page.first_position),
-        "X-History-Total": str(page.total), "X-History-Length": str(page.length)})
+    return _list_response(
+        art,
+        page.tracks,
+        details,
+        **{
+            "X-History-First-Position": str(page.first_position),
+            "X-History-Total": str(page.total),
+            "X-History-Length": str(page.length),
+        },
+    )
 
-@history_routes.post("/history/{user_id}", response_model=HistoryAdded, summary="add listening events",
-          description="Stored all or none, committed to disk before the answer. With an "
-          "`Idempotency-Key`, a repeat of the same request within the retention window "
-          "gets the first answer again (header `Idempotent-Replayed: true`) and stores "
-          "nothing; the key used for another request is a 422.",
-          responses={507: {"model": Problem, "description": "disk full: nothing stored"},
-                     200: {"headers": {"Idempotent-Replayed": {
-                         "description": "true when this is the first answer replayed",
-                         "schema": {"type": "string"}}}}})
+
+@history_routes.post(
+    "/history/{user_id}",
+    response_model=HistoryAdded,
+    summary="add listening events",
+    description="Stored all or none, committed to disk before the answer. With an "
+    "`Idempotency-Key`, a repeat of the same request within the retention window "
+    "gets the first answer again (header `Idempotent-Replayed: true`) and stores "
+    "nothing; the key used for another request is a 422.",
+    responses={
+        507: {"model": Problem, "description": "disk full: nothing stored"},
+        200: {
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "true when this is the first answer replayed",
+                    "schema": {"type": "string"},
+                }
+            }
+        },
+    },
+)
 def history_post(
     user_id: UserIdPath,
     recs: Recs,
@@ -1536,62 +1695,88 @@ def history_post(
     track_ids: Annotated[
         list[StrictTrackId],
         Body(
-            min_length=1, max_length=MAX_HISTORY_BATCH, examples=[[26, 38]],
+            min_length=1,
+            max_length=MAX_HISTORY_BATCH,
+            examples=[[26, 38]],
             description="track ids listened to, oldest first (stored all or none)",
         ),
     ],
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", min_length=1, max_length=MAX_IDEMPOTENCY_KEY,
-        pattern=r"^[\x21-\x7e]+$",
-        description="any visible ASCII, up to 255 characters, unique per request")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=MAX_IDEMPOTENCY_KEY,
+            pattern=r"^[\x21-\x7e]+$",
+            description="any visible ASCII, up to 255 characters, unique per request",
+        ),
+    ] = None,
 ) -> JSONBytes:
     added = recs.add_events(user_id, track_ids, art=art, idempotency_key=idempotency_key)
-    return JSONBytes(added.answer(),
-                     headers={"Idempotent-Replayed": "true"} if added.replayed else None)
+    return JSONBytes(
+        added.answer(), headers={"Idempotent-Replayed": "true"} if added.replayed else None
+    )
 
-@list_routes.get("/recommendations/{user_id}", response_model=TrackList, summary="recommendations",
-         responses=RECOMMENDATION_HEADERS)
+
+@list_routes.get(
+    "/recommendations/{user_id}",
+    response_model=TrackList,
+    summary="recommendations",
+    responses=RECOMMENDATION_HEADERS,
+)
 async def recommendations_get(
     user_id: UserIdPath,
     http: Request,
     k: KQuery = None,
     blend: Annotated[BlendMode, Query(description="strict or probability")] = "strict",
-    p: Annotated[
-        float, Query(ge=0, le=1, allow_inf_nan=False, description="online share")
-    ] = 0.5,
+    p: Annotated[float, Query(ge=0, le=1, allow_inf_nan=False, description="online share")] = 0.5,
     details: Details = False,
 ) -> JSONBytes:
     recs, art = current(http)  # the hot path: no dependency resolution
     history = await recs.read_store(recs.get_user_history, user_id)
     answer = recs.recommend(user_id, k, blend, p, art=art, history=history)
     return _list_response(
-        art, answer.tracks, details,
+        art,
+        answer.tracks,
+        details,
         recs.reasons(user_id, history, answer, art) if details else None,
-        **{SOURCE_HEADER: "+".join(answer.kinds)}
+        **{SOURCE_HEADER: "+".join(answer.kinds)},
     )
 
-@list_routes.post("/recommendations", response_model=TrackList, summary="recommendations",
-          responses=RECOMMENDATION_HEADERS)
+
+@list_routes.post(
+    "/recommendations",
+    response_model=TrackList,
+    summary="recommendations",
+    responses=RECOMMENDATION_HEADERS,
+)
 async def recommendations_post(
     request: RecommendationRequest, http: Request, details: Details = False
 ) -> JSONBytes:
     recs, art = current(http)
     recs.check_k(request.k, ("body", "k"))
     history = await recs.read_store(recs.get_user_history, request.user_id)
-    answer = recs.recommend(request.user_id, request.k, request.blend, request.p, art=art,
-                            history=history)
-    return _list_response(
-        art, answer.tracks, details,
-        recs.reasons(request.user_id, history, answer, art) if details else None,
-        **{SOURCE_HEADER: "+".join(answer.kinds)}
+    answer = recs.recommend(
+        request.user_id, request.k, request.blend, request.p, art=art, history=history
     )
+    return _list_response(
+        art,
+        answer.tracks,
+        details,
+        recs.reasons(request.user_id, history, answer, art) if details else None,
+        **{SOURCE_HEADER: "+".join(answer.kinds)},
+    )
+
 
 @service_routes.get("/stats", summary="how often each kind was served (this worker)")
 async def stats(recs: Recs) -> JSONBytes:
     return JSONBytes(recs.stats())
 
+
 @service_routes.get(
-    "/health", response_model=Health, summary="ready to serve",
+    "/health",
+    response_model=Health,
+    summary="ready to serve",
     responses={503: {"model": Health, "description": "not ready"}},
 )
 async def health(request: Request) -> JSONBytes:
@@ -1609,23 +1794,31 @@ async def health(request: Request) -> JSONBytes:
     ok = art is not None and store_ok
     last = recs.last_reload if recs is not None else None
     body: dict[str, Any] = {
-        "status": "ok" if ok else "unavailable", "artefacts_loaded": art is not None,
-        "history_store": store_ok, "run_id": art.run_id if art is not None else None,
-        "reload_error": _short_error(last["error"]) if last and last["error"] else None}
+        "status": "ok" if ok else "unavailable",
+        "artefacts_loaded": art is not None,
+        "history_store": store_ok,
+        "run_id": art.run_id if art is not None else None,
+        "reload_error": _short_error(last["error"]) if last and last["error"] else None,
+    }
     if recs is not None and recs.watch is not None:
         body["manifest_watch"] = dict(recs.watch)
-    headers = None if ok else {"Retry-After": str(getattr(request.app.state,
-                                                          "retry_after", 1))}
+    headers = None if ok else {"Retry-After": str(getattr(request.app.state, "retry_after", 1))}
     return JSONBytes(body, status_code=200 if ok else 503, headers=headers)
 
+
 @admin_routes.post(
-    "/admin/reload", response_model=ReloadResult, summary="switch to the folder's new set",
+    "/admin/reload",
+    response_model=ReloadResult,
+    summary="switch to the folder's new set",
     description="Loads and checks the artefact set now in the folder and switches this "
     "worker to it; a broken set is refused (409) and the old one keeps serving. Other "
     "workers follow through the manifest watch; a run already served is skipped "
     "(200, `skipped`). Needs `Authorization: Bearer <token>`.",
-    responses={401: {"model": Problem}, 403: {"model": Problem},
-               409: {"model": ReloadResult, "description": "the new set was refused"}},
+    responses={
+        401: {"model": Problem},
+        403: {"model": Problem},
+        409: {"model": ReloadResult, "description": "the new set was refused"},
+    },
 )
 def admin_reload(
     recs: Recs,
@@ -1635,7 +1828,6 @@ def admin_reload(
     result = recs.reload(reason="POST /admin/reload")
     result.pop("transient", None)
     return JSONBytes(result, status_code=200 if result["error"] is None else 409)
-
 
 
 UI_PAGE = "ui/index.html"  # in the musicrec package (package data)
@@ -1652,7 +1844,7 @@ def offline_heard(art: Artefacts, user_id: int) -> list[int] | None:
     pos = int(np.searchsorted(users, user_id))
     if user_id > INT32_MAX or pos >= users.size or users[pos] != user_id:
         return []
-    rows = model.heard_rows[model.heard_offsets[pos]:model.heard_offsets[pos + 1]]
+    rows = model.heard_rows[model.heard_offsets[pos] : model.heard_offsets[pos + 1]]
     return model.track_ids[rows].tolist()
 
 
@@ -1666,8 +1858,13 @@ operator_routes = APIRouter(tags=["operator"])
 # ``/metrics`` (Prometheus, all workers), ``/ui`` (the page to look at a user's lists)
 # and ``/users/{user_id}`` (what the page shows about a user).
 
-@operator_routes.get("/metrics", summary="Prometheus metrics of every worker of this server",
-         response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+
+@operator_routes.get(
+    "/metrics",
+    summary="Prometheus metrics of every worker of this server",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}},
+)
 def metrics(request: Request) -> Response:
     """Text exposition format; counters add up the files of all workers (prometheus_client
     multiprocess mode). Plain ``def``: reading the files runs off the event loop."""
@@ -1677,50 +1874,70 @@ def metrics(request: Request) -> Response:
     body, content_type = collected.render()
     return Response(body, media_type=content_type)
 
+
 @operator_routes.get("/ui", summary="a page to look at a user's lists", response_class=HTMLResponse)
 async def ui() -> HTMLResponse:
     return HTMLResponse(ui_page(), headers={"Cache-Control": "no-cache"})
 
+
 @operator_routes.get("/tracks", response_model=list[TrackDetails], summary="names of given tracks")
 async def tracks(
     art: Art,
-    track_id: Annotated[list[TrackId], Query(
-        min_length=1, max_length=MAX_QUERY_TRACKS, description="a track id (repeatable)",
-        examples=[[26]])],
+    track_id: Annotated[
+        list[TrackId],
+        Query(
+            min_length=1,
+            max_length=MAX_QUERY_TRACKS,
+            description="a track id (repeatable)",
+            examples=[[26]],
+        ),
+    ],
 ) -> JSONBytes:
     """Catalogue details of the given tracks, in order (an unknown id has no name); the
     page names the tracks a reason's ``because`` gives with it."""
     return JSONBytes(art.details(track_id))
 
+
 @operator_routes.get("/users", summary="some user ids with a nightly list (for the page's picker)")
 async def users(
-    art: Art, limit: Annotated[int, Query(ge=1, le=100, description="how many")] = 20,
+    art: Art,
+    limit: Annotated[int, Query(ge=1, le=100, description="how many")] = 20,
 ) -> JSONBytes:
-    return JSONBytes({"users_with_list": len(art.offline),
-                      "users": art.offline.keys[:limit].tolist()})
+    return JSONBytes(
+        {"users_with_list": len(art.offline), "users": art.offline.keys[:limit].tolist()}
+    )
+
 
 @operator_routes.get("/users/{user_id}", summary="what the service knows about a user")
 async def user_summary(
-    user_id: UserIdPath, recs: Recs, art: Art,
-    n: Annotated[int, Query(ge=1, le=50, description="tracks shown of each list")]
-    = SUMMARY_TRACKS,
+    user_id: UserIdPath,
+    recs: Recs,
+    art: Art,
+    n: Annotated[int, Query(ge=1, le=50, description="tracks shown of each list")] = SUMMARY_TRACKS,
 ) -> JSONBytes:
     """The offline side (tracks heard in the training log when the served ALS model has
     them, the nightly list) and the online history (latest first), with names."""
-    page_ = await recs.read_store(recs.history_page, user_id,
-                                  min(n, recs.settings.history_page_max), None)
+    page_ = await recs.read_store(
+        recs.history_page, user_id, min(n, recs.settings.history_page_max), None
+    )
     heard = offline_heard(art, user_id)
     row = art.offline.values_of(user_id)
-    return JSONBytes({
-        "user_id": user_id,
-        "offline_history": None if heard is None else {
-            "distinct_tracks": len(heard), "tracks": art.details(heard[:n])},
-        "offline_list": None if row is None else {
-            "length": int(row.size), "tracks": art.details(row[:n].tolist())},
-        "online_history": {"length": page_.length, "total": page_.total,
-                           "recent": art.details(page_.tracks[::-1])},
-    })
-
+    return JSONBytes(
+        {
+            "user_id": user_id,
+            "offline_history": None
+            if heard is None
+            else {"distinct_tracks": len(heard), "tracks": art.details(heard[:n])},
+            "offline_list": None
+            if row is None
+            else {"length": int(row.size), "tracks": art.details(row[:n].tolist())},
+            "online_history": {
+                "length": page_.length,
+                "total": page_.total,
+                "recent": art.details(page_.tracks[::-1]),
+            },
+        }
+    )
 
 
 DESCRIPTION = """
@@ -1733,10 +1950,12 @@ a `message` naming the problem.
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "body larger than the limit (max_body_bytes)"},
     422: {"model": Problem, "description": "bad input, named in `message`"},
-    503: {"model": Problem, "description": "not ready: artefacts or history store unavailable "
-          "or busy (Retry-After says when to try again)"},
+    503: {
+        "model": Problem,
+        "description": "not ready: artefacts or history store unavailable "
+        "or busy (Retry-After says when to try again)",
+    },
 }
-
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -1757,16 +1976,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         recs.load()  # raises DataError naming the file: the service refuses to start
         recs.open_store()
         if current.metrics_enabled:  # files shared by the workers of this server
-            recs.metrics = ServiceMetrics(*metrics_directory(current.metrics_dir),
-                                          current.metrics_flush_seconds)
+            recs.metrics = ServiceMetrics(
+                *metrics_directory(current.metrics_dir), current.metrics_flush_seconds
+            )
             recs.metrics.set_run(recs.artefacts.run_id)
         app.state.metrics = recs.metrics
         app.state.recs = recs
         stop = threading.Event()
         if current.reload_poll_seconds > 0:
             threading.Thread(
-                target=recs.watch_manifest, args=(stop, current.reload_poll_seconds),
-                name="manifest-watch", daemon=True,
+                target=recs.watch_manifest,
+                args=(stop, current.reload_poll_seconds),
+                name="manifest-watch",
+                daemon=True,
             ).start()
         log.info("ready: run %s, history store %s", recs.artefacts.run_id, current.history_url)
         try:
@@ -1780,8 +2002,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 recs.metrics.close()
 
     app = FastAPI(
-        title="Music recommendations", version="1.0", description=DESCRIPTION,
-        lifespan=lifespan, responses=COMMON_RESPONSES,
+        title="Music recommendations",
+        version="1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        responses=COMMON_RESPONSES,
     )
     app.state.recs = None
     app.state.metrics = None
@@ -1805,8 +2030,11 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.log_format, LOG_FORMAT)
     uvicorn.run(
-        "recommendation_service:app", host=settings.host, port=settings.port,
-        workers=settings.workers, access_log=settings.access_log,
+        "recommendation_service:app",
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        access_log=settings.access_log,
         # json: uvicorn's loggers go through the root's JSON handler (no config of its own)
         **({"log_config": None} if settings.log_format == "json" else {}),
     )

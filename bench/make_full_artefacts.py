@@ -50,14 +50,15 @@ def _lists(values: pa.Array) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, values)
 
 
-def write_factors(out: Path, track_ids: np.ndarray, users: np.ndarray,
-                  rng: np.random.Generator) -> None:
+def write_factors(
+    out: Path, track_ids: np.ndarray, users: np.ndarray, rng: np.random.Generator
+) -> None:
     """The ALS served files: random factors (the shape and cost of a real model, not its
     values) grouped into IVF clusters as the pipeline writes them, heard rows per user."""
     import faiss
 
     faiss.omp_set_num_threads(2)
-    item_factors = (rng.standard_normal((N_TRACKS, N_FACTORS), dtype=np.float32) * 0.1)
+    item_factors = rng.standard_normal((N_TRACKS, N_FACTORS), dtype=np.float32) * 0.1
     order, lists, centroids, norms2 = cluster_rows(item_factors, rng.permutation(N_TRACKS))
     item_factors = np.ascontiguousarray(item_factors[order])
     ids = track_ids[order]
@@ -66,21 +67,24 @@ def write_factors(out: Path, track_ids: np.ndarray, users: np.ndarray,
     np.cumsum(heard_counts, out=offsets[1:])
     sorted_rows = np.argsort(ids, kind="stable").astype(np.int32)
     y = item_factors.astype(np.float64)
-    served.write_factors({
-        "item_factors": item_factors,
-        "track_ids": ids,
-        "sorted_tracks": ids[sorted_rows],
-        "sorted_rows": sorted_rows,
-        "gram": y.T @ y,
-        "params": np.array([0.1, 4.0]),
-        "user_ids": users,
-        "user_factors": rng.standard_normal((users.size, N_FACTORS), dtype=np.float32) * 0.1,
-        "heard_offsets": offsets,
-        "heard_rows": rng.integers(0, N_TRACKS, int(offsets[-1]), dtype=np.int32),
-        "list_offsets": lists,
-        "centroids": centroids,
-        "centroid_norms2": norms2,
-    }, out)
+    served.write_factors(
+        {
+            "item_factors": item_factors,
+            "track_ids": ids,
+            "sorted_tracks": ids[sorted_rows],
+            "sorted_rows": sorted_rows,
+            "gram": y.T @ y,
+            "params": np.array([0.1, 4.0]),
+            "user_ids": users,
+            "user_factors": rng.standard_normal((users.size, N_FACTORS), dtype=np.float32) * 0.1,
+            "heard_offsets": offsets,
+            "heard_rows": rng.integers(0, N_TRACKS, int(offsets[-1]), dtype=np.int32),
+            "list_offsets": lists,
+            "centroids": centroids,
+            "centroid_norms2": norms2,
+        },
+        out,
+    )
 
 
 def make(out: Path, seed: int = 0, factors: bool = True) -> dict:
@@ -90,46 +94,69 @@ def make(out: Path, seed: int = 0, factors: bool = True) -> dict:
     started = time.perf_counter()
     track_ids = np.sort(rng.choice(MAX_TRACK_ID, N_TRACKS, replace=False)).astype(np.int32) + 26
     artist = rng.integers(0, 150_000, N_TRACKS)
-    items = pa.table({
-        "track_id": pa.array(track_ids),
-        "name": pa.array([f"track {t}" for t in track_ids]),
-        "album_ids": _lists(pa.array(artist * 3)),
-        "artist_ids": _lists(pa.array(artist)),
-        "genre_ids": _lists(pa.array(artist % 166)),
-        "albums": _lists(pa.array([f"album {a * 3}" for a in artist])),
-        "artists": _lists(pa.array([f"artist {a}" for a in artist])),
-        "genres": _lists(pa.array([f"genre {a % 166}" for a in artist])),
-    })
+    items = pa.table(
+        {
+            "track_id": pa.array(track_ids),
+            "name": pa.array([f"track {t}" for t in track_ids]),
+            "album_ids": _lists(pa.array(artist * 3)),
+            "artist_ids": _lists(pa.array(artist)),
+            "genre_ids": _lists(pa.array(artist % 166)),
+            "albums": _lists(pa.array([f"album {a * 3}" for a in artist])),
+            "artists": _lists(pa.array([f"artist {a}" for a in artist])),
+            "genres": _lists(pa.array([f"genre {a % 166}" for a in artist])),
+        }
+    )
     io.write_table(items, out / io.ITEMS)
     del items
     log.info("items: %.1f s", time.perf_counter() - started)
 
     popular = track_ids[rng.permutation(N_TRACKS)[:N_POPULAR]]
-    io.write_table(pa.table({
-        "track_id": pa.array(popular),
-        "listeners": pa.array(np.arange(N_POPULAR, 0, -1, dtype=np.int64)),
-        "score": pa.array(np.linspace(1, 0, N_POPULAR, dtype=np.float32)),
-        "rank": pa.array(np.arange(1, N_POPULAR + 1, dtype=np.int32)),
-    }), out / io.TOP_POPULAR, io.POPULAR_SCHEMA)
+    io.write_table(
+        pa.table(
+            {
+                "track_id": pa.array(popular),
+                "listeners": pa.array(np.arange(N_POPULAR, 0, -1, dtype=np.int64)),
+                "score": pa.array(np.linspace(1, 0, N_POPULAR, dtype=np.float32)),
+                "rank": pa.array(np.arange(1, N_POPULAR + 1, dtype=np.int32)),
+            }
+        ),
+        out / io.TOP_POPULAR,
+        io.POPULAR_SCHEMA,
+    )
 
     own = np.repeat(np.arange(N_TRACKS), N_SIMILAR)
     other = rng.integers(0, N_TRACKS - 1, N_TRACKS * N_SIMILAR)
     other = np.where(other >= own, other + 1, other)  # never the track itself
     rank = np.tile(np.arange(1, N_SIMILAR + 1, dtype=np.int16), N_TRACKS)
-    io.write_table(pa.table({
-        "track_id": track_ids[own], "similar_track_id": track_ids[other],
-        "score": (1.0 / rank).astype(np.float32), "rank": rank,
-    }), out / io.SIMILAR, io.SIMILAR_SCHEMA)
+    io.write_table(
+        pa.table(
+            {
+                "track_id": track_ids[own],
+                "similar_track_id": track_ids[other],
+                "score": (1.0 / rank).astype(np.float32),
+                "rank": rank,
+            }
+        ),
+        out / io.SIMILAR,
+        io.SIMILAR_SCHEMA,
+    )
     del own, other, rank
     log.info("similar: %.1f s", time.perf_counter() - started)
 
     users = np.sort(rng.choice(MAX_USER_ID, N_USERS, replace=False)).astype(np.int32)
     rank = np.tile(np.arange(1, N_RECS + 1, dtype=np.int16), N_USERS)
-    io.write_table(pa.table({
-        "user_id": np.repeat(users, N_RECS),
-        "track_id": track_ids[rng.integers(0, N_TRACKS, N_USERS * N_RECS)],
-        "score": (1.0 / rank).astype(np.float32), "rank": rank,
-    }), out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
+    io.write_table(
+        pa.table(
+            {
+                "user_id": np.repeat(users, N_RECS),
+                "track_id": track_ids[rng.integers(0, N_TRACKS, N_USERS * N_RECS)],
+                "score": (1.0 / rank).astype(np.float32),
+                "rank": rank,
+            }
+        ),
+        out / io.RECOMMENDATIONS,
+        io.RECS_SCHEMA,
+    )
     log.info("recommendations: %.1f s", time.perf_counter() - started)
 
     manifest = {
@@ -137,8 +164,10 @@ def make(out: Path, seed: int = 0, factors: bool = True) -> dict:
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "prepared_files": {io.ITEMS: (out / io.ITEMS).stat().st_size},
         "artefacts": {
-            name: {"rows": pq.read_metadata(out / name).num_rows,
-                   "bytes": (out / name).stat().st_size}
+            name: {
+                "rows": pq.read_metadata(out / name).num_rows,
+                "bytes": (out / name).stat().st_size,
+            }
             for name in (io.TOP_POPULAR, io.SIMILAR, io.RECOMMENDATIONS)
         },
     }

@@ -37,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 log = logging.getLogger("bench")
 
 # log lines of the stages worth quoting under the table (sub-step timings)
-DETAIL = re.compile(r"read \d+ events|fitted |search \w+: kept|IVF index|short ANN|"
-                    r"CatBoostRanker:|ranker pairs:|served model|stage \w+: done|metrics@")
+DETAIL = re.compile(
+    r"read \d+ events|fitted |search \w+: kept|IVF index|short ANN|"
+    r"CatBoostRanker:|ranker pairs:|served model|stage \w+: done|metrics@"
+)
 
 
 def _status(field: str) -> int:
@@ -115,10 +117,13 @@ def run_pipeline(args: argparse.Namespace) -> dict:
     return {
         "settings": settings.model_dump(mode="json"),
         "wall_seconds": wall,
-        "peak_bytes": max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                           *stage_peaks]),
-        "stages": {k: {"seconds": v["seconds"], "peak_bytes": v["peak_bytes"]}
-                   for k, v in watch.stages.items()},
+        "peak_bytes": max(
+            [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *stage_peaks]
+        ),
+        "stages": {
+            k: {"seconds": v["seconds"], "peak_bytes": v["peak_bytes"]}
+            for k, v in watch.stages.items()
+        },
         "details": watch.details,
         "metrics": manifest["metrics"],
         "artefacts": manifest["artefacts"],
@@ -152,17 +157,29 @@ def bare_als(args: argparse.Namespace) -> dict:
     prepare = time.perf_counter() - started
     iterations = args.bare_iterations or settings.als_iterations
     model = implicit.cpu.als.AlternatingLeastSquares(
-        factors=params["factors"], regularization=params["regularization"], alpha=1.0,
-        iterations=iterations, random_state=settings.seed, num_threads=settings.threads)
+        factors=params["factors"],
+        regularization=params["regularization"],
+        alpha=1.0,
+        iterations=iterations,
+        random_state=settings.seed,
+        num_threads=settings.threads,
+    )
     started = time.perf_counter()
     with threadpool_limits(limits=1, user_api="blas"):
         model.fit(matrix, show_progress=False)
     fit = time.perf_counter() - started
-    return {"fit_seconds": fit, "prepare_seconds": prepare, "iterations": iterations,
-            "factors": params["factors"], "threads": settings.threads,
-            "users": history.n_users, "tracks": history.n_tracks, "events": history.n_events,
-            # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork
-            "peak_bytes": _status("VmHWM")}
+    return {
+        "fit_seconds": fit,
+        "prepare_seconds": prepare,
+        "iterations": iterations,
+        "factors": params["factors"],
+        "threads": settings.threads,
+        "users": history.n_users,
+        "tracks": history.n_tracks,
+        "events": history.n_events,
+        # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork
+        "peak_bytes": _status("VmHWM"),
+    }
 
 
 def prepare_preset(args: argparse.Namespace) -> None:
@@ -213,8 +230,10 @@ def markdown(label: str, command: str, result: dict) -> str:
     ]
     for stage, v in run["stages"].items():
         lines.append(f"| {stage} | {v['seconds']:.0f} s | {_gb(v['peak_bytes'])} |")
-    lines.append(f"| **whole pipeline** | **{run['wall_seconds']:.0f} s "
-                 f"({run['wall_seconds'] / 60:.1f} min)** | **{_gb(run['peak_bytes'])}** |")
+    lines.append(
+        f"| **whole pipeline** | **{run['wall_seconds']:.0f} s "
+        f"({run['wall_seconds'] / 60:.1f} min)** | **{_gb(run['peak_bytes'])}** |"
+    )
     if bare:
         ratio = run["wall_seconds"] / bare["fit_seconds"]
         lines += [
@@ -229,15 +248,30 @@ def markdown(label: str, command: str, result: dict) -> str:
         ]
     metrics = [m for m in run["metrics"] or [] if m["k"] == 10 and m.get("segment", "all") == "all"]
     if metrics:
-        lines += ["", "| source | NDCG@10 | precision@10 | recall@10 | coverage@10 |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| source | NDCG@10 | precision@10 | recall@10 | coverage@10 |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for m in metrics:
-            lines.append(f"| {m['source']} | {m['ndcg']:.4f} | {m['precision']:.4f} | "
-                         f"{m['recall']:.4f} | {m['coverage']:.4f} |")
-    lines += ["", "Artefacts: " + ", ".join(
-        f"{name} {v['rows']:,} rows / {v['bytes'] / 2**20:.0f} MB" if v["rows"] is not None
-        else f"{name} {v['bytes'] / 2**20:.1f} MB" for name, v in run["artefacts"].items()),
-        "", "<details><summary>timed steps inside the stages</summary>", "", "```"]
+            lines.append(
+                f"| {m['source']} | {m['ndcg']:.4f} | {m['precision']:.4f} | "
+                f"{m['recall']:.4f} | {m['coverage']:.4f} |"
+            )
+    lines += [
+        "",
+        "Artefacts: "
+        + ", ".join(
+            f"{name} {v['rows']:,} rows / {v['bytes'] / 2**20:.0f} MB"
+            if v["rows"] is not None
+            else f"{name} {v['bytes'] / 2**20:.1f} MB"
+            for name, v in run["artefacts"].items()
+        ),
+        "",
+        "<details><summary>timed steps inside the stages</summary>",
+        "",
+        "```",
+    ]
     lines += run["details"] + ["```", "", "</details>", ""]
     return "\n".join(lines)
 
@@ -246,36 +280,62 @@ def main() -> None:
     from musicrec.settings import Preset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parquet-dir", type=Path, required=True,
-                        help="folder with items.parquet and events.parquet; artefacts go here")
+    parser.add_argument(
+        "--parquet-dir",
+        type=Path,
+        required=True,
+        help="folder with items.parquet and events.parquet; artefacts go here",
+    )
     parser.add_argument("--data-dir", type=Path, help="input folder (the three input files)")
-    parser.add_argument("--preset", choices=get_args(Preset),
-                        help="generate this preset into --data-dir and prepare it into "
-                        "--parquet-dir first, unless events.parquet is already there")
+    parser.add_argument(
+        "--preset",
+        choices=get_args(Preset),
+        help="generate this preset into --data-dir and prepare it into "
+        "--parquet-dir first, unless events.parquet is already there",
+    )
     parser.add_argument("--label", default="run", help="name of the run in the report")
     parser.add_argument("--out", type=Path, help="markdown report (printed when missing)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="a Settings field for this run, e.g. als_iterations=8")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a Settings field for this run, e.g. als_iterations=8",
+    )
     parser.add_argument("--skip-bare", action="store_true", help="no bare ALS fit")
-    parser.add_argument("--bare-iterations", type=int, help="iterations of the bare fit "
-                        "(default: the run's als_iterations)")
+    parser.add_argument(
+        "--bare-iterations",
+        type=int,
+        help="iterations of the bare fit (default: the run's als_iterations)",
+    )
     parser.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.bare_only:
         print("BARE " + json.dumps(bare_als(args)), flush=True)
         return
     if args.preset and not (args.parquet_dir / "events.parquet").exists():
         prepare_preset(args)
-    result = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
-              "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    result = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "load_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
     result["pipeline"] = run_pipeline(args)
-    log.info("pipeline: %.0f s, peak %s GB", result["pipeline"]["wall_seconds"],
-             _gb(result["pipeline"]["peak_bytes"]))
+    log.info(
+        "pipeline: %.0f s, peak %s GB",
+        result["pipeline"]["wall_seconds"],
+        _gb(result["pipeline"]["peak_bytes"]),
+    )
     if not args.skip_bare:
-        child = subprocess.run([sys.executable, __file__, "--bare-only", *sys.argv[1:]],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--bare-only", *sys.argv[1:]],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         line = next(x for x in child.stdout.splitlines() if x.startswith("BARE "))
         result["bare_als"] = json.loads(line[5:])
         log.info("bare ALS: %s", result["bare_als"])

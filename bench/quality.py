@@ -40,8 +40,9 @@ def run_one(preset: str, seed: int, work: Path, overrides: dict[str, str]) -> di
     root = work / f"{preset}-{seed}"
     if not (root / "data" / io.INTERACTIONS).exists():
         generate(preset, root / "data", seed=seed)
-    settings = Settings(data_dir=root / "data", parquet_dir=root / "parquet", seed=seed,
-                        **overrides)
+    settings = Settings(
+        data_dir=root / "data", parquet_dir=root / "parquet", seed=seed, **overrides
+    )
     prepare_files(settings.data_dir, settings.parquet_dir, settings)
     started = time.perf_counter()
     manifest = pipeline.run_all(settings)
@@ -50,9 +51,14 @@ def run_one(preset: str, seed: int, work: Path, overrides: dict[str, str]) -> di
     at10 = metrics[(metrics["k"] == 10) & (metrics["segment"] == "all")].set_index("source")
     recall = pd.read_parquet(settings.parquet_dir / io.CANDIDATE_RECALL).set_index("source")
     plain = "als_plain" if "als_plain" in at10.index else "als"
-    row = {"preset": preset, "seed": seed, "winner": manifest["selection"]["winner"],
-           "minutes": round(seconds / 60, 1), "union_recall": recall.loc["union", "recall"],
-           "ceiling": recall.loc["union", "ceiling_ndcg"]}
+    row = {
+        "preset": preset,
+        "seed": seed,
+        "winner": manifest["selection"]["winner"],
+        "minutes": round(seconds / 60, 1),
+        "union_recall": recall.loc["union", "recall"],
+        "ceiling": recall.loc["union", "ceiling_ndcg"],
+    }
     for source in at10.index:
         row[source] = at10.loc[source, "ndcg"]
         row[f"{source}_low"] = at10.loc[source, "ndcg_low"]
@@ -91,18 +97,30 @@ def report(rows: list[dict], overrides: dict[str, str]) -> str:
             f"| {r['preset']} | {r['seed']} | {_interval(r, 'served')} ({r['winner']}) | "
             f"{_interval(r, 'popular')} | {_interval(r, plain)} | {_interval(r, 'ranker')} | "
             f"{r['served/popular']:.2f}× | {r['served/plain_als']:.2f}× | "
-            f"{r['union_recall']:.1%} | {r['ceiling']:.4f} | {r['minutes']} |")
-    lines += ["", "Each source alone (NDCG@10 on the test period):", "",
-              "| preset | seed | popular | als | item_knn | ease | artist |",
-              "|---|---|---|---|---|---|---|"]
+            f"{r['union_recall']:.1%} | {r['ceiling']:.4f} | {r['minutes']} |"
+        )
+    lines += [
+        "",
+        "Each source alone (NDCG@10 on the test period):",
+        "",
+        "| preset | seed | popular | als | item_knn | ease | artist |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['seed']} | " + " | ".join(
-            f"{r[s]:.4f}" if s in r else "–"
-            for s in ("popular", "als", "item_knn", "ease", "artist")) + " |")
+        lines.append(
+            f"| {r['preset']} | {r['seed']} | "
+            + " | ".join(
+                f"{r[s]:.4f}" if s in r else "–"
+                for s in ("popular", "als", "item_knn", "ease", "artist")
+            )
+            + " |"
+        )
     lines += ["", "What validation chose:", ""]
     for r in rows:
-        lines.append(f"- {r['preset']} seed {r['seed']}: " + "; ".join(
-            f"{name} {params}" for name, params in r["chosen"].items()))
+        lines.append(
+            f"- {r['preset']} seed {r['seed']}: "
+            + "; ".join(f"{name} {params}" for name, params in r["chosen"].items())
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -112,8 +130,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--work", type=Path, default=Path("/tmp/musicrec-quality"))
     parser.add_argument("--out", type=Path, help="markdown file for the table")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="settings overrides, e.g. search_trials=4")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="settings overrides, e.g. search_trials=4",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = dict(item.split("=", 1) for item in args.set)

@@ -57,15 +57,29 @@ end
 """
 
 
-def run_wrk(url: str, script: str, connections: int, duration: float, work: Path
-            ) -> dict[str, float]:
+def run_wrk(
+    url: str, script: str, connections: int, duration: float, work: Path
+) -> dict[str, float]:
     """One wrk run of a Lua script: p50/p99 (ms), requests/s, non-2xx answers."""
     path = work / "script.lua"
     path.write_text(script)
     done = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-         "--timeout", "5s", "-s", str(path), url],
-        capture_output=True, text=True, timeout=duration + 60, check=True,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            "-s",
+            str(path),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
     )
     text = done.stdout
 
@@ -77,9 +91,12 @@ def run_wrk(url: str, script: str, connections: int, duration: float, work: Path
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
-    return {"p50_ms": latency("50"), "p99_ms": latency("99"),
-            "rps": float(rps.group(1)) if rps else 0.0,
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+    return {
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
 
 
 def get_script(paths: list[str]) -> str:
@@ -93,12 +110,15 @@ def store_latency(url: str, threads: int, seconds: float) -> dict[str, dict[str,
     for user in range(200):
         store.add(user, list(range(20)))
     results = {}
-    for name, call in (("store_get", lambda u: store.get(u)),
-                       ("store_append", lambda u: store.append(u, [7]))):
+    for name, call in (
+        ("store_get", lambda u: store.get(u)),
+        ("store_append", lambda u: store.append(u, [7])),
+    ):
         times: list[list[float]] = [[] for _ in range(threads)]
 
-        def work(index: int, call: Callable[[int], object] = call,
-                 times: list[list[float]] = times) -> None:
+        def work(
+            index: int, call: Callable[[int], object] = call, times: list[list[float]] = times
+        ) -> None:
             end = time.perf_counter() + seconds
             user = index
             while time.perf_counter() < end:
@@ -113,30 +133,50 @@ def store_latency(url: str, threads: int, seconds: float) -> dict[str, dict[str,
         for thread in pool:
             thread.join()
         flat = np.sort(np.concatenate([np.array(t) for t in times]))
-        results[name] = {"p50_ms": float(np.percentile(flat, 50)),
-                         "p99_ms": float(np.percentile(flat, 99)),
-                         "rps": flat.size / seconds, "non_2xx": 0}
+        results[name] = {
+            "p50_ms": float(np.percentile(flat, 50)),
+            "p99_ms": float(np.percentile(flat, 99)),
+            "rps": flat.size / seconds,
+            "non_2xx": 0,
+        }
     store.close()
     return results
 
 
-def measure(backend: str, history_url: str, args: argparse.Namespace, work: Path
-            ) -> list[dict[str, Any]]:
-    env = {"MUSICREC_PARQUET_DIR": str(args.parquet_dir), "MUSICREC_HISTORY_URL": history_url,
-           "MUSICREC_RELOAD_POLL_SECONDS": "0", "OPENBLAS_NUM_THREADS": "1"}
+def measure(
+    backend: str, history_url: str, args: argparse.Namespace, work: Path
+) -> list[dict[str, Any]]:
+    env = {
+        "MUSICREC_PARQUET_DIR": str(args.parquet_dir),
+        "MUSICREC_HISTORY_URL": history_url,
+        "MUSICREC_RELOAD_POLL_SECONDS": "0",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
     service = Server("recommendation_service:app", env, 1, work / f"{backend}.log")
     service.start("/health")
     try:
         kinds = user_mix(args.parquet_dir, service, seed=1)
         mix = [p for paths in kinds.values() for p in paths]
-        with_history = [p.replace("/recommendations/", "/history/")
-                        for p in kinds["online"] + kinds["both"]]
-        tracks = pq.read_table(args.parquet_dir / "top_popular.parquet",
-                               columns=["track_id"]).column(0).to_pylist()
-        scripts = {"recommendations": get_script(mix), "history_get": get_script(with_history),
-                   "history_post": POST_LUA % ",".join(str(t) for t in tracks[:500])}
-        rounds = [{name: run_wrk(service.url, script, args.connections, args.duration, work)
-                   for name, script in scripts.items()} for _ in range(args.runs)]
+        with_history = [
+            p.replace("/recommendations/", "/history/") for p in kinds["online"] + kinds["both"]
+        ]
+        tracks = (
+            pq.read_table(args.parquet_dir / "top_popular.parquet", columns=["track_id"])
+            .column(0)
+            .to_pylist()
+        )
+        scripts = {
+            "recommendations": get_script(mix),
+            "history_get": get_script(with_history),
+            "history_post": POST_LUA % ",".join(str(t) for t in tracks[:500]),
+        }
+        rounds = [
+            {
+                name: run_wrk(service.url, script, args.connections, args.duration, work)
+                for name, script in scripts.items()
+            }
+            for _ in range(args.runs)
+        ]
     finally:
         service.stop()
     for row in rounds:  # the store alone, with the service stopped
@@ -161,19 +201,22 @@ def main() -> None:
     results["load_after"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    print(f"{args.connections} connections, {args.runs} rounds of {args.duration:g} s, "
-          f"median over rounds; load average before {results['load_before'][0]:.2f}, "
-          f"after {results['load_after'][0]:.2f} (2 cores, shared)\n")
+    print(
+        f"{args.connections} connections, {args.runs} rounds of {args.duration:g} s, "
+        f"median over rounds; load average before {results['load_before'][0]:.2f}, "
+        f"after {results['load_after'][0]:.2f} (2 cores, shared)\n"
+    )
     print("| backend | endpoint | p50 ms | p99 ms | req/s | non-2xx |")
     print("|---|---|---|---|---|---|")
     for backend in ("redis", "sqlite"):
-        for name in ("recommendations", "history_get", "history_post", "store_get",
-                     "store_append"):
+        for name in ("recommendations", "history_get", "history_post", "store_get", "store_append"):
             rows = [r[name] for r in results[backend]]
-            print(f"| {backend} | {name} | {statistics.median(r['p50_ms'] for r in rows):.2f} "
-                  f"| {statistics.median(r['p99_ms'] for r in rows):.2f} "
-                  f"| {statistics.median(r['rps'] for r in rows):.0f} "
-                  f"| {sum(r['non_2xx'] for r in rows)} |")
+            print(
+                f"| {backend} | {name} | {statistics.median(r['p50_ms'] for r in rows):.2f} "
+                f"| {statistics.median(r['p99_ms'] for r in rows):.2f} "
+                f"| {statistics.median(r['rps'] for r in rows):.0f} "
+                f"| {sum(r['non_2xx'] for r in rows)} |"
+            )
 
 
 if __name__ == "__main__":

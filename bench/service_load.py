@@ -102,10 +102,29 @@ class Server:
         started = time.perf_counter()
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "uvicorn", self.app, "--host", HOST, "--port", str(self.port),
-                 "--workers", str(self.workers), "--log-level", "warning",
-                 "--loop", "uvloop", "--http", "httptools", "--no-access-log"],
-                cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    PYTHON,
+                    "-m",
+                    "uvicorn",
+                    self.app,
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                    "--log-level",
+                    "warning",
+                    "--loop",
+                    "uvloop",
+                    "--http",
+                    "httptools",
+                    "--no-access-log",
+                ],
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         while time.perf_counter() - started < timeout:
@@ -134,8 +153,11 @@ class Server:
         assert self.proc is not None
         pids = tree_pids(self.proc.pid)
         if self.workers > 1:  # the spawned workers, not multiprocessing's resource tracker
-            pids = [pid for pid in pids[1:]
-                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            pids = [
+                pid
+                for pid in pids[1:]
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
         return [proc_status(pid) for pid in pids]
 
     def stop(self) -> None:
@@ -156,7 +178,7 @@ def user_mix(parquet_dir: Path, service: Server, seed: int) -> dict[str, list[st
     users = sorted(set(recs.read_row_group(0, columns=["user_id"]).column(0).to_pylist()))
     rng.shuffle(users)
     n = min(N_USERS_PER_KIND, len(users) // 2)
-    offline_only, both = users[:n], users[n:2 * n]
+    offline_only, both = users[:n], users[n : 2 * n]
     items = pq.ParquetFile(parquet_dir / "items.parquet")
     tracks = items.read_row_group(0, columns=["track_id"]).column(0).to_pylist()
     popular = pq.read_table(parquet_dir / "top_popular.parquet", columns=["track_id"])
@@ -169,8 +191,15 @@ def user_mix(parquet_dir: Path, service: Server, seed: int) -> dict[str, list[st
             listened = rng.sample(tracks, rng.randint(1, 20))
             response = session.post(f"{service.url}/history/{user}", json=listened, timeout=30)
             response.raise_for_status()
-    return {kind: [f"/recommendations/{u}" for u in group] for kind, group in
-            (("new", new), ("offline", offline_only), ("online", online_only), ("both", both))}
+    return {
+        kind: [f"/recommendations/{u}" for u in group]
+        for kind, group in (
+            ("new", new),
+            ("offline", offline_only),
+            ("online", online_only),
+            ("both", both),
+        )
+    }
 
 
 LUA = """
@@ -184,16 +213,29 @@ end
 """
 
 
-def wrk(url: str, paths: list[str], connections: int, duration: float, work: Path
-        ) -> dict[str, float]:
+def wrk(
+    url: str, paths: list[str], connections: int, duration: float, work: Path
+) -> dict[str, float]:
     """One wrk run cycling through ``paths``: p50/p99 (ms), requests/s, errors."""
     script = work / f"paths_{abs(hash(tuple(paths)))}.lua"
     if not script.exists():
         script.write_text(LUA % ",".join(json.dumps(p) for p in paths))
     done = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-         "--timeout", "5s", "-s", str(script), url],
-        capture_output=True, text=True, timeout=duration + 60,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
     )
     text = done.stdout
     if done.returncode != 0:
@@ -209,44 +251,61 @@ def wrk(url: str, paths: list[str], connections: int, duration: float, work: Pat
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     socket_errors = re.search(r"Socket errors: (.*)", text)
-    return {"p50_ms": latency("50"), "p99_ms": latency("99"), "rps": rps,
-            "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-            "socket_errors": socket_errors.group(1) if socket_errors else ""}
+    return {
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "rps": rps,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
 
 
 def median_of(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-KIND_NAMES = {"offline": "offline list only", "both": "offline + online history (blend)",
-              "online": "online history only", "new": "neither (popular)"}
+KIND_NAMES = {
+    "offline": "offline list only",
+    "both": "offline + online history (blend)",
+    "online": "online history only",
+    "new": "neither (popular)",
+}
 
 
-def measure_round(service: Server, bare: Server, kinds: dict[str, list[str]],
-                  others: dict[str, list[str]], args: argparse.Namespace, work: Path
-                  ) -> dict[str, Any]:
+def measure_round(
+    service: Server,
+    bare: Server,
+    kinds: dict[str, list[str]],
+    others: dict[str, list[str]],
+    args: argparse.Namespace,
+    work: Path,
+) -> dict[str, Any]:
     """One round: per connection count the bare endpoint, each kind alone, the bare again."""
     row: dict[str, Any] = {}
     bare_paths = [f"/bare/{i}" for i in range(1000)]
     for connections in (4, 16):
         before = wrk(bare.url, bare_paths, connections, args.duration, work)
         for kind, paths in kinds.items():
-            row[f"{kind}_c{connections}"] = wrk(service.url, paths, connections,
-                                                args.duration, work)
+            row[f"{kind}_c{connections}"] = wrk(
+                service.url, paths, connections, args.duration, work
+            )
         after = wrk(bare.url, bare_paths, connections, args.duration, work)
         row[f"bare_c{connections}"] = {
             "rps": (before["rps"] + after["rps"]) / 2,
             "p50_ms": (before["p50_ms"] + after["p50_ms"]) / 2,
             "p99_ms": (before["p99_ms"] + after["p99_ms"]) / 2,
-            "non_2xx": before["non_2xx"] + after["non_2xx"], "before": before, "after": after,
+            "non_2xx": before["non_2xx"] + after["non_2xx"],
+            "before": before,
+            "after": after,
         }
     for name, paths in others.items():
         row[f"{name}_c4"] = wrk(service.url, paths, 4, args.kind_duration, work)
     return row
 
 
-def memory_phase(env: dict[str, str], workers: int, mix: list[str], work: Path,
-                 seconds: float) -> dict[str, Any]:
+def memory_phase(
+    env: dict[str, str], workers: int, mix: list[str], work: Path, seconds: float
+) -> dict[str, Any]:
     """Start ``workers`` workers on the same artefacts, load them with the mix for a while,
     and read each worker's memory (the one-worker server is stopped before: one full-size
     server at a time)."""
@@ -256,8 +315,12 @@ def memory_phase(env: dict[str, str], workers: int, mix: list[str], work: Path,
         time.sleep(1.0)  # every worker past its lifespan start-up
         at_start = server.worker_memory()
         wrk(server.url, mix, 8, seconds, work)
-        return {"workers": workers, "startup_seconds": round(started, 2),
-                "at_start": at_start, "after_load": server.worker_memory()}
+        return {
+            "workers": workers,
+            "startup_seconds": round(started, 2),
+            "at_start": at_start,
+            "after_load": server.worker_memory(),
+        }
     finally:
         server.stop()
 
@@ -267,21 +330,30 @@ def main() -> None:
     parser.add_argument("--parquet-dir", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5, help="seconds per wrk run")
-    parser.add_argument("--kind-duration", type=float, default=3,
-                        help="seconds per run of the other endpoints")
-    parser.add_argument("--memory-workers", type=int, default=2,
-                        help="workers of the memory phase (0: skip it)")
-    parser.add_argument("--memory-seconds", type=float, default=10,
-                        help="seconds of mixed load before the memory is read")
+    parser.add_argument(
+        "--kind-duration", type=float, default=3, help="seconds per run of the other endpoints"
+    )
+    parser.add_argument(
+        "--memory-workers", type=int, default=2, help="workers of the memory phase (0: skip it)"
+    )
+    parser.add_argument(
+        "--memory-seconds",
+        type=float,
+        default=10,
+        help="seconds of mixed load before the memory is read",
+    )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
 
     work = Path(tempfile.mkdtemp(prefix="service_load_"))
-    env = {"MUSICREC_PARQUET_DIR": str(args.parquet_dir.resolve()),
-           "MUSICREC_HISTORY_URL": f"sqlite:///{work}/history.db",
-           "MUSICREC_RELOAD_POLL_SECONDS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    env = {
+        "MUSICREC_PARQUET_DIR": str(args.parquet_dir.resolve()),
+        "MUSICREC_HISTORY_URL": f"sqlite:///{work}/history.db",
+        "MUSICREC_RELOAD_POLL_SECONDS": "0",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
     service = Server("recommendation_service:app", env, 1, work / "service.log")
     bare = Server("bench.bare_app:app", env, 1, work / "bare.log")
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
@@ -299,9 +371,12 @@ def main() -> None:
         root = requests.get(service.url + "/", timeout=10).json()
         results["load_seconds"] = root.get("load_seconds")
         results["mapped"] = root.get("mapped")
-        print(f"start-up {results['startup_seconds']} s (artefacts {results['load_seconds']} s,"
-              f" mapped {results['mapped']}), RSS {results['startup_rss_gib']} GiB, peak "
-              f"{results['startup_peak_rss_gib']} GiB", flush=True)
+        print(
+            f"start-up {results['startup_seconds']} s (artefacts {results['load_seconds']} s,"
+            f" mapped {results['mapped']}), RSS {results['startup_rss_gib']} GiB, peak "
+            f"{results['startup_peak_rss_gib']} GiB",
+            flush=True,
+        )
         bare.start("/bare/1")
         kinds = user_mix(args.parquet_dir, service, seed=0)
         tracks = requests.get(service.url + "/top_popular/100", timeout=10).json()
@@ -314,11 +389,16 @@ def main() -> None:
             assert requests.get(service.url + paths[0], timeout=10).status_code == 200, paths[0]
         rounds: list[dict[str, Any]] = []
         for run in range(args.runs):
-            row = {"run": run + 1, "loadavg": os.getloadavg(),
-                   **measure_round(service, bare, kinds, others, args, work)}
+            row = {
+                "run": run + 1,
+                "loadavg": os.getloadavg(),
+                **measure_round(service, bare, kinds, others, args, work),
+            }
             rounds.append(row)
-            print(json.dumps({k: (v["rps"] if isinstance(v, dict) else v)
-                              for k, v in row.items()}), flush=True)
+            print(
+                json.dumps({k: (v["rps"] if isinstance(v, dict) else v) for k, v in row.items()}),
+                flush=True,
+            )
         results["rounds"] = rounds
         memory = service.memory()
         results["rss_after_gib"] = round(memory["VmRSS"] / 2**30, 3)
@@ -328,8 +408,7 @@ def main() -> None:
         bare.stop()
     if args.memory_workers > 0:
         # the history written above stays in the same store: the workers see the same users
-        results["memory"] = memory_phase(env, args.memory_workers, mix, work,
-                                         args.memory_seconds)
+        results["memory"] = memory_phase(env, args.memory_workers, mix, work, args.memory_seconds)
     results["loadavg_after"] = os.getloadavg()
     report(results)
     if args.json:
@@ -341,15 +420,20 @@ def report(results: dict[str, Any]) -> None:
     """Medians over the rounds, as Markdown tables."""
     rounds = results["rounds"]
     loads = ", ".join(f"{r['loadavg'][0]:.1f}" for r in rounds)
-    print(f"\n{results['date']}, {results['machine']}, load average before "
-          f"{results['loadavg_before'][0]:.1f}, per round {loads}, after "
-          f"{results['loadavg_after'][0]:.1f}; {len(rounds)} rounds (medians)\n")
-    print(f"start-up to healthy: {results['startup_seconds']} s (artefacts "
-          f"{results['load_seconds']} s, mapped: {results['mapped']}); RSS "
-          f"{results['startup_rss_gib']} GiB (peak {results['startup_peak_rss_gib']} GiB); "
-          f"after the load {results['rss_after_gib']} GiB\n")
-    print("| kind of user | rps c16 | x bare async (same round) | p99 c4 ms | p99 c16 ms |"
-          " errors |")
+    print(
+        f"\n{results['date']}, {results['machine']}, load average before "
+        f"{results['loadavg_before'][0]:.1f}, per round {loads}, after "
+        f"{results['loadavg_after'][0]:.1f}; {len(rounds)} rounds (medians)\n"
+    )
+    print(
+        f"start-up to healthy: {results['startup_seconds']} s (artefacts "
+        f"{results['load_seconds']} s, mapped: {results['mapped']}); RSS "
+        f"{results['startup_rss_gib']} GiB (peak {results['startup_peak_rss_gib']} GiB); "
+        f"after the load {results['rss_after_gib']} GiB\n"
+    )
+    print(
+        "| kind of user | rps c16 | x bare async (same round) | p99 c4 ms | p99 c16 ms | errors |"
+    )
     print("|---|---|---|---|---|---|")
     for kind in (*KIND_NAMES, "bare"):
         c4 = [r[f"{kind}_c4"] for r in rounds]
@@ -357,11 +441,16 @@ def report(results: dict[str, Any]) -> None:
         ratios = [r[f"{kind}_c16"]["rps"] / r["bare_c16"]["rps"] for r in rounds]
         errors = sum(x["non_2xx"] for x in c4 + c16)
         name = KIND_NAMES.get(kind, "bare `async def`, 25 ints")
-        print(f"| {name} | {median_of(c16, 'rps'):.0f} | {statistics.median(ratios):.2f} "
-              f"({', '.join(f'{x:.2f}' for x in ratios)}) | {median_of(c4, 'p99_ms'):.2f} | "
-              f"{median_of(c16, 'p99_ms'):.2f} | {errors} |")
-    others = [k[:-3] for k in rounds[0] if k.endswith("_c4") and k[:-3] not in KIND_NAMES
-              and k != "bare_c4"]
+        print(
+            f"| {name} | {median_of(c16, 'rps'):.0f} | {statistics.median(ratios):.2f} "
+            f"({', '.join(f'{x:.2f}' for x in ratios)}) | {median_of(c4, 'p99_ms'):.2f} | "
+            f"{median_of(c16, 'p99_ms'):.2f} | {errors} |"
+        )
+    others = [
+        k[:-3]
+        for k in rounds[0]
+        if k.endswith("_c4") and k[:-3] not in KIND_NAMES and k != "bare_c4"
+    ]
     if others:
         print("\n| other endpoint | rps c4 | p99 c4 ms |\n|---|---|---|")
         for name in others:
@@ -369,13 +458,18 @@ def report(results: dict[str, Any]) -> None:
             print(f"| {name} | {median_of(rows, 'rps'):.0f} | {median_of(rows, 'p99_ms'):.2f} |")
     memory = results.get("memory")
     if memory:
-        print(f"\nmemory, {memory['workers']} workers (start-up {memory['startup_seconds']} s), "
-              "MiB per worker: RSS / private (RssAnon) / PSS")
+        print(
+            f"\nmemory, {memory['workers']} workers (start-up {memory['startup_seconds']} s), "
+            "MiB per worker: RSS / private (RssAnon) / PSS"
+        )
         print("\n| worker | at start | after mixed load |\n|---|---|---|")
-        for i, (start, after) in enumerate(zip(memory["at_start"], memory["after_load"],
-                                               strict=True)):
-            cells = [" / ".join(f"{m.get(k, 0) / 2**20:.0f}" for k in ("VmRSS", "RssAnon", "Pss"))
-                     for m in (start, after)]
+        for i, (start, after) in enumerate(
+            zip(memory["at_start"], memory["after_load"], strict=True)
+        ):
+            cells = [
+                " / ".join(f"{m.get(k, 0) / 2**20:.0f}" for k in ("VmRSS", "RssAnon", "Pss"))
+                for m in (start, after)
+            ]
             print(f"| {i + 1} | {cells[0]} | {cells[1]} |")
 
 

@@ -71,8 +71,9 @@ class Window:
 
 
 class Soak:
-    def __init__(self, url: str, paths: dict[str, list], tracks: list[int], rps: float,
-                 seed: int) -> None:
+    def __init__(
+        self, url: str, paths: dict[str, list], tracks: list[int], rps: float, seed: int
+    ) -> None:
         self.url = url
         self.paths = paths
         self.tracks = tracks
@@ -109,22 +110,25 @@ class Soak:
         if draw < 0.85:  # a retry with the same Idempotency-Key: the first answer, no new row
             events = rng.sample(self.tracks, rng.randint(1, 3))
             key = {"Idempotency-Key": str(uuid.UUID(int=rng.getrandbits(128)))}
-            first = session.post(f"{self.url}/history/{user}", json=events, headers=key,
-                                 timeout=30)
-            again = session.post(f"{self.url}/history/{user}", json=events, headers=key,
-                                 timeout=30)
-            ok = (first.status_code == again.status_code == 200
-                  and again.json() == first.json()
-                  and again.headers.get("Idempotent-Replayed") == "true")
+            first = session.post(f"{self.url}/history/{user}", json=events, headers=key, timeout=30)
+            again = session.post(f"{self.url}/history/{user}", json=events, headers=key, timeout=30)
+            ok = (
+                first.status_code == again.status_code == 200
+                and again.json() == first.json()
+                and again.headers.get("Idempotent-Replayed") == "true"
+            )
             return ok, True, f"retry -> {first.status_code}, {again.status_code}"
         if draw < 0.94:
-            response = session.get(f"{self.url}/history/{user}", params={"limit": 50},
-                                   timeout=30)
+            response = session.get(f"{self.url}/history/{user}", params={"limit": 50}, timeout=30)
             ok = response.status_code == 200 and len(response.json()) <= 50
             return ok, False, f"history page -> {response.status_code}"
         if draw < 0.95:  # an oversized body: refused with 413 before it is parsed
-            response = session.post(f"{self.url}/history/{user}", data=self.oversized,
-                                    headers={"Content-Type": "application/json"}, timeout=30)
+            response = session.post(
+                f"{self.url}/history/{user}",
+                data=self.oversized,
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
             return response.status_code == 413, False, f"oversized -> {response.status_code}"
         track = rng.choice(self.tracks)
         response = session.get(f"{self.url}/similar/10?track_id={track}", timeout=30)
@@ -157,8 +161,9 @@ class Soak:
         return window
 
 
-def prepare(url: str, parquet_dir: Path, seed: int, users_per_kind: int = N_USERS
-            ) -> tuple[dict[str, list], list[int]]:
+def prepare(
+    url: str, parquet_dir: Path, seed: int, users_per_kind: int = N_USERS
+) -> tuple[dict[str, list], list[int]]:
     """Paths per kind of user; gives the online and both users a history first."""
     rng = random.Random(seed)
     recs = pq.ParquetFile(parquet_dir / "recommendations.parquet")
@@ -168,12 +173,17 @@ def prepare(url: str, parquet_dir: Path, seed: int, users_per_kind: int = N_USER
     popular = pq.read_table(parquet_dir / "top_popular.parquet", columns=["track_id"])
     tracks = popular.column(0).to_pylist()[:5_000]
     top = 2_000_000_000
-    groups = {"new": list(range(top, top + n)), "offline": users[:n],
-              "online": list(range(top + n, top + 2 * n)), "both": users[n:2 * n]}
+    groups = {
+        "new": list(range(top, top + n)),
+        "offline": users[:n],
+        "online": list(range(top + n, top + 2 * n)),
+        "both": users[n : 2 * n],
+    }
     with requests.Session() as session:
         for user in groups["online"] + groups["both"]:
-            session.post(f"{url}/history/{user}", json=rng.sample(tracks, 5),
-                         timeout=30).raise_for_status()
+            session.post(
+                f"{url}/history/{user}", json=rng.sample(tracks, 5), timeout=30
+            ).raise_for_status()
     paths: dict[str, list] = {k: [f"/recommendations/{u}" for u in v] for k, v in groups.items()}
     paths["writers"] = groups["online"] + list(range(top + 2 * n, top + 3 * n))
     return paths, tracks
@@ -193,7 +203,8 @@ def summarize(rows: list[dict[str, Any]], latencies: list[float]) -> dict[str, A
         "writes": sum(r["writes"] for r in rows),
         "errors": sum(r["errors"] for r in rows),
         "p99_ms": _p99_ms(latencies),
-        "rss_first_mib": first, "rss_last_mib": last,
+        "rss_first_mib": first,
+        "rss_last_mib": last,
         "rss_growth_mib": round(last - first, 1),
         "rss_max_mib": max((r["rss_mib"] for r in rows), default=0.0),
         "samples": [s for r in rows for s in r["samples"]][:5],
@@ -206,40 +217,59 @@ def check(summary: dict[str, Any], bounds: Bounds) -> list[str]:
     if summary["requests"] == 0:
         problems.append("no request was made")
     if summary["errors"] > bounds.max_errors:
-        problems.append(f"{summary['errors']} failed requests (at most {bounds.max_errors}; "
-                        f"e.g. {summary['samples']})")
+        problems.append(
+            f"{summary['errors']} failed requests (at most {bounds.max_errors}; "
+            f"e.g. {summary['samples']})"
+        )
     if summary["p99_ms"] > bounds.max_p99_ms:
         problems.append(f"p99 {summary['p99_ms']} ms above {bounds.max_p99_ms} ms")
     if summary["rss_growth_mib"] > bounds.max_rss_growth_mib:
-        problems.append(f"RSS grew {summary['rss_growth_mib']} MiB after the warm-up "
-                        f"(at most {bounds.max_rss_growth_mib} MiB)")
+        problems.append(
+            f"RSS grew {summary['rss_growth_mib']} MiB after the warm-up "
+            f"(at most {bounds.max_rss_growth_mib} MiB)"
+        )
     return problems
 
 
-def run_soak(parquet_dir: Path, seconds: float, *, rps: float = 400.0, threads: int = 8,
-             interval: float = 30.0, workers: int = 1, seed: int = 0,
-             bounds: Bounds | None = None, report: Callable[[str], None] = print,
-             users_per_kind: int = N_USERS) -> dict[str, Any]:
+def run_soak(
+    parquet_dir: Path,
+    seconds: float,
+    *,
+    rps: float = 400.0,
+    threads: int = 8,
+    interval: float = 30.0,
+    workers: int = 1,
+    seed: int = 0,
+    bounds: Bounds | None = None,
+    report: Callable[[str], None] = print,
+    users_per_kind: int = N_USERS,
+) -> dict[str, Any]:
     """Start the service, run the mixed load for ``seconds``, stop it; the summary, or
     SoakFailed naming every bound passed (the server log is then kept)."""
     bounds = bounds or Bounds()
     work = Path(tempfile.mkdtemp(prefix="soak_"))
-    env = {"MUSICREC_PARQUET_DIR": str(Path(parquet_dir).resolve()),
-           "MUSICREC_HISTORY_URL": f"sqlite:///{work}/history.db",
-           "MUSICREC_RELOAD_POLL_SECONDS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    env = {
+        "MUSICREC_PARQUET_DIR": str(Path(parquet_dir).resolve()),
+        "MUSICREC_HISTORY_URL": f"sqlite:///{work}/history.db",
+        "MUSICREC_RELOAD_POLL_SECONDS": "0",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
     server = Server("recommendation_service:app", env, workers, work / "server.log")
     startup = server.start("/health")
     assert urlsplit(server.url).hostname == "127.0.0.1"
-    report(f"service up in {startup:.1f} s; RSS {server.memory()['VmRSS'] / 2**20:.0f} MiB; "
-           f"log {work / 'server.log'}")
+    report(
+        f"service up in {startup:.1f} s; RSS {server.memory()['VmRSS'] / 2**20:.0f} MiB; "
+        f"log {work / 'server.log'}"
+    )
     rows: list[dict[str, Any]] = []
     latencies: list[float] = []
     warm_up: list[float] = []
     try:
         paths, tracks = prepare(server.url, Path(parquet_dir), seed, users_per_kind)
         soak = Soak(server.url, paths, tracks, rps, seed)
-        clients = [threading.Thread(target=soak.client, args=(i,), daemon=True)
-                   for i in range(threads)]
+        clients = [
+            threading.Thread(target=soak.client, args=(i,), daemon=True) for i in range(threads)
+        ]
         started = time.monotonic()
         for thread in clients:
             thread.start()
@@ -253,31 +283,43 @@ def run_soak(parquet_dir: Path, seconds: float, *, rps: float = 400.0, threads: 
             lat = sorted(window.latencies) or [0.0]
             row = {
                 "minute": round((time.monotonic() - started) / 60, 2),
-                "requests": window.requests, "writes": window.writes, "errors": window.errors,
+                "requests": window.requests,
+                "writes": window.writes,
+                "errors": window.errors,
                 "rps": round(window.requests / interval, 1),
-                "p50_ms": round(statistics.median(lat) * 1000, 2), "p99_ms": _p99_ms(lat),
+                "p50_ms": round(statistics.median(lat) * 1000, 2),
+                "p99_ms": _p99_ms(lat),
                 "rss_mib": round(server.memory()["VmRSS"] / 2**20, 1),
                 "samples": window.samples,
             }
             rows.append(row)
-            report(f"| {row['minute']} | {row['requests']} | {row['writes']} | "
-                   f"{row['errors']} | {row['rps']} | {row['p50_ms']} | {row['p99_ms']} | "
-                   f"{row['rss_mib']} |" + (f" {window.samples}" if window.samples else ""))
+            report(
+                f"| {row['minute']} | {row['requests']} | {row['writes']} | "
+                f"{row['errors']} | {row['rps']} | {row['p50_ms']} | {row['p99_ms']} | "
+                f"{row['rss_mib']} |" + (f" {window.samples}" if window.samples else "")
+            )
         soak.stop.set()
         for thread in clients:
             thread.join(60)
     finally:
         server.stop()
-    summary = {**summarize(rows, latencies or warm_up),
-               "startup_seconds": round(startup, 2), "rows": rows, "bounds": vars(bounds)}
-    report(f"{summary['requests']} requests ({summary['writes']} writes) in {seconds:.0f} s, "
-           f"{summary['errors']} errors, p99 {summary['p99_ms']} ms after the warm-up; RSS "
-           f"{summary['rss_first_mib']} -> {summary['rss_last_mib']} MiB "
-           f"({summary['rss_growth_mib']:+.1f}), max {summary['rss_max_mib']} MiB")
+    summary = {
+        **summarize(rows, latencies or warm_up),
+        "startup_seconds": round(startup, 2),
+        "rows": rows,
+        "bounds": vars(bounds),
+    }
+    report(
+        f"{summary['requests']} requests ({summary['writes']} writes) in {seconds:.0f} s, "
+        f"{summary['errors']} errors, p99 {summary['p99_ms']} ms after the warm-up; RSS "
+        f"{summary['rss_first_mib']} -> {summary['rss_last_mib']} MiB "
+        f"({summary['rss_growth_mib']:+.1f}), max {summary['rss_max_mib']} MiB"
+    )
     problems = check(summary, bounds)
     if problems:
-        raise SoakFailed(f"soak out of bounds (server log kept: {work / 'server.log'}): "
-                         + "; ".join(problems))
+        raise SoakFailed(
+            f"soak out of bounds (server log kept: {work / 'server.log'}): " + "; ".join(problems)
+        )
     shutil.rmtree(work, ignore_errors=True)  # kept (server.log) only when something failed
     return summary
 
@@ -300,16 +342,25 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bounds = Bounds(args.max_errors, args.max_p99_ms, args.max_rss_growth_mib)
     try:
-        summary = run_soak(args.parquet_dir, args.minutes * 60, rps=args.rps,
-                           threads=args.threads, interval=args.interval, workers=args.workers,
-                           seed=args.seed, bounds=bounds, report=log.info,
-                           users_per_kind=args.users_per_kind)
+        summary = run_soak(
+            args.parquet_dir,
+            args.minutes * 60,
+            rps=args.rps,
+            threads=args.threads,
+            interval=args.interval,
+            workers=args.workers,
+            seed=args.seed,
+            bounds=bounds,
+            report=log.info,
+            users_per_kind=args.users_per_kind,
+        )
     except SoakFailed as exc:
         log.error("%s", exc)
         sys.exit(1)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         **summary}, indent=2))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **summary}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -61,17 +61,20 @@ class PeakMemory:
         return self.peak
 
 
-def test_truth(events: pd.DataFrame, test_start: int, users: int, seed: int
-               ) -> tuple[np.ndarray, dict[int, set[int]]]:
+def test_truth(
+    events: pd.DataFrame, test_start: int, users: int, seed: int
+) -> tuple[np.ndarray, dict[int, set[int]]]:
     """A seeded sample of test users with history, and each one's new test-period tracks."""
     days = events[C.day].to_numpy()
     before, after = events[days < test_start], events[days >= test_start]
-    heard = set(zip(before[C.user].to_numpy().tolist(), before[C.track].to_numpy().tolist(),
-                    strict=True))
+    heard = set(
+        zip(before[C.user].to_numpy().tolist(), before[C.track].to_numpy().tolist(), strict=True)
+    )
     known = set(before[C.user].unique().tolist())
     truth: dict[int, set[int]] = {}
-    for user, track in zip(after[C.user].to_numpy().tolist(), after[C.track].to_numpy().tolist(),
-                           strict=True):
+    for user, track in zip(
+        after[C.user].to_numpy().tolist(), after[C.track].to_numpy().tolist(), strict=True
+    ):
         if user in known and (user, track) not in heard:
             truth.setdefault(user, set()).add(track)
     ids = np.array(sorted(truth), dtype=np.int32)
@@ -113,8 +116,9 @@ def run_engine(engine: str, parquet: Path, users: int) -> dict[str, Any]:
         from musicrec.split import events_before
 
         started = time.perf_counter()
-        data = TrainData.build(build_listens(events_before(events, dates.test_start),
-                                             dates.test_start), None)
+        data = TrainData.build(
+            build_listens(events_before(events, dates.test_start), dates.test_start), None
+        )
         source = AlsSource(settings, **params).fit(data)
         result["fit_seconds"] = time.perf_counter() - started
         codes = data.listens.users.codes(sample)
@@ -140,10 +144,10 @@ def run_engine(engine: str, parquet: Path, users: int) -> dict[str, Any]:
         started = time.perf_counter()
         log_frame = read_log(spark, parquet).persist()
         days = np.sort(np.array([r[0] for r in log_frame.select("day").distinct().collect()]))
-        half_life = window_days(params["half_life"], dates.first_day, dates.test_start,
-                                _granularity(days))
-        model = fit_als(strength_matrix(log_frame, dates.test_start, half_life), params,
-                        settings)
+        half_life = window_days(
+            params["half_life"], dates.first_day, dates.test_start, _granularity(days)
+        )
+        model = fit_als(strength_matrix(log_frame, dates.test_start, half_life), params, settings)
         result["fit_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         wanted = spark.createDataFrame(pd.DataFrame({C.user: sample}))
@@ -158,11 +162,18 @@ def run_engine(engine: str, parquet: Path, users: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parquet-dir", type=Path, required=True,
-                        help="a folder with the prepared events.parquet (read only)")
+    parser.add_argument(
+        "--parquet-dir",
+        type=Path,
+        required=True,
+        help="a folder with the prepared events.parquet (read only)",
+    )
     parser.add_argument("--users", type=int, default=5000, help="test users sampled")
-    parser.add_argument("--engine", choices=["implicit", "spark"],
-                        help="run one engine here (the script runs each in a subprocess)")
+    parser.add_argument(
+        "--engine",
+        choices=["implicit", "spark"],
+        help="run one engine here (the script runs each in a subprocess)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if args.engine:
@@ -172,21 +183,36 @@ def main() -> None:
     results = []
     for engine in ("implicit", "spark"):
         done = subprocess.run(
-            [sys.executable, "-W", "ignore::FutureWarning", __file__, "--engine", engine,
-             "--parquet-dir", str(args.parquet_dir), "--users", str(args.users)],
-            stdout=subprocess.PIPE, text=True, check=True,  # stderr: the engine's log
+            [
+                sys.executable,
+                "-W",
+                "ignore::FutureWarning",
+                __file__,
+                "--engine",
+                engine,
+                "--parquet-dir",
+                str(args.parquet_dir),
+                "--users",
+                str(args.users),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,  # stderr: the engine's log
         )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
-    print(f"load average before: {load[0]:.2f} (2 cores, shared); after: "
-          f"{os.getloadavg()[0]:.2f}\n")
+    print(
+        f"load average before: {load[0]:.2f} (2 cores, shared); after: {os.getloadavg()[0]:.2f}\n"
+    )
     print("| engine | fit s | score s | session start s | peak RSS MB | NDCG@10 | users |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['engine']} | {r['fit_seconds']:.1f} | {r['score_seconds']:.1f} | "
-              f"{r.get('session_seconds', 0):.1f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['ndcg@10']:.4f} | {r['users']} |")
+        print(
+            f"| {r['engine']} | {r['fit_seconds']:.1f} | {r['score_seconds']:.1f} | "
+            f"{r.get('session_seconds', 0):.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['ndcg@10']:.4f} | {r['users']} |"
+        )
 
 
 if __name__ == "__main__":

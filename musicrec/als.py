@@ -58,8 +58,9 @@ def als_from_factors(
     model = AlternatingLeastSquares(factors=user_factors.shape[1], num_threads=threads)
     model.user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
     model.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
-    return AlsModel(model, np.asarray(user_ids, np.int32), np.asarray(track_ids, np.int32),
-                    user_items)
+    return AlsModel(
+        model, np.asarray(user_ids, np.int32), np.asarray(track_ids, np.int32), user_items
+    )
 
 
 def recommend_codes(
@@ -84,9 +85,10 @@ def recommend_codes(
     out_rows, out_tracks, out_scores = [], [], []
     batches = range(0, rows.size, batch_size)
     with threadpool_limits(limits=1, user_api="blas"):
-        for start in tqdm(batches, desc="ALS top-k", unit="batch", disable=not progress,
-                          mininterval=2):
-            batch = rows[start:start + batch_size]
+        for start in tqdm(
+            batches, desc="ALS top-k", unit="batch", disable=not progress, mininterval=2
+        ):
+            batch = rows[start : start + batch_size]
             ids, scores = model.model.recommend(
                 batch, model.user_items[batch], N=n, filter_already_liked_items=True
             )
@@ -106,7 +108,11 @@ _MAX_EXTRA = 2048
 
 
 def _recommend_ann(
-    model: AlsModel, rows: np.ndarray, n: int, index: IvfIndex, progress: bool,
+    model: AlsModel,
+    rows: np.ndarray,
+    n: int,
+    index: IvfIndex,
+    progress: bool,
     batch_size: int = 32768,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     user_items = model.user_items
@@ -121,28 +127,42 @@ def _recommend_ann(
     todo = np.arange(rows.size)
     nprobe = index.nprobe
     while True:
-        for start in tqdm(range(0, todo.size, batch_size), desc="ALS top-k (ANN)", unit="batch",
-                          disable=not progress or nprobe != index.nprobe, mininterval=2):
-            part = todo[start:start + batch_size]
+        for start in tqdm(
+            range(0, todo.size, batch_size),
+            desc="ALS top-k (ANN)",
+            unit="batch",
+            disable=not progress or nprobe != index.nprobe,
+            mininterval=2,
+        ):
+            part = todo[start : start + batch_size]
             for k in np.unique(bucket[part]):
                 pos = part[bucket[part] == k]
-                _ann_batch(model, rows[pos], pos, int(k), n, index, nprobe, out_codes,
-                           out_scores)
+                _ann_batch(model, rows[pos], pos, int(k), n, index, nprobe, out_codes, out_scores)
         todo = todo[(out_codes[todo] >= 0).sum(axis=1) < wanted[todo]]
-        if not todo.size or nprobe != index.nprobe or nprobe >= index.nlist \
-                or todo.size > rows.size // 2:
+        if (
+            not todo.size
+            or nprobe != index.nprobe
+            or nprobe >= index.nlist
+            or todo.size > rows.size // 2
+        ):
             break
         # a few users' probed clusters held too few unheard tracks: scan 8x as many for them
         # (once: wider scans cost more than the exact path). When most lists come out short
         # the clustering does not suit these factors (norms spread over orders of magnitude,
         # as weakly regularised ALS gives: the MIPS transform then packs most tracks into a
         # few clusters no query probes) and the exact path serves them all.
-        log.info("ALS top-k: %d of %d users got a short ANN list at nprobe %d, scanning %d",
-                 todo.size, rows.size, nprobe, min(nprobe * 8, index.nlist))
+        log.info(
+            "ALS top-k: %d of %d users got a short ANN list at nprobe %d, scanning %d",
+            todo.size,
+            rows.size,
+            nprobe,
+            min(nprobe * 8, index.nlist),
+        )
         nprobe = min(nprobe * 8, index.nlist)
     if todo.size:
-        log.info("ALS top-k: %d of %d users got a short ANN list, served exactly",
-                 todo.size, rows.size)
+        log.info(
+            "ALS top-k: %d of %d users got a short ANN list, served exactly", todo.size, rows.size
+        )
         e_rows, e_tracks, e_scores = recommend_codes(model, rows[todo], n, progress=False)
         slot = rank_in_groups(e_rows)
         where = todo[_positions(rows[todo], e_rows)]
@@ -151,13 +171,20 @@ def _recommend_ann(
         out_codes[where, slot] = e_tracks
         out_scores[where, slot] = e_scores
     keep = out_codes >= 0
-    return (np.broadcast_to(rows[:, None], keep.shape)[keep], out_codes[keep],
-            out_scores[keep])
+    return (np.broadcast_to(rows[:, None], keep.shape)[keep], out_codes[keep], out_scores[keep])
 
 
-def _ann_batch(model: AlsModel, batch: np.ndarray, pos: np.ndarray, k: int, n: int,
-               index: IvfIndex, nprobe: int, out_codes: np.ndarray, out_scores: np.ndarray
-               ) -> None:
+def _ann_batch(
+    model: AlsModel,
+    batch: np.ndarray,
+    pos: np.ndarray,
+    k: int,
+    n: int,
+    index: IvfIndex,
+    nprobe: int,
+    out_codes: np.ndarray,
+    out_scores: np.ndarray,
+) -> None:
     """The ``k`` nearest tracks of each user in ``batch`` less the heard ones, first ``n``
     written to rows ``pos`` of the outputs (a row is rewritten whole)."""
     user_items = model.user_items
@@ -188,8 +215,13 @@ def item_index(model: AlsModel, settings: Settings, metric: str = "ip") -> IvfIn
     method = settings.topk_method
     if method == "exact" or (method == "auto" and len(model.track_ids) < settings.ann_min_tracks):
         return None
-    return IvfIndex(model.model.item_factors, metric=metric, nprobe=settings.ann_nprobe,
-                    threads=settings.threads, seed=settings.seed)
+    return IvfIndex(
+        model.model.item_factors,
+        metric=metric,
+        nprobe=settings.ann_nprobe,
+        threads=settings.threads,
+        seed=settings.seed,
+    )
 
 
 def recommend_als(
@@ -200,8 +232,9 @@ def recommend_als(
     codes = model.users.codes(distinct(user_ids))
     skipped = int((codes < 0).sum())
     if skipped:
-        log.info("ALS: %d of %d users have no factors (no training events), skipped",
-                 skipped, codes.size)
+        log.info(
+            "ALS: %d of %d users have no factors (no training events), skipped", skipped, codes.size
+        )
     rows, tracks, scores = recommend_codes(model, codes[codes >= 0], n, batch_size)
     return recs_frame(model.user_ids[rows], model.track_ids[tracks], scores)
 
@@ -211,8 +244,9 @@ def recs_frame(user_ids: np.ndarray, track_ids: np.ndarray, scores: np.ndarray) 
     user_ids, track_ids = np.asarray(user_ids, np.int32), np.asarray(track_ids, np.int32)
     scores = np.asarray(scores, np.float32)
     same_user = user_ids[1:] == user_ids[:-1]
-    if np.all(user_ids[1:] >= user_ids[:-1]) and np.all(scores[1:][same_user]
-                                                         <= scores[:-1][same_user]):
+    if np.all(user_ids[1:] >= user_ids[:-1]) and np.all(
+        scores[1:][same_user] <= scores[:-1][same_user]
+    ):
         order = slice(None)  # already grouped and best first (top-k output): skip the sort
     else:
         order = np.lexsort((track_ids, -scores.astype(np.float64), user_ids))

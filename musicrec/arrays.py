@@ -37,7 +37,8 @@ def rank_in_rows(indptr: np.ndarray) -> np.ndarray:
     indptr = np.asarray(indptr, dtype=np.int64)
     lengths = np.diff(indptr)
     return np.arange(int(indptr[-1] - indptr[0]), dtype=np.int64) - np.repeat(
-        indptr[:-1] - indptr[0], lengths)
+        indptr[:-1] - indptr[0], lengths
+    )
 
 
 def in_sorted(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:

@@ -155,8 +155,12 @@ def format_report(figures: dict[str, Any]) -> str:
         real = REAL.get(name, "")
         lines.append(f"{name:<40} {_fmt(value):>16} {_fmt(real):>16}")
     lines.append("")
-    lines.append("events per month: " + ", ".join(
-        f"{month[5:7]}: {count / 1e6:.2f} M" for month, count in figures["months"].items()))
+    lines.append(
+        "events per month: "
+        + ", ".join(
+            f"{month[5:7]}: {count / 1e6:.2f} M" for month, count in figures["months"].items()
+        )
+    )
     return "\n".join(lines)
 
 

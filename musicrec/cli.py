@@ -58,7 +58,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="input folder (MUSICREC_DATA_DIR)")
     parser.add_argument("--parquet-dir", type=Path, help="artefacts folder (MUSICREC_PARQUET_DIR)")
     parser.add_argument(
-        "--set", dest="set", action="append", type=_parse_set, default=[], metavar="NAME=VALUE",
+        "--set",
+        dest="set",
+        action="append",
+        type=_parse_set,
+        default=[],
+        metavar="NAME=VALUE",
         help="override any setting (repeatable); lists as JSON, e.g. sources='[\"als\"]', "
         "none/null for an unset optional value; `musicrec config` lists every setting",
     )
@@ -67,9 +72,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _engine(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--engine", choices=["local", "spark"], help="local (this process) or spark: "
+        "--engine",
+        choices=["local", "spark"],
+        help="local (this process) or spark: "
         "preparation, split, top popular and ALS on a Spark session, the ALS lists served "
-        "(MUSICREC_ENGINE; MUSICREC_SPARK_MASTER picks the cluster, default local[*])")
+        "(MUSICREC_ENGINE; MUSICREC_SPARK_MASTER picks the cluster, default local[*])",
+    )
 
 
 def _allows_none(annotation: Any) -> bool:
@@ -174,8 +182,12 @@ def _type_name(annotation: Any) -> str:
 
 def _bounds(metadata: list[Any]) -> str:
     words = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
-    return ", ".join(f"{words[key]} {getattr(m, key)}" for m in metadata for key in words
-                     if getattr(m, key, None) is not None)
+    return ", ".join(
+        f"{words[key]} {getattr(m, key)}"
+        for m in metadata
+        for key in words
+        if getattr(m, key, None) is not None
+    )
 
 
 def _sections() -> dict[str, str]:
@@ -202,8 +214,10 @@ def settings_markdown() -> str:
         section = sections.get(name, "other")
         if section != current:
             current = section
-            parts.append(f"\n## {section[:1].upper()}{section[1:]}\n\n"
-                         "| setting | type | default | what |\n|---|---|---|---|")
+            parts.append(
+                f"\n## {section[:1].upper()}{section[1:]}\n\n"
+                "| setting | type | default | what |\n|---|---|---|---|"
+            )
         default = "unset" if field.default is None else _shown(field.default)
         kind = _type_name(field.annotation)
         if _bounds(field.metadata):
@@ -221,8 +235,9 @@ def cmd_config(args: argparse.Namespace) -> None:
         return
     settings = _settings(args)
     sources = setting_sources(overrides(args))
-    rows = [(name, _shown(getattr(settings, name)), sources[name])
-            for name in Settings.model_fields]
+    rows = [
+        (name, _shown(getattr(settings, name)), sources[name]) for name in Settings.model_fields
+    ]
     if args.json:
         print(json.dumps([{"name": n, "value": v, "source": s} for n, v, s in rows], indent=1))
         return
@@ -263,8 +278,9 @@ def cmd_s3(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if args.action == "push":
         if args.run is None and runs.current_run(settings.parquet_dir) is None:
-            log.warning("%s has no kept run (runs/current): pushing the flat layout",
-                        settings.parquet_dir)
+            log.warning(
+                "%s has no kept run (runs/current): pushing the flat layout", settings.parquet_dir
+            )
             keys = push_artefacts(settings)
         else:
             keys = runs.push_run(settings, args.run)
@@ -289,14 +305,18 @@ def cmd_runs(args: argparse.Namespace) -> None:
         for run in kept:
             ndcg = "" if run["ndcg@10"] is None else f"NDCG@10 {run['ndcg@10']:.4f}"
             commit = (run["git_commit"] or "")[:10]
-            print(f"{'*' if run['current'] else ' '} {run['run_id']}  {run['built_at'] or ''}  "
-                  f"{run['winner'] or ''}  {ndcg}  {commit}".rstrip())
+            print(
+                f"{'*' if run['current'] else ' '} {run['run_id']}  {run['built_at'] or ''}  "
+                f"{run['winner'] or ''}  {ndcg}  {commit}".rstrip()
+            )
     elif args.action == "use":
         if not args.run_id:
             raise CommandError("runs use needs a RUN_ID (see `musicrec runs list`)")
         manifest = runs.use_run(folder, args.run_id)
-        print(f"serving run {manifest['run_id']} (built {manifest.get('built_at')}) from "
-              f"{folder}; a running service switches at its next manifest poll")
+        print(
+            f"serving run {manifest['run_id']} (built {manifest.get('built_at')}) from "
+            f"{folder}; a running service switches at its next manifest poll"
+        )
     else:
         for run_id in runs.prune(folder, args.keep):
             print(f"removed {run_id}")
@@ -309,8 +329,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if settings.engine == "spark":
         from musicrec.spark_engine import prepare_spark, spark_session
 
-        summary = prepare_spark(spark_session(settings), settings.data_dir,
-                                settings.parquet_dir, settings)
+        summary = prepare_spark(
+            spark_session(settings), settings.data_dir, settings.parquet_dir, settings
+        )
     else:
         summary = prepare_files(settings.data_dir, settings.parquet_dir, settings)
     print(
@@ -352,8 +373,10 @@ def cmd_publish(args: argparse.Namespace) -> None:
 
     folder = _settings(args).parquet_dir
     manifest = publish(folder)
-    print(f"wrote the served (memory-mapped) form of {folder} (run {manifest.get('run_id')}) "
-          f"and recorded it in its manifest")
+    print(
+        f"wrote the served (memory-mapped) form of {folder} (run {manifest.get('run_id')}) "
+        f"and recorded it in its manifest"
+    )
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -389,8 +412,10 @@ EXAMPLES = {
 def _add(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     """A subcommand with the common options and an example at the end of its --help."""
     return sub.add_parser(
-        name, epilog=f"example:\n  {EXAMPLES[name]}",
-        formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs,
+        name,
+        epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
     )
 
 
@@ -405,18 +430,26 @@ def build_parser(prog: str = "python -m musicrec") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"musicrec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _add(sub, "config", help="every setting, its value and where it came from",
-             description="Print every setting with its value and source: flag (an option or "
-             "--set), environment (MUSICREC_<NAME>), .env (in the current folder) or default. "
-             "Secrets are masked.")
+    p = _add(
+        sub,
+        "config",
+        help="every setting, its value and where it came from",
+        description="Print every setting with its value and source: flag (an option or "
+        "--set), environment (MUSICREC_<NAME>), .env (in the current folder) or default. "
+        "Secrets are masked.",
+    )
     p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
-    p.add_argument("--doc", action="store_true",
-                   help="the settings reference (docs/SETTINGS.md): defaults, not values in force")
+    p.add_argument(
+        "--doc",
+        action="store_true",
+        help="the settings reference (docs/SETTINGS.md): defaults, not values in force",
+    )
     _common(p)
     p.set_defaults(func=cmd_config)
 
     p = _add(
-        sub, "generate",
+        sub,
+        "generate",
         help="write a synthetic data set with the real schema and shape",
         description="Write tracks, catalog_names and interactions parquet files with the real "
         "data's exact schema. Presets tiny, small and full are sizes of the real log's shape "
@@ -443,17 +476,22 @@ def build_parser(prog: str = "python -m musicrec") -> argparse.ArgumentParser:
 
     p = _add(sub, "s3", help="push artefacts to / pull them from your own bucket")
     p.add_argument("action", choices=["push", "pull"])
-    p.add_argument("--run", metavar="RUN_ID",
-                   help="push / pull this kept run (default: the current one)")
+    p.add_argument(
+        "--run", metavar="RUN_ID", help="push / pull this kept run (default: the current one)"
+    )
     _common(p)
     p.set_defaults(func=cmd_s3)
 
-    p = _add(sub, "runs", help="kept runs: list, use (rollback), prune",
-             description="Every successful run is kept in <parquet-dir>/runs/<run_id>/ (hard "
-             "links, no extra disk) and runs/current points at the one served. `list` shows "
-             "them (* = current), `use RUN_ID` serves a kept run again (its files checked, "
-             "then linked in with manifest.json last: a running service switches by itself), "
-             "`prune --keep N` deletes all but the N newest (never the current one).")
+    p = _add(
+        sub,
+        "runs",
+        help="kept runs: list, use (rollback), prune",
+        description="Every successful run is kept in <parquet-dir>/runs/<run_id>/ (hard "
+        "links, no extra disk) and runs/current points at the one served. `list` shows "
+        "them (* = current), `use RUN_ID` serves a kept run again (its files checked, "
+        "then linked in with manifest.json last: a running service switches by itself), "
+        "`prune --keep N` deletes all but the N newest (never the current one).",
+    )
     p.add_argument("action", choices=["list", "use", "prune"])
     p.add_argument("run_id", nargs="?", help="the run to serve (runs use)")
     p.add_argument("--keep", type=int, default=5, help="runs kept by prune (default 5)")
@@ -475,7 +513,9 @@ def build_parser(prog: str = "python -m musicrec") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = _add(
-        sub, "publish", help="write the served (memory-mapped) form of a folder's artefacts",
+        sub,
+        "publish",
+        help="write the served (memory-mapped) form of a folder's artefacts",
         description="Read the four tables the service serves (items, top_popular, similar, "
         "recommendations) with every check and write them as .npy / Arrow files the service "
         "workers map and share, recording sizes and CRC-32 checksums in manifest.json. "
@@ -485,7 +525,9 @@ def build_parser(prog: str = "python -m musicrec") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_publish)
 
     p = _add(
-        sub, "replay", help="NDCG@10 of each online method and artist cap, test period replayed",
+        sub,
+        "replay",
+        help="NDCG@10 of each online method and artist cap, test period replayed",
         description="Fit ALS and item-kNN on the events before the test period, post the first "
         "half of each sampled test user's test events as online history and score the rest: "
         "NDCG@10 with 95 %% bootstrap intervals (also paired against no cap and against the "
@@ -519,8 +561,7 @@ def _missing_module_message(exc: ModuleNotFoundError, command: str) -> str:
         name = line.split(";")[0].split("[")[0].split(">")[0].split("=")[0].strip().lower()
         if name in wanted and "extra ==" in line:
             extra = line.split("extra ==")[1].strip().strip("'\"")
-            return (f"`{command}` needs the module {module!r}: "
-                    f"pip install 'musicrec[{extra}]'")
+            return f"`{command}` needs the module {module!r}: pip install 'musicrec[{extra}]'"
     return f"`{command}` needs the module {module!r}: pip install -r requirements.txt"
 
 

@@ -95,8 +95,7 @@ class Added:
     replayed: bool = False
 
     def answer(self) -> dict[str, int]:
-        return {"user_id": self.user_id, "added": self.added,
-                "history_length": self.history_length}
+        return {"user_id": self.user_id, "added": self.added, "history_length": self.history_length}
 
 
 @dataclass(frozen=True)
@@ -194,8 +193,13 @@ class SQLiteHistoryStore:
     """
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000,
-        read_timeout_ms: int = 20, max_events: int = DEFAULT_MAX_EVENTS,
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 10_000,
+        read_timeout_ms: int = 20,
+        max_events: int = DEFAULT_MAX_EVENTS,
         idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
     ) -> None:
         synchronous = synchronous.upper()
@@ -219,7 +223,9 @@ class SQLiteHistoryStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
             conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                self.path,
+                timeout=busy_timeout_ms / 1000,
+                isolation_level=None,
                 check_same_thread=False,
             )
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -236,8 +242,12 @@ class SQLiteHistoryStore:
         except HistoryStoreError:
             conn.close()
             raise
-        log.info("history store %s (WAL, synchronous=%s, at most %d events per user)",
-                 self.path, synchronous, self.max_events)
+        log.info(
+            "history store %s (WAL, synchronous=%s, at most %d events per user)",
+            self.path,
+            synchronous,
+            self.max_events,
+        )
 
     @staticmethod
     def _create_schema(conn: sqlite3.Connection) -> None:
@@ -245,9 +255,12 @@ class SQLiteHistoryStore:
         ``history_users``) gets its per-user counts once, from the rows it holds."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            had_users = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history_users'"
-            ).fetchone() is not None
+            had_users = (
+                conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history_users'"
+                ).fetchone()
+                is not None
+            )
             for statement in _TABLES:
                 conn.execute(statement)
             if not had_users:
@@ -274,7 +287,9 @@ class SQLiteHistoryStore:
         if reader is None:
             try:
                 reader = sqlite3.connect(
-                    self.path, timeout=self.read_timeout_ms / 1000, isolation_level=None,
+                    self.path,
+                    timeout=self.read_timeout_ms / 1000,
+                    isolation_level=None,
                     check_same_thread=False,
                 )
                 reader.execute(f"PRAGMA busy_timeout = {self.read_timeout_ms}")
@@ -309,7 +324,7 @@ class SQLiteHistoryStore:
         user_id = int(user_id)
         ids = [int(t) for t in track_ids]  # conversion errors before the transaction
         fingerprint = _fingerprint(user_id, ids) if idempotency_key is not None else ""
-        kept = ids[-self.max_events:]  # events that would be dropped at once are not written
+        kept = ids[-self.max_events :]  # events that would be dropped at once are not written
         with self._lock:
             conn = self._connection()
             try:
@@ -328,20 +343,28 @@ class SQLiteHistoryStore:
                         try:
                             conn.execute("ROLLBACK")
                         except sqlite3.Error as rollback_error:
-                            log.error("history store %s: rollback failed: %s", self.path,
-                                      rollback_error)
+                            log.error(
+                                "history store %s: rollback failed: %s", self.path, rollback_error
+                            )
                     raise
             except sqlite3.Error as exc:
                 raise self._error(exc, f"adding {len(ids)} events of user {user_id}") from exc
         return added
 
     def _append_in_transaction(
-        self, conn: sqlite3.Connection, user_id: int, ids: list[int], kept: list[int],
-        key: str | None, fingerprint: str,
+        self,
+        conn: sqlite3.Connection,
+        user_id: int,
+        ids: list[int],
+        kept: list[int],
+        key: str | None,
+        fingerprint: str,
     ) -> Added:
         if key is not None:
-            conn.execute("DELETE FROM idempotency WHERE created < ?",
-                         (time.time() - self.idempotency_seconds,))
+            conn.execute(
+                "DELETE FROM idempotency WHERE created < ?",
+                (time.time() - self.idempotency_seconds,),
+            )
             first = conn.execute(
                 "SELECT user_id, fingerprint, answer FROM idempotency WHERE key = ?", (key,)
             ).fetchone()
@@ -352,22 +375,26 @@ class SQLiteHistoryStore:
                         "(another user or other track ids)"
                     )
                 return Added(**json.loads(first[2]), replayed=True)
-        conn.executemany("INSERT INTO history (user_id, track_id) VALUES (?, ?)",
-                         [(user_id, t) for t in kept])
-        row = conn.execute("SELECT length, total FROM history_users WHERE user_id = ?",
-                           (user_id,)).fetchone()
+        conn.executemany(
+            "INSERT INTO history (user_id, track_id) VALUES (?, ?)", [(user_id, t) for t in kept]
+        )
+        row = conn.execute(
+            "SELECT length, total FROM history_users WHERE user_id = ?", (user_id,)
+        ).fetchone()
         length, total = row if row is not None else (0, 0)
         length, total = length + len(kept), total + len(ids)
         if length > self.max_events:  # retention: the oldest events go
             conn.execute(
                 "DELETE FROM history WHERE id IN (SELECT id FROM history WHERE user_id = ? "
-                "ORDER BY id LIMIT ?)", (user_id, length - self.max_events),
+                "ORDER BY id LIMIT ?)",
+                (user_id, length - self.max_events),
             )
             length = self.max_events
         conn.execute(
             "INSERT INTO history_users (user_id, length, total) VALUES (?, ?, ?) "
             "ON CONFLICT (user_id) DO UPDATE SET length = excluded.length, "
-            "total = excluded.total", (user_id, length, total),
+            "total = excluded.total",
+            (user_id, length, total),
         )
         added = Added(user_id, len(ids), length)
         if key is not None:
@@ -382,10 +409,14 @@ class SQLiteHistoryStore:
 
     def get(self, user_id: int) -> list[int]:
         try:
-            rows = self._read_connection().execute(
-                "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC LIMIT ?",
-                (int(user_id), self.max_events),
-            ).fetchall()
+            rows = (
+                self._read_connection()
+                .execute(
+                    "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+                    (int(user_id), self.max_events),
+                )
+                .fetchall()
+            )
         except sqlite3.Error as exc:
             raise self._error(exc, f"reading the history of user {user_id}") from exc
         return [row[0] for row in reversed(rows)]
@@ -395,16 +426,22 @@ class SQLiteHistoryStore:
         try:
             conn.execute("BEGIN")  # one snapshot for the counts and the rows
             try:
-                row = conn.execute("SELECT length, total FROM history_users WHERE user_id = ?",
-                                   (int(user_id),)).fetchone()
+                row = conn.execute(
+                    "SELECT length, total FROM history_users WHERE user_id = ?", (int(user_id),)
+                ).fetchone()
                 length, total = row if row is not None else (0, 0)
                 oldest = total - length  # position of the oldest kept event
                 end = total if before is None else max(min(int(before), total), oldest)
                 count = max(min(int(limit), end - oldest), 0)
-                rows = conn.execute(
-                    "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC "
-                    "LIMIT ? OFFSET ?", (int(user_id), count, total - end),
-                ).fetchall() if count else []
+                rows = (
+                    conn.execute(
+                        "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC "
+                        "LIMIT ? OFFSET ?",
+                        (int(user_id), count, total - end),
+                    ).fetchall()
+                    if count
+                    else []
+                )
             finally:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
@@ -437,8 +474,12 @@ class SQLiteHistoryStore:
 
 
 def open_history_store(
-    url: str, *, base_dir: str | Path | None = None, max_events: int = DEFAULT_MAX_EVENTS,
-    read_timeout_ms: int = 20, write_timeout_ms: int = 10_000,
+    url: str,
+    *,
+    base_dir: str | Path | None = None,
+    max_events: int = DEFAULT_MAX_EVENTS,
+    read_timeout_ms: int = 20,
+    write_timeout_ms: int = 10_000,
     idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
 ) -> HistoryStore:
     """Open the store a URL names.
@@ -452,8 +493,11 @@ def open_history_store(
         from musicrec.history_redis import RedisHistoryStore  # redis only when used
 
         return RedisHistoryStore(
-            url, max_events=max_events, read_timeout_ms=read_timeout_ms,
-            write_timeout_ms=write_timeout_ms, idempotency_seconds=idempotency_seconds,
+            url,
+            max_events=max_events,
+            read_timeout_ms=read_timeout_ms,
+            write_timeout_ms=write_timeout_ms,
+            idempotency_seconds=idempotency_seconds,
         )
     if not isinstance(url, str) or not url.startswith(SQLITE_PREFIX):
         scheme = url.split(":", 1)[0] if isinstance(url, str) and ":" in url else url
@@ -462,7 +506,7 @@ def open_history_store(
             "expected sqlite:///relative/path.db, sqlite:////absolute/path.db or "
             "redis://host:port/db"
         )
-    rest = url[len(SQLITE_PREFIX):]
+    rest = url[len(SQLITE_PREFIX) :]
     path_part, _, query = rest.partition("?")
     if not path_part:
         raise ValueError(f"history store URL {url!r} has no file path")
@@ -474,7 +518,10 @@ def open_history_store(
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     return SQLiteHistoryStore(
-        path, synchronous=options.get("synchronous", "FULL"), busy_timeout_ms=write_timeout_ms,
-        read_timeout_ms=read_timeout_ms, max_events=max_events,
+        path,
+        synchronous=options.get("synchronous", "FULL"),
+        busy_timeout_ms=write_timeout_ms,
+        read_timeout_ms=read_timeout_ms,
+        max_events=max_events,
         idempotency_seconds=idempotency_seconds,
     )

@@ -142,15 +142,17 @@ def parse_redis_url(url: str) -> tuple[str, str]:
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     unknown = set(options) - {"prefix"}
     if unknown:
-        raise ValueError(f"history store URL {_public_url(url)!r}: unknown option(s) "
-                         f"{sorted(unknown)}")
+        raise ValueError(
+            f"history store URL {_public_url(url)!r}: unknown option(s) {sorted(unknown)}"
+        )
     prefix = options.get("prefix", DEFAULT_PREFIX)
     if not prefix:
         raise ValueError(f"history store URL {_public_url(url)!r}: empty prefix")
     db = parts.path.lstrip("/")
     if db and not db.isdigit():
-        raise ValueError(f"history store URL {_public_url(url)!r}: the database must be a "
-                         f"number, got {db!r}")
+        raise ValueError(
+            f"history store URL {_public_url(url)!r}: the database must be a number, got {db!r}"
+        )
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), prefix
 
 
@@ -163,7 +165,11 @@ class RedisHistoryStore:
     """
 
     def __init__(
-        self, url: str, *, max_events: int = DEFAULT_MAX_EVENTS, read_timeout_ms: int = 20,
+        self,
+        url: str,
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        read_timeout_ms: int = 20,
         write_timeout_ms: int = 5_000,
         idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
     ) -> None:
@@ -178,13 +184,19 @@ class RedisHistoryStore:
         read_timeout = max(read_timeout_ms, 100) / 1000
         write_timeout = max(write_timeout_ms, 100) / 1000
         self._reader = redis.Redis.from_url(
-            client_url, socket_timeout=read_timeout, socket_connect_timeout=read_timeout,
-            retry=Retry(NoBackoff(), 1), decode_responses=False,
+            client_url,
+            socket_timeout=read_timeout,
+            socket_connect_timeout=read_timeout,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=False,
         )
         # no retry inside redis-py for writes: append() retries itself with the same key
         self._writer = redis.Redis.from_url(
-            client_url, socket_timeout=write_timeout, socket_connect_timeout=write_timeout,
-            retry=Retry(NoBackoff(), 0), decode_responses=False,
+            client_url,
+            socket_timeout=write_timeout,
+            socket_connect_timeout=write_timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
         )
         self._append = self._writer.register_script(_APPEND)
         self._page = self._reader.register_script(_PAGE)
@@ -195,8 +207,13 @@ class RedisHistoryStore:
         except redis.RedisError as exc:
             self.close()
             raise HistoryStoreError(f"cannot open history store {self.url}: {exc}") from exc
-        log.info("history store %s (prefix %s, at most %d events per user; %s)", self.url,
-                 self.prefix, self.max_events, self.durability)
+        log.info(
+            "history store %s (prefix %s, at most %d events per user; %s)",
+            self.url,
+            self.prefix,
+            self.max_events,
+            self.durability,
+        )
 
     def _durability(self) -> str:
         """What survives a crash, from the server's AOF settings (CONFIG may be disabled on
@@ -204,15 +221,18 @@ class RedisHistoryStore:
         try:
             config = self._writer.config_get("append*")
         except redis.ResponseError as exc:
-            log.warning("history store %s: cannot read the persistence settings (%s)",
-                        self.url, exc)
+            log.warning(
+                "history store %s: cannot read the persistence settings (%s)", self.url, exc
+            )
             return "durability unknown (CONFIG GET refused)"
         values = {_text(k): _text(v) for k, v in config.items()}
         aof, fsync = values.get("appendonly", ""), values.get("appendfsync", "")
         if aof == "yes" and fsync == "always":
             return "durable: appendonly yes, appendfsync always (fsync before each answer)"
-        text = (f"NOT fully durable: appendonly {aof or '?'}, appendfsync {fsync or '?'}; "
-                "acknowledged events can be lost (set appendonly yes, appendfsync always)")
+        text = (
+            f"NOT fully durable: appendonly {aof or '?'}, appendfsync {fsync or '?'}; "
+            "acknowledged events can be lost (set appendonly yes, appendfsync always)"
+        )
         log.warning("history store %s: %s", self.url, text)
         return text
 
@@ -229,8 +249,7 @@ class RedisHistoryStore:
         text = str(exc)
         if isinstance(exc, redis.TimeoutError | BusyLoadingError) or text.startswith("BUSY"):
             cls: type[HistoryStoreError] = HistoryStoreBusy  # slow, loading, script running
-        elif isinstance(exc, OutOfMemoryError) or ("MISCONF" in text
-                                                   and "space" in text.lower()):
+        elif isinstance(exc, OutOfMemoryError) or ("MISCONF" in text and "space" in text.lower()):
             cls = HistoryStoreFull
         else:
             cls = HistoryStoreError
@@ -258,9 +277,9 @@ class RedisHistoryStore:
         self._check_open()
         user_id = int(user_id)
         ids = [int(t) for t in track_ids]  # conversion errors before anything is sent
-        if any(not -2**63 <= t < 2**63 for t in ids):
+        if any(not -(2**63) <= t < 2**63 for t in ids):
             raise OverflowError("track ids must fit in 64 bits")
-        kept = ids[-self.max_events:]  # events that would be dropped at once are not sent
+        kept = ids[-self.max_events :]  # events that would be dropped at once are not sent
         fingerprint = _fingerprint(user_id, ids)
         if idempotency_key is None:
             key, ttl = f"{self.prefix}:a:{uuid.uuid4().hex}", AUTO_KEY_SECONDS
@@ -276,8 +295,7 @@ class RedisHistoryStore:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # the script may or may not have run: the same key again stores it once
                 if attempt + 1 == WRITE_ATTEMPTS:
-                    raise self._error(exc, f"adding {len(ids)} events of user {user_id}"
-                                      ) from exc
+                    raise self._error(exc, f"adding {len(ids)} events of user {user_id}") from exc
                 log.warning("history store %s: %s; retrying the write", self.url, exc)
                 time.sleep(RETRY_PAUSE * (attempt + 1))
             except redis.RedisError as exc:
@@ -309,8 +327,9 @@ class RedisHistoryStore:
         args = [int(limit), "" if before is None else int(before), self.max_events]
         result = self._read(
             f"reading the history of user {user_id}",
-            lambda: self._page(keys=[self._events_key(user_id), self._total_key(user_id)],
-                               args=args),
+            lambda: self._page(
+                keys=[self._events_key(user_id), self._total_key(user_id)], args=args
+            ),
         )
         total, length, first = (int(v) for v in result[:3])
         return HistoryPage([int(r) for r in result[3:]], first, total, length)

@@ -142,8 +142,11 @@ def read_events(path: Path) -> pd.DataFrame:
     n = source.metadata.num_rows
     # filled one row group at a time: the peak is the result plus one group, not the Arrow
     # table and its conversions beside it (9 GB instead of 3 GB at full scale)
-    frame = {C.user: np.empty(n, np.int32), C.track: np.empty(n, np.int32),
-             C.day: np.empty(n, np.int16)}
+    frame = {
+        C.user: np.empty(n, np.int32),
+        C.track: np.empty(n, np.int32),
+        C.day: np.empty(n, np.int16),
+    }
     plays = np.empty(n, np.int32) if has_plays else None
     at = 0
     for group in range(source.num_row_groups):

@@ -102,9 +102,15 @@ class Listens:
         positions, _ = gather_rows(self.indptr, user_codes)
         indptr = np.zeros(user_codes.size + 1, dtype=np.int64)
         np.cumsum(self.indptr[user_codes + 1] - self.indptr[user_codes], out=indptr[1:])
-        return Listens(IdIndex(self.users.ids[user_codes]), self.tracks, indptr,
-                       self.track_codes[positions], self.days[positions], self.cutoff,
-                       None if self.plays is None else self.plays[positions])
+        return Listens(
+            IdIndex(self.users.ids[user_codes]),
+            self.tracks,
+            indptr,
+            self.track_codes[positions],
+            self.days[positions],
+            self.cutoff,
+            None if self.plays is None else self.plays[positions],
+        )
 
     def compact(self) -> tuple[Listens, np.ndarray]:
         """The same events on only the tracks they hold (re-coded), and the old code of each
@@ -112,24 +118,33 @@ class Listens:
         kept = np.flatnonzero(np.bincount(self.track_codes, minlength=self.n_tracks))
         recode = np.full(self.n_tracks, -1, dtype=np.int32)
         recode[kept] = np.arange(kept.size, dtype=np.int32)
-        return (Listens(self.users, IdIndex(self.tracks.ids[kept]), self.indptr,
-                        recode[self.track_codes], self.days, self.cutoff, self.plays),
-                kept.astype(np.int32))
+        return (
+            Listens(
+                self.users,
+                IdIndex(self.tracks.ids[kept]),
+                self.indptr,
+                recode[self.track_codes],
+                self.days,
+                self.cutoff,
+                self.plays,
+            ),
+            kept.astype(np.int32),
+        )
 
     @property
     def span_days(self) -> int:
         """Days from the first event to the cut-off."""
         return int(self.cutoff - int(self.days.min())) if self.n_events else 1
 
-    def strength(self, half_life_days: float | None = None,
-                 positions: np.ndarray | None = None) -> np.ndarray:
+    def strength(
+        self, half_life_days: float | None = None, positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """Listening strength of the events at ``positions`` (all when None): plays, times
         ``0.5 ** (age / half_life)`` when a half-life is given (age in days before the
         cut-off)."""
         plays = self.plays if positions is None or self.plays is None else self.plays[positions]
         days = self.days if positions is None else self.days[positions]
-        weights = (np.ones(days.size, np.float32) if plays is None
-                   else plays.astype(np.float32))
+        weights = np.ones(days.size, np.float32) if plays is None else plays.astype(np.float32)
         if half_life_days is not None:
             weights *= days_decay((self.cutoff - 1) - days.astype(np.int32), half_life_days)
         return weights
@@ -139,8 +154,10 @@ class Listens:
         cell holding the sum."""
         weights = self.strength(half_life_days)
         # copies: scipy shares the arrays it is given and sum_duplicates sorts them in place
-        matrix = sp.csr_matrix((weights, self.track_codes.copy(), self.indptr.copy()),
-                               shape=(self.n_users, self.n_tracks))
+        matrix = sp.csr_matrix(
+            (weights, self.track_codes.copy(), self.indptr.copy()),
+            shape=(self.n_users, self.n_tracks),
+        )
         matrix.sum_duplicates()
         return matrix
 
@@ -169,5 +186,12 @@ def build_listens(events: pd.DataFrame, cutoff: int) -> Listens:
         plays = plays[order] if plays is not None else None
     indptr = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(np.bincount(user_codes, minlength=len(users)), out=indptr[1:])
-    return Listens(users, tracks, indptr, track_codes, days, cutoff,
-                   None if plays is None else plays.astype(np.int32, copy=False))
+    return Listens(
+        users,
+        tracks,
+        indptr,
+        track_codes,
+        days,
+        cutoff,
+        None if plays is None else plays.astype(np.int32, copy=False),
+    )

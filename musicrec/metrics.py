@@ -1065,13 +1065,22 @@ def artist_variety(
             users = top[C.user].to_numpy()
             diversity, concentration = _variety_per_list(users, artist)
             counted = np.sort(artist[artist >= 0])  # slots per artist: run lengths
-            runs = np.diff(np.r_[np.flatnonzero(group_starts(counted)),
-                                 counted.size]) if counted.size else np.zeros(0, np.int64)
+            runs = (
+                np.diff(np.r_[np.flatnonzero(group_starts(counted)), counted.size])
+                if counted.size
+                else np.zeros(0, np.int64)
+            )
             top10 = np.sort(runs)[::-1][:10].sum() / max(artist.size, 1)
-            rows.append({"source": source, "k": k, "users": diversity.size,
-                         "diversity": float(diversity.mean()) if diversity.size
-                         else float("nan"),
-                         "top_artist_share": float(concentration.mean()) if diversity.size
-                         else float("nan"),
-                         "top10_artists_share": float(top10)})
+            rows.append(
+                {
+                    "source": source,
+                    "k": k,
+                    "users": diversity.size,
+                    "diversity": float(diversity.mean()) if diversity.size else float("nan"),
+                    "top_artist_share": float(concentration.mean())
+                    if diversity.size
+                    else float("nan"),
+                    "top10_artists_share": float(top10),
+                }
+            )
     return pd.DataFrame(rows, columns=list(VARIETY_COLUMNS))

@@ -93,13 +93,22 @@ def top_rows(scores: np.ndarray, exclude: np.ndarray, n: int) -> np.ndarray:
     n = min(n, scores.size - np.unique(exclude).size)
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
-    head = (np.argpartition(scores, scores.size - n)[scores.size - n:] if n < scores.size
-            else np.arange(scores.size))
+    head = (
+        np.argpartition(scores, scores.size - n)[scores.size - n :]
+        if n < scores.size
+        else np.arange(scores.size)
+    )
     return head[np.lexsort((head, -scores[head]))]
 
 
-def explain(item_factors: np.ndarray, system: np.ndarray, history_rows: np.ndarray,
-            confidence: np.ndarray, rec_rows: np.ndarray, n: int = 3) -> list[list[int]]:
+def explain(
+    item_factors: np.ndarray,
+    system: np.ndarray,
+    history_rows: np.ndarray,
+    confidence: np.ndarray,
+    rec_rows: np.ndarray,
+    n: int = 3,
+) -> list[list[int]]:
     """For each recommended row, up to ``n`` history rows that add most to its score (as
     implicit's ``explain``: score = sum over heard j of c_j * y_i' A^-1 y_j); positive ones only."""
     if history_rows.size == 0 or rec_rows.size == 0:
@@ -159,18 +168,20 @@ class FoldInModel:
     def heard_of(self, position: int) -> np.ndarray:
         if position < 0:
             return self.heard_rows[:0]
-        return self.heard_rows[self.heard_offsets[position]:self.heard_offsets[position + 1]]
+        return self.heard_rows[self.heard_offsets[position] : self.heard_offsets[position + 1]]
 
-    def solve(self, user_id: int, online_tracks: Sequence[int]
-              ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def solve(
+        self, user_id: int, online_tracks: Sequence[int]
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Fold the online events in: (user row or -1, online rows, their confidence, the
         vector, the system matrix)."""
         position = self.user_position(user_id)
         online = self.rows_of(online_tracks)
         rows, conf = online_confidence(online[online >= 0], self.alpha)
         prior = None if position < 0 else self.user_factors[position]
-        vector, system = fold_in(self.item_factors, self.gram, self.regularization, rows, conf,
-                                 prior)
+        vector, system = fold_in(
+            self.item_factors, self.gram, self.regularization, rows, conf, prior
+        )
         return position, rows, conf, vector, system
 
     def candidate_rows(self, vector: np.ndarray, nprobe: int) -> np.ndarray | None:
@@ -180,15 +191,16 @@ class FoldInModel:
         if nprobe <= 0 or nprobe >= n_lists:
             return None
         bound = 2.0 * (self.centroids @ vector.astype(np.float32)) - self.centroid_norms2
-        lists = np.argpartition(bound, n_lists - nprobe)[n_lists - nprobe:]
+        lists = np.argpartition(bound, n_lists - nprobe)[n_lists - nprobe :]
         starts, stops = self.list_offsets[lists], self.list_offsets[lists + 1]
         lengths = stops - starts
         # the probed ranges as one array of rows: start of each range plus 0..length-1
         first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
         return first + np.arange(int(lengths.sum()), dtype=np.int64)
 
-    def recommend(self, user_id: int, online_tracks: Sequence[int], n: int, nprobe: int
-                  ) -> list[int]:
+    def recommend(
+        self, user_id: int, online_tracks: Sequence[int], n: int, nprobe: int
+    ) -> list[int]:
         """The ``n`` best tracks (ids) for the user after folding in the online events,
         among the rows of ``nprobe`` clusters (0 = every row, exact); none heard offline or
         online."""
@@ -206,9 +218,14 @@ class FoldInModel:
         scores = self.item_factors @ v32  # exact: small catalogues, or too few candidates
         return self.track_ids[top_rows(scores, heard, n)].tolist()
 
-    def explain_tracks(self, user_id: int, online_tracks: Sequence[int],
-                       track_ids: Sequence[int], n: int = 3,
-                       max_history: int = MAX_EXPLAINED_HISTORY) -> list[list[int]]:
+    def explain_tracks(
+        self,
+        user_id: int,
+        online_tracks: Sequence[int],
+        track_ids: Sequence[int],
+        n: int = 3,
+        max_history: int = MAX_EXPLAINED_HISTORY,
+    ) -> list[list[int]]:
         """For each of ``track_ids``, up to ``n`` of the user's own tracks (online events, then
         offline ones) that add most to its fold-in score; [] for a track without factors."""
         position, rows, conf, _, system = self.solve(user_id, online_tracks)
@@ -225,8 +242,9 @@ class FoldInModel:
         return out
 
 
-def cluster_rows(item_factors: np.ndarray, order: np.ndarray, seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cluster_rows(
+    item_factors: np.ndarray, order: np.ndarray, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Group the rows ``order`` (item codes, most listened first) into IVF clusters for inner
     product (k-means over ``[y, sqrt(M^2 - |y|^2)]``, as ``musicrec.topk``): (codes grouped by
     cluster, keeping ``order`` within one; list offsets; centroids; their squared norms in
@@ -240,20 +258,25 @@ def cluster_rows(item_factors: np.ndarray, order: np.ndarray, seed: int = 0
     n_lists = max(1, default_nlist(n))
     norms2 = np.einsum("ij,ij->i", items, items)
     vectors = np.ascontiguousarray(
-        np.hstack([items, np.sqrt(np.maximum(norms2.max() - norms2, 0))[:, None]]),
-        dtype=np.float32)
+        np.hstack([items, np.sqrt(np.maximum(norms2.max() - norms2, 0))[:, None]]), dtype=np.float32
+    )
     rng = np.random.default_rng(seed)
     sample = vectors if n <= 131_072 else vectors[np.sort(rng.choice(n, 131_072, replace=False))]
-    kmeans = faiss.Kmeans(f + 1, n_lists, niter=10, seed=seed, verbose=False,
-                          min_points_per_centroid=1)
+    kmeans = faiss.Kmeans(
+        f + 1, n_lists, niter=10, seed=seed, verbose=False, min_points_per_centroid=1
+    )
     kmeans.train(sample)
     _, assigned = kmeans.index.search(vectors, 1)
     cluster = assigned.ravel()[order]
     grouped = order[np.argsort(cluster, kind="stable")]
     offsets = np.searchsorted(np.sort(cluster), np.arange(n_lists + 1)).astype(np.int64)
     centroids = kmeans.centroids.astype(np.float32)
-    return (grouped, offsets, np.ascontiguousarray(centroids[:, :f]),
-            np.einsum("ij,ij->i", centroids, centroids).astype(np.float32))
+    return (
+        grouped,
+        offsets,
+        np.ascontiguousarray(centroids[:, :f]),
+        np.einsum("ij,ij->i", centroids, centroids).astype(np.float32),
+    )
 
 
 def first_codes(lists: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -271,8 +294,9 @@ def first_codes(lists: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return out
 
 
-def fold_in_arrays(model: Any, listeners: np.ndarray, regularization: float, alpha: float,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+def fold_in_arrays(
+    model: Any, listeners: np.ndarray, regularization: float, alpha: float, seed: int = 0
+) -> dict[str, np.ndarray]:
     """The served arrays of a fitted ``AlsModel`` (``listeners``: per track code, to order
     the rows most listened first within a cluster; the heard rows are those of the matrix it
     was fitted on)."""
@@ -307,20 +331,27 @@ def model_from_arrays(arrays: dict[str, np.ndarray]) -> FoldInModel:
     """A FoldInModel over the arrays of :func:`fold_in_arrays` (or their mapped files)."""
     params = arrays["params"]
     return FoldInModel(
-        item_factors=arrays["item_factors"], track_ids=arrays["track_ids"],
-        sorted_tracks=arrays["sorted_tracks"], sorted_rows=arrays["sorted_rows"],
-        gram=np.asarray(arrays["gram"], dtype=np.float64), regularization=float(params[0]),
-        alpha=float(params[1]), user_ids=arrays["user_ids"], user_factors=arrays["user_factors"],
-        heard_offsets=arrays["heard_offsets"], heard_rows=arrays["heard_rows"],
-        list_offsets=arrays["list_offsets"], centroids=arrays["centroids"],
-        centroid_norms2=arrays["centroid_norms2"])
+        item_factors=arrays["item_factors"],
+        track_ids=arrays["track_ids"],
+        sorted_tracks=arrays["sorted_tracks"],
+        sorted_rows=arrays["sorted_rows"],
+        gram=np.asarray(arrays["gram"], dtype=np.float64),
+        regularization=float(params[0]),
+        alpha=float(params[1]),
+        user_ids=arrays["user_ids"],
+        user_factors=arrays["user_factors"],
+        heard_offsets=arrays["heard_offsets"],
+        heard_rows=arrays["heard_rows"],
+        list_offsets=arrays["list_offsets"],
+        centroids=arrays["centroids"],
+        centroid_norms2=arrays["centroid_norms2"],
+    )
 
 
 # --- variety ------------------------------------------------------------------------------------
 
 
-def cap_per_artist(tracks: Sequence[int], artists: Sequence[int], cap: int, k: int
-                   ) -> list[int]:
+def cap_per_artist(tracks: Sequence[int], artists: Sequence[int], cap: int, k: int) -> list[int]:
     """The first ``k`` of ``tracks`` with at most ``cap`` per artist (``artists[i]`` is the
     artist of ``tracks[i]``; a negative artist is unknown and never capped); tracks pushed out
     follow in their order, so only a list without enough other artists breaks the cap."""
@@ -351,8 +382,14 @@ def _ndcg(recs: Sequence[int], truth: set[int], k: int) -> float:
     return gains / ideal if ideal else 0.0
 
 
-def blend(first: list[int], second: list[int], by_chance: bool, p: float,
-           seed: int | Sequence[int] | None, limit: int | None) -> list[int]:
+def blend(
+    first: list[int],
+    second: list[int],
+    by_chance: bool,
+    p: float,
+    seed: int | Sequence[int] | None,
+    limit: int | None,
+) -> list[int]:
     """Two lists merged without duplicates, up to ``limit``: in turn (``by_chance`` False, the
     'strict' blend), or each next element from ``first`` with probability ``p`` (seeded by
     ``seed``). Lists of Python ints, arguments checked by the caller: the service's hot path
@@ -391,8 +428,9 @@ def blend(first: list[int], second: list[int], by_chance: bool, p: float,
 class _SimilarRows:
     """Similar tracks per track code (CSR), as the service serves them."""
 
-    def __init__(self, query: np.ndarray, similar: np.ndarray, score: np.ndarray,
-                 n_tracks: int) -> None:
+    def __init__(
+        self, query: np.ndarray, similar: np.ndarray, score: np.ndarray, n_tracks: int
+    ) -> None:
         best = np.zeros(n_tracks, dtype=np.float32)
         np.maximum.at(best, query, score)
         score = score / np.maximum(best[query], 1e-12)
@@ -406,15 +444,19 @@ class _SimilarRows:
         for age, t in enumerate(recent):
             lo, hi = self.offsets[t], self.offsets[t + 1]
             w = 1.0 / (1.0 + age)
-            for v, s in zip(self.values[lo:hi].tolist(), self.scores[lo:hi].tolist(),
-                            strict=True):
+            for v, s in zip(self.values[lo:hi].tolist(), self.scores[lo:hi].tolist(), strict=True):
                 total[v] = total.get(v, 0.0) + w * s
         ranked = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))
         return [t for t, _ in ranked if t not in exclude][:limit]
 
 
-def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = (0, 1, 2, 3),
-           bootstrap: int = 1000) -> pd.DataFrame:
+def replay(
+    settings: Any,
+    users: int = 3000,
+    k: int = 10,
+    caps: Sequence[int] = (0, 1, 2, 3),
+    bootstrap: int = 1000,
+) -> pd.DataFrame:
     """NDCG@k, intra-list diversity and top-artist share of each online method (and the
     offline list alone, which ignores the online events) for each per-artist cap, on the test
     period replayed as online events; models fitted only on events before the test period.
@@ -454,8 +496,9 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
     knn = make_source("item_knn", settings, params("item_knn", 3)).fit(data)
     similar = _SimilarRows(*knn.similar(settings.n_similar), h.n_tracks)
     listeners = data.listeners(None)
-    arrays = fold_in_arrays(als.model, listeners, als.params["regularization"],
-                            als.params["alpha"], settings.seed)
+    arrays = fold_in_arrays(
+        als.model, listeners, als.params["regularization"], als.params["alpha"], settings.seed
+    )
     model = model_from_arrays(arrays)
     popular = np.argsort(-listeners, kind="stable")[:2000].tolist()
     # the first artist of each track code (-1 when none)
@@ -483,11 +526,14 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
     n_list = 3 * k
     per_user: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     for e, u_code in zip(eligible.tolist(), user_codes.tolist(), strict=True):
-        seq = test_codes[starts[e]:starts[e] + counts[e]].tolist()
+        seq = test_codes[starts[e] : starts[e] + counts[e]].tolist()
         half = len(seq) // 2
         online, rest = seq[:half], seq[half:]
-        heard = set(h.track_codes[h.indptr[u_code]:h.indptr[u_code + 1]].tolist()) \
-            if u_code >= 0 else set()
+        heard = (
+            set(h.track_codes[h.indptr[u_code] : h.indptr[u_code + 1]].tolist())
+            if u_code >= 0
+            else set()
+        )
         heard.update(online)
         truth = set(rest) - heard
         if not truth:
@@ -506,13 +552,13 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
             offline = [c for c in h.tracks.codes(np.asarray(ids_off)).tolist() if c not in heard]
         else:
             offline = []
-        fold_ids = model.recommend(user_id, online_ids.tolist(), n_list,
-                                   settings.foldin_nprobe)
+        fold_ids = model.recommend(user_id, online_ids.tolist(), n_list, settings.foldin_nprobe)
         folded = h.tracks.codes(np.asarray(fold_ids, dtype=np.int64)).tolist()
         lists = {
             "offline": offline,
-            "similar": (blend(online_list, offline, False, 0.0, None, n_list) if offline
-                        else online_list),
+            "similar": (
+                blend(online_list, offline, False, 0.0, None, n_list) if offline else online_list
+            ),
             "foldin": folded,
             "blend": blend(online_list, folded, False, 0.0, None, n_list),
         }
@@ -530,24 +576,42 @@ def replay(settings: Any, users: int = 3000, k: int = 10, caps: Sequence[int] = 
                 capped = cap_per_artist(filled, arts, cap, k)
                 capped_arts = artist_of[capped].tolist()
                 per_user.setdefault((method, cap), []).append(
-                    (_ndcg(capped, truth, k), list_diversity(capped_arts),
-                     list_concentration(capped_arts)))
+                    (
+                        _ndcg(capped, truth, k),
+                        list_diversity(capped_arts),
+                        list_concentration(capped_arts),
+                    )
+                )
     rows = []
     for (method, cap), values in per_user.items():
         v = np.asarray(values)
         low, high = bootstrap_interval(v[:, 0], n_boot=bootstrap, seed=settings.seed)
         # paired against the same method without a cap, and against the 'similar' method
         base = np.asarray(per_user[(method, caps[0])])[:, 0]
-        cap_low, cap_high = bootstrap_difference(v[:, 0], base, n_boot=bootstrap,
-                                                 seed=settings.seed)
+        cap_low, cap_high = bootstrap_difference(
+            v[:, 0], base, n_boot=bootstrap, seed=settings.seed
+        )
         ref = np.asarray(per_user[("similar", cap)])[:, 0]
-        sim_low, sim_high = bootstrap_difference(v[:, 0], ref, n_boot=bootstrap,
-                                                 seed=settings.seed)
-        rows.append({"method": method, "cap": cap, "users": len(v), "ndcg": v[:, 0].mean(),
-                     "ndcg_low": low, "ndcg_high": high,
-                     "vs_uncapped_low": cap_low, "vs_uncapped_high": cap_high,
-                     "vs_similar_low": sim_low, "vs_similar_high": sim_high,
-                     "diversity": v[:, 1].mean(), "top_artist_share": v[:, 2].mean()})
-    log.info("replay: %d users in %.0f s", len(next(iter(per_user.values()), [])),
-             time.perf_counter() - started)
+        sim_low, sim_high = bootstrap_difference(v[:, 0], ref, n_boot=bootstrap, seed=settings.seed)
+        rows.append(
+            {
+                "method": method,
+                "cap": cap,
+                "users": len(v),
+                "ndcg": v[:, 0].mean(),
+                "ndcg_low": low,
+                "ndcg_high": high,
+                "vs_uncapped_low": cap_low,
+                "vs_uncapped_high": cap_high,
+                "vs_similar_low": sim_low,
+                "vs_similar_high": sim_high,
+                "diversity": v[:, 1].mean(),
+                "top_artist_share": v[:, 2].mean(),
+            }
+        )
+    log.info(
+        "replay: %d users in %.0f s",
+        len(next(iter(per_user.values()), [])),
+        time.perf_counter() - started,
+    )
     return pd.DataFrame(rows)

@@ -68,8 +68,16 @@ SELECTION_JSON = "selection.json"
 RANKER = "ranker"  # the name of the ranked union among the sources' names
 
 # Files of one run, in the order they are published (the manifest is written after them).
-ARTEFACTS = (io.TOP_POPULAR, io.PERSONAL_ALS, io.SIMILAR, io.RANKER_MODEL, io.RECOMMENDATIONS,
-             io.METRICS, io.CANDIDATE_RECALL, io.METRICS_PNG)
+ARTEFACTS = (
+    io.TOP_POPULAR,
+    io.PERSONAL_ALS,
+    io.SIMILAR,
+    io.RANKER_MODEL,
+    io.RECOMMENDATIONS,
+    io.METRICS,
+    io.CANDIDATE_RECALL,
+    io.METRICS_PNG,
+)
 
 
 @dataclass
@@ -115,8 +123,10 @@ class RunContext:
         return SplitDates.from_dict(self._work_json(SPLIT_JSON, "split"))
 
     def choices(self) -> dict[str, Choice]:
-        return {name: Choice(name, c["params"], c["ndcg"])
-                for name, c in self._work_json(SEARCH_JSON, "search").items()}
+        return {
+            name: Choice(name, c["params"], c["ndcg"])
+            for name, c in self._work_json(SEARCH_JSON, "search").items()
+        }
 
     def selection(self) -> dict:
         return self._work_json(SELECTION_JSON, "rank")
@@ -132,8 +142,9 @@ class RunContext:
         model.load_model(str(path))
         return model
 
-    def save_state(self, stage: str, source: str, params: dict,
-                   state: dict[str, np.ndarray] | None) -> None:
+    def save_state(
+        self, stage: str, source: str, params: dict, state: dict[str, np.ndarray] | None
+    ) -> None:
         """A fitted source's state for the refits of later stages (``work/<stage>-<source>``)."""
         path = self.work / f"{stage}-{source}.npz"
         if state is None:
@@ -142,16 +153,16 @@ class RunContext:
         with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, params=np.array(json.dumps(params, sort_keys=True)), **state)
 
-    def load_state(self, stage: str, source: str, params: dict
-                   ) -> dict[str, np.ndarray] | None:
+    def load_state(self, stage: str, source: str, params: dict) -> dict[str, np.ndarray] | None:
         """The state a stage saved for this source, if it was fitted with the same params."""
         path = self.work / f"{stage}-{source}.npz"
         if not path.exists():
             return None
         with np.load(path) as saved:
             if str(saved["params"]) != json.dumps(params, sort_keys=True):
-                log.info("%s: state of the %s stage has other parameters, fitted cold",
-                         source, stage)
+                log.info(
+                    "%s: state of the %s stage has other parameters, fitted cold", source, stage
+                )
                 return None
             return {key: saved[key] for key in saved.files if key != "params"}
 
@@ -178,8 +189,9 @@ class RunContext:
         return events[mask].reset_index(drop=True)
 
 
-def _fit_sources(run: RunContext, data: TrainData, start_from: str | None = None,
-                 save_as: str | None = None) -> dict[str, Source]:
+def _fit_sources(
+    run: RunContext, data: TrainData, start_from: str | None = None, save_as: str | None = None
+) -> dict[str, Source]:
     """The chosen sources fitted on ``data``; those with a state (ALS factors) start from the
     state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``."""
     s = run.settings
@@ -191,8 +203,12 @@ def _fit_sources(run: RunContext, data: TrainData, start_from: str | None = None
         # a search trial learnt from a user sample: further from the full fit than a refit
         iterations = s.als_sample_start_iterations if start_from == "search" else None
         sources[name] = source.warm(state, iterations).fit(data)
-        log.info("fitted %s%s in %.1f s", sources[name], " (warm start)" if state else "",
-                 time.perf_counter() - started)
+        log.info(
+            "fitted %s%s in %.1f s",
+            sources[name],
+            " (warm start)" if state else "",
+            time.perf_counter() - started,
+        )
         if save_as:
             run.save_state(save_as, name, choice.params, sources[name].state())
     return sources
@@ -205,8 +221,11 @@ def validation_split(truth: Truth, settings: Settings) -> tuple[np.ndarray, ...]
     rows = rng.permutation(truth.users.size)[: settings.validation_users]
     n_fit = int(rows.size * 0.6)
     n_stop = int(rows.size * 0.2)  # the rest, about 20 % and never empty, chooses
-    return (np.sort(rows[:n_fit]), np.sort(rows[n_fit:n_fit + n_stop]),
-            np.sort(rows[n_fit + n_stop:]))
+    return (
+        np.sort(rows[:n_fit]),
+        np.sort(rows[n_fit : n_fit + n_stop]),
+        np.sort(rows[n_fit + n_stop :]),
+    )
 
 
 def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ...]]:
@@ -214,15 +233,18 @@ def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ..
     data = run.train_data(dates.label_start)
     truth = Truth.build(data.listens, run.later(dates.label_start, dates.test_start))
     if truth.users.size < 3:
-        raise DataError(f"only {truth.users.size} users listen to new tracks in the validation "
-                        "period: too few to choose models; widen it (MUSICREC_LABEL_START)")
+        raise DataError(
+            f"only {truth.users.size} users listen to new tracks in the validation "
+            "period: too few to choose models; widen it (MUSICREC_LABEL_START)"
+        )
     return data, truth, validation_split(truth, run.settings)
 
 
 def _frame(lists: Lists, listens: Listens, users: np.ndarray) -> pd.DataFrame:
     """A recs table (input ids) of ``lists`` for the user codes ``users``."""
-    return recs_frame(listens.users.ids[users[lists.local()]],
-                      listens.tracks.ids[lists.tracks], lists.scores)
+    return recs_frame(
+        listens.users.ids[users[lists.local()]], listens.tracks.ids[lists.tracks], lists.scores
+    )
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -245,14 +267,18 @@ def stage_search(run: RunContext) -> None:
         n_users = data.listens.n_users
         others = np.setdiff1d(np.arange(n_users), truth.users)
         extra = max(s.search_train_users - truth.users.size, 0)
-        sample = np.union1d(truth.users, rng.choice(others, min(extra, others.size),
-                                                    replace=False))
+        sample = np.union1d(truth.users, rng.choice(others, min(extra, others.size), replace=False))
         listens, kept = data.listens.subset(sample).compact()
         data = TrainData.build(listens, run.items()).keep_knn_window_of(data, s.knn_max_pairs)
-        truth = Truth(np.searchsorted(sample, truth.users), truth.keys, truth.counts,
-                      truth.n_tracks).on_tracks(kept)
-        log.info("search: trials learn from %d of %d users and the %d tracks they heard",
-                 sample.size, n_users, kept.size)
+        truth = Truth(
+            np.searchsorted(sample, truth.users), truth.keys, truth.counts, truth.n_tracks
+        ).on_tracks(kept)
+        log.info(
+            "search: trials learn from %d of %d users and the %d tracks they heard",
+            sample.size,
+            n_users,
+            kept.size,
+        )
     # each source's first (plain) and best trials keep their states: the first full fits
     # start from them (``als_sample_start_iterations``) instead of from scratch
     plain: dict[str, Trial] = {}
@@ -273,8 +299,9 @@ def stage_search(run: RunContext) -> None:
             del states[key]
 
     choices = search(data, truth, s, on_trial=keep_state)
-    io.write_json({name: choice.as_dict() for name, choice in choices.items()},
-                  run.work / SEARCH_JSON)
+    io.write_json(
+        {name: choice.as_dict() for name, choice in choices.items()}, run.work / SEARCH_JSON
+    )
     for name, trial in best.items():
         run.save_state("search", name, trial.params, states[id(trial)])
         first = plain[name]
@@ -290,15 +317,21 @@ def stage_rank(run: RunContext) -> None:
     s = run.settings
     data, truth, (fit_rows, stop_rows, valid_rows) = _validation(run)
     sources = _fit_sources(run, data, start_from="search", save_as="rank")
-    model = train_ranker(training_set(data, sources, truth.subset(fit_rows), s),
-                         training_set(data, sources, truth.subset(stop_rows), s), s)
+    model = train_ranker(
+        training_set(data, sources, truth.subset(fit_rows), s),
+        training_set(data, sources, truth.subset(stop_rows), s),
+        s,
+    )
     valid = truth.subset(valid_rows)
-    per_user = {name: ndcg_per_user(recommend_batched(src, valid.users, 10), valid)
-                for name, src in sources.items()}
+    per_user = {
+        name: ndcg_per_user(recommend_batched(src, valid.users, 10), valid)
+        for name, src in sources.items()
+    }
     (run.out / io.RANKER_MODEL).unlink(missing_ok=True)
     if model is not None:
-        per_user[RANKER] = ndcg_per_user(rank(model, data, sources, valid.users, 10,
-                                              s.n_candidates), valid)
+        per_user[RANKER] = ndcg_per_user(
+            rank(model, data, sources, valid.users, 10, s.n_candidates), valid
+        )
         with io.atomic_path(run.out / io.RANKER_MODEL) as tmp:
             model.save_model(str(tmp))
     scores = {}
@@ -307,15 +340,20 @@ def stage_rank(run: RunContext) -> None:
         scores[name] = {"ndcg": float(values.mean()), "low": low, "high": high}
     winner = max(scores, key=lambda name: scores[name]["ndcg"])
     best_source = max((n for n in scores if n != RANKER), key=lambda n: scores[n]["ndcg"])
-    reason = (f"{winner} has the best NDCG@10 on {valid.users.size} held-out validation users "
-              f"({scores[winner]['ndcg']:.4f}; best single source {best_source} "
-              f"{scores[best_source]['ndcg']:.4f}, popular {scores['popular']['ndcg']:.4f})"
-              if "popular" in scores else f"{winner} has the best NDCG@10")
+    reason = (
+        f"{winner} has the best NDCG@10 on {valid.users.size} held-out validation users "
+        f"({scores[winner]['ndcg']:.4f}; best single source {best_source} "
+        f"{scores[best_source]['ndcg']:.4f}, popular {scores['popular']['ndcg']:.4f})"
+        if "popular" in scores
+        else f"{winner} has the best NDCG@10"
+    )
     if model is None:
         reason += "; no ranker: too few positives to train one"
     log.info("served model: %s", reason)
-    io.write_json({"winner": winner, "reason": reason, "users": int(valid.users.size),
-                   "ndcg@10": scores}, run.work / SELECTION_JSON)
+    io.write_json(
+        {"winner": winner, "reason": reason, "users": int(valid.users.size), "ndcg@10": scores},
+        run.work / SELECTION_JSON,
+    )
 
 
 def stage_evaluate(run: RunContext) -> None:
@@ -347,32 +385,42 @@ def stage_evaluate(run: RunContext) -> None:
         # first, and dropped before the chosen sources are fitted: one ALS matrix at a time
         started = time.perf_counter()
         state = run.load_state("search", "als_plain", plain)
-        baseline = make_source("als", s, plain).warm(state, s.als_sample_start_iterations
-                                                      ).fit(data)
-        log.info("fitted the plain ALS baseline %s %s in %.1f s", baseline,
-                 f"from the search's sample fit, {s.als_sample_start_iterations} iterations"
-                 if state else "from scratch", time.perf_counter() - started)
+        baseline = make_source("als", s, plain).warm(state, s.als_sample_start_iterations).fit(data)
+        log.info(
+            "fitted the plain ALS baseline %s %s in %.1f s",
+            baseline,
+            f"from the search's sample fit, {s.als_sample_start_iterations} iterations"
+            if state
+            else "from scratch",
+            time.perf_counter() - started,
+        )
         recs["als_plain"] = _frame(recommend_batched(baseline, users, n), h, users)
         del baseline
     sources = _fit_sources(run, data, start_from="rank", save_as="evaluate")
     model = run.ranker()
-    steps.step(f"lists of {len(sources)} sources{' and the ranker' if model else ''} for "
-               f"{users.size:,} users")
+    steps.step(
+        f"lists of {len(sources)} sources{' and the ranker' if model else ''} for "
+        f"{users.size:,} users"
+    )
     # the sources' lists are the ranker's candidates too: one pass makes both
     keep = {name: max(n, s.n_candidates) for name in sources}
     if model is not None:
-        ranked, lists = rank_with_lists(model, data, sources, users, n, s.n_candidates, keep,
-                                        threads=s.threads)
+        ranked, lists = rank_with_lists(
+            model, data, sources, users, n, s.n_candidates, keep, threads=s.threads
+        )
         recs[RANKER] = _frame(ranked, h, users)
     else:
-        lists = {name: recommend_batched(src, users, keep[name])
-                 for name, src in sources.items()}
+        lists = {name: recommend_batched(src, users, keep[name]) for name, src in sources.items()}
     recs.update({name: _frame(lst, h, users) for name, lst in lists.items()})
     del lists
     selection = run.selection()
     recs["served"] = recs[selection["winner"]]
-    train = pd.DataFrame({C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
-                          C.track: h.tracks.ids[h.track_codes]})
+    train = pd.DataFrame(
+        {
+            C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
+            C.track: h.tracks.ids[h.track_codes],
+        }
+    )
     candidates = {name: recs[name] for name in sources}
     steps.step("candidate recall")
     recall = candidate_recall(candidates, test, train, users=h.users.ids[users])
@@ -380,24 +428,45 @@ def stage_evaluate(run: RunContext) -> None:
     heads = {name: table[table[C.rank].to_numpy() <= n] for name, table in recs.items()}
     n_items = pq.ParquetFile(run.parquet / io.ITEMS).metadata.num_rows
     steps.step(f"metrics with {s.bootstrap} bootstrap resamples")
-    metrics = evaluate(heads, test, train, n_items, ks=tuple(s.eval_k), bootstrap=s.bootstrap,
-                       seed=s.seed, segments=activity_segments(train, h.users.ids[users]))
+    metrics = evaluate(
+        heads,
+        test,
+        train,
+        n_items,
+        ks=tuple(s.eval_k),
+        bootstrap=s.bootstrap,
+        seed=s.seed,
+        segments=activity_segments(train, h.users.ids[users]),
+    )
     # intra-list artist variety of every list, on the rows of all users
     items = run.items()
-    variety = artist_variety(heads, items.column(C.track).to_numpy(),
-                             first_codes(items.column(C.artist_ids)), ks=tuple(s.eval_k))
-    metrics = metrics.merge(variety.drop(columns="users").assign(segment="all"),
-                            on=["source", "k", "segment"], how="left")
+    variety = artist_variety(
+        heads,
+        items.column(C.track).to_numpy(),
+        first_codes(items.column(C.artist_ids)),
+        ks=tuple(s.eval_k),
+    )
+    metrics = metrics.merge(
+        variety.drop(columns="users").assign(segment="all"),
+        on=["source", "k", "segment"],
+        how="left",
+    )
     io.write_table(metrics, run.out / io.METRICS)
     steps.close()
-    io.write_figure(plot_metrics(metrics[metrics["segment"] == "all"]),
-                    run.out / io.METRICS_PNG)
+    io.write_figure(plot_metrics(metrics[metrics["segment"] == "all"]), run.out / io.METRICS_PNG)
     k = 10 if 10 in s.eval_k else max(s.eval_k)
     table = metrics[(metrics["k"] == k) & (metrics["segment"] == "all")].set_index("source")
-    shown = [c for c in ("ndcg", "ndcg_low", "ndcg_high", "precision", "recall", "coverage")
-             if c in table]
-    log.info("metrics@%d on the test period (served = %s):\n%s", k, selection["winner"],
-             table[shown].to_string())
+    shown = [
+        c
+        for c in ("ndcg", "ndcg_low", "ndcg_high", "precision", "recall", "coverage")
+        if c in table
+    ]
+    log.info(
+        "metrics@%d on the test period (served = %s):\n%s",
+        k,
+        selection["winner"],
+        table[shown].to_string(),
+    )
     log.info("candidate recall on the test period:\n%s", recall.to_string())
 
 
@@ -405,12 +474,14 @@ def _popular_table(source: PopularSource) -> pd.DataFrame:
     """The top_popular artefact from a fitted popular source: every heard track, best first."""
     h = source.data.listens
     order = source.order
-    return pd.DataFrame({
-        C.track: h.tracks.ids[order].astype(np.int32),
-        C.listeners: source.data.listeners(None)[order].astype(np.int64),
-        C.score: source.scores[order].astype(np.float32),
-        C.rank: np.arange(1, order.size + 1, dtype=np.int32),
-    })
+    return pd.DataFrame(
+        {
+            C.track: h.tracks.ids[order].astype(np.int32),
+            C.listeners: source.data.listeners(None)[order].astype(np.int64),
+            C.score: source.scores[order].astype(np.float32),
+            C.rank: np.arange(1, order.size + 1, dtype=np.int32),
+        }
+    )
 
 
 def stage_serve(run: RunContext) -> None:
@@ -429,16 +500,25 @@ def stage_serve(run: RunContext) -> None:
         ``sources``: the ranker knows only the sources it was trained on)."""
         return sources.get(name) or make_source(name, s, SOURCES[name].space(s)[0]).fit(data)
 
-    io.write_table(_popular_table(chosen_or_plain("popular")), run.out / io.TOP_POPULAR,
-                   io.POPULAR_SCHEMA)
+    io.write_table(
+        _popular_table(chosen_or_plain("popular")), run.out / io.TOP_POPULAR, io.POPULAR_SCHEMA
+    )
     als = chosen_or_plain("als")
     winner = run.selection()["winner"]
     n = s.n_recommendations
     if winner == RANKER:
         # personal_als is the head of the ranker's ALS candidates: one top-k pass, not two
-        lists, kept = rank_with_lists(run.ranker(), data, sources, users, n, s.n_candidates,
-                                      {"als": n} if "als" in sources else {},
-                                      progress=s.progress, threads=s.threads)
+        lists, kept = rank_with_lists(
+            run.ranker(),
+            data,
+            sources,
+            users,
+            n,
+            s.n_candidates,
+            {"als": n} if "als" in sources else {},
+            progress=s.progress,
+            threads=s.threads,
+        )
         personal = kept.get("als")
     else:
         lists = recommend_batched(sources[winner], users, n)
@@ -451,9 +531,12 @@ def stage_serve(run: RunContext) -> None:
     del lists
     log.info("served lists (%s) for %d users", winner, h.n_users)
     # the ALS model for the service's fold-in of online events (musicrec.online)
-    served.write_factors(fold_in_arrays(als.model, data.listeners(None),
-                                        als.params["regularization"], als.params["alpha"]),
-                         run.out)
+    served.write_factors(
+        fold_in_arrays(
+            als.model, data.listeners(None), als.params["regularization"], als.params["alpha"]
+        ),
+        run.out,
+    )
     item_to_item = sources.get("item_knn") or als
     query, similar, score = item_to_item.similar(s.n_similar)
     # each track's neighbours scaled to its best one: the service sums the lists of several
@@ -461,9 +544,13 @@ def stage_serve(run: RunContext) -> None:
     best = np.zeros(item_to_item.data.listens.n_tracks, dtype=np.float32)
     np.maximum.at(best, query, score)
     score = score / np.maximum(best[query], 1e-12)
-    io.write_table(recs_frame(h.tracks.ids[query], h.tracks.ids[similar], score)
-                   .rename(columns={C.user: C.track, C.track: C.similar}),
-                   run.out / io.SIMILAR, io.SIMILAR_SCHEMA)
+    io.write_table(
+        recs_frame(h.tracks.ids[query], h.tracks.ids[similar], score).rename(
+            columns={C.user: C.track, C.track: C.similar}
+        ),
+        run.out / io.SIMILAR,
+        io.SIMILAR_SCHEMA,
+    )
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], None]] = {
@@ -511,8 +598,9 @@ def _is_secret(annotation: Any) -> bool:
 def public_parameters(settings: Settings) -> dict[str, Any]:
     """The settings as JSON without secret fields (the manifest is world-readable and
     pushed to S3): a SecretStr field is left out entirely, not even masked."""
-    secret = {name for name, info in type(settings).model_fields.items()
-              if _is_secret(info.annotation)}
+    secret = {
+        name for name, info in type(settings).model_fields.items() if _is_secret(info.annotation)
+    }
     return settings.model_dump(mode="json", exclude=secret)
 
 
@@ -527,8 +615,12 @@ def _write_served(parquet: Path, staging: Path) -> dict[str, dict]:
     return entries
 
 
-def build_manifest(settings: Settings, run_id: str, timings: dict[str, float],
-                   served_entries: dict[str, dict] | None = None) -> dict:
+def build_manifest(
+    settings: Settings,
+    run_id: str,
+    timings: dict[str, float],
+    served_entries: dict[str, dict] | None = None,
+) -> dict:
     """The manifest of the artefacts now in the parquet folder; ``served_entries`` (from
     ``served.write_served``) records the served files with their checksums."""
     parquet = Path(settings.parquet_dir)
@@ -539,17 +631,24 @@ def build_manifest(settings: Settings, run_id: str, timings: dict[str, float],
         "run_id": run_id,
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "data_dir": str(data.resolve()),
-        "input_files": {name: (data / name).stat().st_size
-                        for name in io.INPUT_FILES if (data / name).exists()},
-        "prepared_files": {name: (parquet / name).stat().st_size
-                           for name in (io.ITEMS, io.EVENTS) if (parquet / name).exists()},
+        "input_files": {
+            name: (data / name).stat().st_size for name in io.INPUT_FILES if (data / name).exists()
+        },
+        "prepared_files": {
+            name: (parquet / name).stat().st_size
+            for name in (io.ITEMS, io.EVENTS)
+            if (parquet / name).exists()
+        },
         "parameters": public_parameters(settings),
         "split": io.read_json(split_path) if split_path.exists() else None,
         "search": _read_json_if(parquet / WORK_DIR / SEARCH_JSON),
         "selection": _read_json_if(parquet / WORK_DIR / SELECTION_JSON),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
-        "metrics": (pd.read_parquet(metrics_path).to_dict(orient="records")
-                    if metrics_path.exists() else None),
+        "metrics": (
+            pd.read_parquet(metrics_path).to_dict(orient="records")
+            if metrics_path.exists()
+            else None
+        ),
         "artefacts": _file_stats(parquet),
     }
     if served_entries is not None:
@@ -562,8 +661,10 @@ def run_stage(stage: str, settings: Settings) -> None:
     manifest; after ``serve``, the served (memory-mapped) form of the new lists too."""
     run = RunContext(settings, Path(settings.parquet_dir))
     elapsed = _timed(stage, run)
-    io.write_json(build_manifest(settings, f"stage-{stage}-{uuid.uuid4().hex[:8]}",
-                                 {stage: elapsed}), run.parquet / io.MANIFEST)
+    io.write_json(
+        build_manifest(settings, f"stage-{stage}-{uuid.uuid4().hex[:8]}", {stage: elapsed}),
+        run.parquet / io.MANIFEST,
+    )
     if stage == "serve":
         served.publish(run.parquet)
 
@@ -601,6 +702,9 @@ def run_all(settings: Settings) -> dict:
     manifest["input"] = runs.input_fingerprint(parquet)
     io.write_json(manifest, parquet / io.MANIFEST)
     runs.archive(parquet, manifest)  # runs/<run_id>/ (hard links) and runs/current
-    log.info("run %s: %s", run_id,
-             ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))
+    log.info(
+        "run %s: %s",
+        run_id,
+        ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()),
+    )
     return manifest

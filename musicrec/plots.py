@@ -121,8 +121,9 @@ def plot_ndcg_intervals(
     if "segment" in rows.columns:
         rows = rows[rows["segment"] == segment]
     if rows.empty:
-        raise ValueError(f"no rows at k={k}" + (f", segment {segment!r}"
-                                                 if "segment" in metrics else ""))
+        raise ValueError(
+            f"no rows at k={k}" + (f", segment {segment!r}" if "segment" in metrics else "")
+        )
     rows = rows.drop_duplicates("source").sort_values("ndcg", kind="stable")  # best on top
     value = rows["ndcg"].to_numpy(dtype=float)
     low = np.where(np.isnan(rows["ndcg_low"].to_numpy(dtype=float)), value, rows["ndcg_low"])
@@ -131,12 +132,20 @@ def plot_ndcg_intervals(
     ax: Axes = axes[0][0]
     y = np.arange(len(rows))
     colors = ["tab:red" if s == highlight else "tab:blue" for s in rows["source"]]
-    ax.errorbar(value, y, xerr=np.vstack([value - low, high - value]), fmt="none",
-                ecolor="grey", capsize=4, linewidth=1.2)
+    ax.errorbar(
+        value,
+        y,
+        xerr=np.vstack([value - low, high - value]),
+        fmt="none",
+        ecolor="grey",
+        capsize=4,
+        linewidth=1.2,
+    )
     ax.scatter(value, y, c=colors, zorder=3)
     for yi, v, h in zip(y, value, high, strict=True):
-        ax.annotate(f"{v:.3f}", (h, yi), xytext=(5, 0), textcoords="offset points",
-                    va="center", fontsize=8)
+        ax.annotate(
+            f"{v:.3f}", (h, yi), xytext=(5, 0), textcoords="offset points", va="center", fontsize=8
+        )
     ax.set_yticks(y, [_short(s) for s in rows["source"]])
     ax.set_xlabel(f"NDCG@{k} (bar: 95 % bootstrap interval over users)")
     ax.set_xlim(left=0, right=float(np.nanmax(high)) * 1.15 or 1.0)

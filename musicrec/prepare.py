@@ -551,8 +551,7 @@ def prepare_files(
             data_dir / io.INTERACTIONS,
             items.column(C.track).to_numpy(),
             min_plausible_date=None if settings is None else settings.min_plausible_date,
-            drop_implausible_dates=(False if settings is None
-                                    else settings.drop_implausible_dates),
+            drop_implausible_dates=(False if settings is None else settings.drop_implausible_dates),
         )
         log.info("validated %s in %.1f s", data_dir, time.perf_counter() - started)
         steps.step(f"write {io.ITEMS} and {io.EVENTS}")

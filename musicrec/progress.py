@@ -21,17 +21,28 @@ class Steps:
 
     def __init__(self, name: str, total: int, enabled: bool = True) -> None:
         self.name, self.total, self.enabled, self.done = name, total, enabled, 0
-        self.bar = tqdm(total=total, desc=name, unit="step", disable=not enabled, leave=False,
-                        bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar:20}| "
-                                   "{elapsed} {postfix}")
+        self.bar = tqdm(
+            total=total,
+            desc=name,
+            unit="step",
+            disable=not enabled,
+            leave=False,
+            bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar:20}| {elapsed} {postfix}",
+        )
 
     def step(self, text: str) -> None:
         """Start the next step (the previous one is complete)."""
         if self.done:
             self.bar.update(1)
         self.done += 1
-        log.log(logging.INFO if self.enabled else logging.DEBUG, "%s %d/%d: %s",
-                self.name, self.done, self.total, text)
+        log.log(
+            logging.INFO if self.enabled else logging.DEBUG,
+            "%s %d/%d: %s",
+            self.name,
+            self.done,
+            self.total,
+            text,
+        )
         self.bar.set_postfix_str(text, refresh=True)
 
     def close(self) -> None:
@@ -43,6 +54,10 @@ class Steps:
     def __enter__(self) -> Steps:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.close()

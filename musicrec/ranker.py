@@ -54,8 +54,11 @@ RECENT_FRACTION = 1 / 12  # the "recent" window of the track features, as a shar
 def feature_names(sources: dict[str, Source]) -> list[str]:
     """Feature columns for these sources, in order."""
     names = [f"{name}_{suffix}" for name in sources for suffix in PER_SOURCE]
-    names += [f"{name}_pair" for name, src in sources.items()
-              if type(src).pair_scores is not Source.pair_scores]
+    names += [
+        f"{name}_pair"
+        for name, src in sources.items()
+        if type(src).pair_scores is not Source.pair_scores
+    ]
     return names + list(GENERAL)
 
 
@@ -89,8 +92,9 @@ class TrackFeatures:
         return cls(listeners, recent, first_day, rank)
 
 
-def _max_over_attributes(user_attr: sp.csr_matrix, track_attr: sp.csr_matrix,
-                         local: np.ndarray, tracks: np.ndarray) -> np.ndarray:
+def _max_over_attributes(
+    user_attr: sp.csr_matrix, track_attr: sp.csr_matrix, local: np.ndarray, tracks: np.ndarray
+) -> np.ndarray:
     """For each pair, the largest value of ``user_attr[local]`` over the track's attributes."""
     positions, pair = gather_rows(track_attr.indptr, tracks)
     out = np.zeros(local.size, dtype=np.float32)
@@ -110,9 +114,14 @@ class Candidates:
     features: pd.DataFrame
 
 
-def candidates(data: TrainData, sources: dict[str, Source], track_features: TrackFeatures,
-               users: np.ndarray, n: int, longer: Mapping[str, int] | None = None
-               ) -> Candidates:
+def candidates(
+    data: TrainData,
+    sources: dict[str, Source],
+    track_features: TrackFeatures,
+    users: np.ndarray,
+    n: int,
+    longer: Mapping[str, int] | None = None,
+) -> Candidates:
     """Top-``n`` of every source for the user codes ``users`` (sorted), merged, with features.
 
     A source named in ``longer`` is asked once for that many (when more than ``n``): its
@@ -120,12 +129,13 @@ def candidates(data: TrainData, sources: dict[str, Source], track_features: Trac
     a caller who also needs the source's own longer list does not compute it twice."""
     h, n_tracks = data.listens, data.listens.n_tracks
     longer = longer or {}
-    full = {name: src.recommend(users, max(n, longer.get(name, n)))
-            for name, src in sources.items()}
-    lists = {name: lst.head(n) if longer.get(name, n) > n else lst
-             for name, lst in full.items()}
-    keys = np.concatenate([lst.local().astype(np.int64) * n_tracks + lst.tracks
-                           for lst in lists.values()])
+    full = {
+        name: src.recommend(users, max(n, longer.get(name, n))) for name, src in sources.items()
+    }
+    lists = {name: lst.head(n) if longer.get(name, n) > n else lst for name, lst in full.items()}
+    keys = np.concatenate(
+        [lst.local().astype(np.int64) * n_tracks + lst.tracks for lst in lists.values()]
+    )
     union = distinct(keys)
     inverse = np.searchsorted(union, keys)
     local = (union // n_tracks).astype(np.int32)
@@ -134,7 +144,7 @@ def candidates(data: TrainData, sources: dict[str, Source], track_features: Trac
     n_sources = np.zeros(union.size, dtype=np.float32)
     offset = 0
     for name, lst in lists.items():
-        idx = inverse[offset:offset + lst.tracks.size]
+        idx = inverse[offset : offset + lst.tracks.size]
         offset += lst.tracks.size
         for suffix in PER_SOURCE:
             f[f"{name}_{suffix}"] = np.full(union.size, np.nan, dtype=np.float32)
@@ -172,8 +182,9 @@ def candidates(data: TrainData, sources: dict[str, Source], track_features: Trac
     last_day = np.full(users.size, np.iinfo(np.int32).min, dtype=np.int32)
     np.minimum.at(first_day, owner, days)
     np.maximum.at(last_day, owner, days)
-    mainstream = np.bincount(owner, weights=np.log1p(t.listeners[h.track_codes[positions]]),
-                             minlength=users.size) / np.maximum(ends - starts, 1)
+    mainstream = np.bincount(
+        owner, weights=np.log1p(t.listeners[h.track_codes[positions]]), minlength=users.size
+    ) / np.maximum(ends - starts, 1)
     f["user_events"] = (ends - starts)[local].astype(np.float32)
     f["user_days_active_span"] = (last_day - first_day + 1)[local].astype(np.float32)
     f["user_days_since_last"] = (h.cutoff - last_day)[local].astype(np.float32)
@@ -195,8 +206,14 @@ class TrainingSet:
         return Pool(self.features, label=self.target, group_id=self.group)
 
 
-def training_set(data: TrainData, sources: dict[str, Source], truth: Truth, settings: Settings,
-                 sample_negatives: bool = True, batch_users: int = 2000) -> TrainingSet:
+def training_set(
+    data: TrainData,
+    sources: dict[str, Source],
+    truth: Truth,
+    settings: Settings,
+    sample_negatives: bool = True,
+    batch_users: int = 2000,
+) -> TrainingSet:
     """Candidates of ``truth``'s users labelled by their validation listens. Users without a
     positive candidate are dropped (they teach a ranker nothing); with ``sample_negatives``
     each user keeps ``settings.ranker_negatives`` random negatives per positive."""
@@ -205,7 +222,7 @@ def training_set(data: TrainData, sources: dict[str, Source], truth: Truth, sett
     frames, targets, groups = [], [], []
     n_pairs = n_pos = 0
     for start in range(0, truth.users.size, batch_users):
-        users = truth.users[start:start + batch_users]
+        users = truth.users[start : start + batch_users]
         cand = candidates(data, sources, track_features, users, settings.n_candidates)
         keys = (cand.local.astype(np.int64) + start) * truth.n_tracks + cand.tracks
         target = in_sorted(truth.keys, keys)
@@ -227,24 +244,38 @@ def training_set(data: TrainData, sources: dict[str, Source], truth: Truth, sett
         targets.append(target[rows].astype(np.int8))
         groups.append(users[cand.local[rows]])
     if not frames or n_pos == 0:
-        return TrainingSet(pd.DataFrame(columns=feature_names(sources)), np.zeros(0, np.int8),
-                           np.zeros(0, np.int64))
-    log.info("ranker pairs: %d users, %d candidates, %d positives (%.1f%% of their %d "
-             "validation listens)", truth.users.size, n_pairs, n_pos,
-             100.0 * n_pos / max(truth.keys.size, 1), truth.keys.size)
-    return TrainingSet(pd.concat(frames, ignore_index=True), np.concatenate(targets),
-                       np.concatenate(groups))
+        return TrainingSet(
+            pd.DataFrame(columns=feature_names(sources)),
+            np.zeros(0, np.int8),
+            np.zeros(0, np.int64),
+        )
+    log.info(
+        "ranker pairs: %d users, %d candidates, %d positives (%.1f%% of their %d "
+        "validation listens)",
+        truth.users.size,
+        n_pairs,
+        n_pos,
+        100.0 * n_pos / max(truth.keys.size, 1),
+        truth.keys.size,
+    )
+    return TrainingSet(
+        pd.concat(frames, ignore_index=True), np.concatenate(targets), np.concatenate(groups)
+    )
 
 
-def train_ranker(train: TrainingSet, stop: TrainingSet, settings: Settings
-                 ) -> CatBoostRanker | None:
+def train_ranker(
+    train: TrainingSet, stop: TrainingSet, settings: Settings
+) -> CatBoostRanker | None:
     """YetiRank over users' candidate groups, early-stopped on other users' groups; None
     when there is too little to learn from (fewer than ``settings.ranker_min_positives``)."""
     positives = int(train.target.sum())
     if positives < settings.ranker_min_positives or int(stop.target.sum()) == 0:
-        log.info("ranker: %d training positives (need %d) and %d early-stopping positives: "
-                 "not trained", positives, settings.ranker_min_positives,
-                 int(stop.target.sum()))
+        log.info(
+            "ranker: %d training positives (need %d) and %d early-stopping positives: not trained",
+            positives,
+            settings.ranker_min_positives,
+            int(stop.target.sum()),
+        )
         return None
     model = CatBoostRanker(
         loss_function="YetiRank",
@@ -257,28 +288,57 @@ def train_ranker(train: TrainingSet, stop: TrainingSet, settings: Settings
     )
     started = time.perf_counter()
     model.fit(train.pool(), eval_set=stop.pool(), early_stopping_rounds=50, use_best_model=True)
-    log.info("CatBoostRanker: %d pairs, %d positives, best iteration %d of %d in %.1f s",
-             len(train.target), positives, model.get_best_iteration(),
-             settings.ranker_iterations, time.perf_counter() - started)
-    importance = sorted(zip(model.get_feature_importance(type="PredictionValuesChange"),
-                            train.features.columns, strict=True), reverse=True)
-    log.info("feature importance: %s",
-             ", ".join(f"{name} {value:.2f}" for value, name in importance[:8]))
+    log.info(
+        "CatBoostRanker: %d pairs, %d positives, best iteration %d of %d in %.1f s",
+        len(train.target),
+        positives,
+        model.get_best_iteration(),
+        settings.ranker_iterations,
+        time.perf_counter() - started,
+    )
+    importance = sorted(
+        zip(
+            model.get_feature_importance(type="PredictionValuesChange"),
+            train.features.columns,
+            strict=True,
+        ),
+        reverse=True,
+    )
+    log.info(
+        "feature importance: %s", ", ".join(f"{name} {value:.2f}" for value, name in importance[:8])
+    )
     return model
 
 
-def rank(model: CatBoostRanker, data: TrainData, sources: dict[str, Source],
-         users: np.ndarray, n: int, n_candidates: int, batch_users: int = 2000,
-         progress: bool = False, threads: int = 1) -> Lists:
+def rank(
+    model: CatBoostRanker,
+    data: TrainData,
+    sources: dict[str, Source],
+    users: np.ndarray,
+    n: int,
+    n_candidates: int,
+    batch_users: int = 2000,
+    progress: bool = False,
+    threads: int = 1,
+) -> Lists:
     """The ranker's top-``n`` of the union of the sources' candidates, per user code."""
-    return rank_with_lists(model, data, sources, users, n, n_candidates, {}, batch_users,
-                           progress, threads)[0]
+    return rank_with_lists(
+        model, data, sources, users, n, n_candidates, {}, batch_users, progress, threads
+    )[0]
 
 
-def rank_with_lists(model: CatBoostRanker, data: TrainData, sources: dict[str, Source],
-                    users: np.ndarray, n: int, n_candidates: int, keep: Mapping[str, int],
-                    batch_users: int = 2000, progress: bool = False, threads: int = 1
-                    ) -> tuple[Lists, dict[str, Lists]]:
+def rank_with_lists(
+    model: CatBoostRanker,
+    data: TrainData,
+    sources: dict[str, Source],
+    users: np.ndarray,
+    n: int,
+    n_candidates: int,
+    keep: Mapping[str, int],
+    batch_users: int = 2000,
+    progress: bool = False,
+    threads: int = 1,
+) -> tuple[Lists, dict[str, Lists]]:
     """``rank``, and the top-``keep[name]`` lists of the sources named in ``keep`` from the
     same pass (the candidates are their heads): the serve and evaluate stages write those
     lists too, and at full scale a second top-k pass over every user costs minutes.
@@ -288,7 +348,7 @@ def rank_with_lists(model: CatBoostRanker, data: TrainData, sources: dict[str, S
     track_features = TrackFeatures.build(data)
 
     def one(start: int) -> tuple[Lists, dict[str, Lists]]:
-        batch = users[start:start + batch_users]
+        batch = users[start : start + batch_users]
         cand = candidates(data, sources, track_features, batch, n_candidates, keep)
         score = model.predict(cand.features, thread_count=1).astype(np.float32)
         kept = {name: cand.lists[name].head(size) for name, size in keep.items()}
@@ -296,7 +356,17 @@ def rank_with_lists(model: CatBoostRanker, data: TrainData, sources: dict[str, S
 
     starts = range(0, users.size, batch_users)
     with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
-        parts = list(tqdm(pool.map(one, starts), total=len(starts), desc="ranking",
-                          unit="batch", disable=not progress, mininterval=2))
-    return (join_lists([ranked for ranked, _ in parts]),
-            {name: join_lists([kept[name] for _, kept in parts]) for name in keep})
+        parts = list(
+            tqdm(
+                pool.map(one, starts),
+                total=len(starts),
+                desc="ranking",
+                unit="batch",
+                disable=not progress,
+                mininterval=2,
+            )
+        )
+    return (
+        join_lists([ranked for ranked, _ in parts]),
+        {name: join_lists([kept[name] for _, kept in parts]) for name in keep},
+    )

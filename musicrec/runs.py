@@ -36,24 +36,36 @@ CURRENT = "current"
 def _kept(name: str) -> bool:
     """Top-level files that belong to a run: artefacts, not the input events, temporary
     files (``.name``, ``*.tmp``) nor the online-history database."""
-    return (name != io.EVENTS and not name.startswith(".") and ".db" not in name
-            and not name.endswith(".tmp"))
+    return (
+        name != io.EVENTS
+        and not name.startswith(".")
+        and ".db" not in name
+        and not name.endswith(".tmp")
+    )
 
 
 def code_version(where: Path | None = None) -> dict[str, Any]:
     """The code that made a run: the package version and, in a git checkout, the commit and
     whether the work tree had changes (None when git or the checkout is not there)."""
     folder = where or Path(__file__).resolve().parent
-    found: dict[str, Any] = {"package_version": __version__, "git_commit": None,
-                             "git_dirty": None}
+    found: dict[str, Any] = {"package_version": __version__, "git_commit": None, "git_dirty": None}
     try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"],
-                                capture_output=True, text=True, timeout=10, check=False)
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         if commit.returncode == 0:
             found["git_commit"] = commit.stdout.strip()
-            status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain",
-                                     "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=30, check=False)
+            status = subprocess.run(
+                ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             found["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired) as exc:  # no git on this machine
         log.debug("no git commit recorded: %s", exc)
@@ -128,22 +140,34 @@ def list_runs(parquet_dir: Path) -> list[dict[str, Any]]:
     found = []
     if not runs.is_dir():
         return found
-    for folder in sorted(p for p in runs.iterdir()
-                         if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+    for folder in sorted(
+        p
+        for p in runs.iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+    ):
         manifest_path = folder / io.MANIFEST
         manifest = io.read_json(manifest_path) if manifest_path.exists() else {}
-        served = next((row for row in manifest.get("metrics") or []
-                       if row.get("source") == "served" and row.get("k") == 10
-                       and row.get("segment", "all") == "all"), {})
-        found.append({
-            "run_id": folder.name,
-            "built_at": manifest.get("built_at"),
-            "current": folder.name == current,
-            "winner": (manifest.get("selection") or {}).get("winner"),
-            "ndcg@10": served.get("ndcg"),
-            "git_commit": (manifest.get("code") or {}).get("git_commit"),
-            "files": sum(1 for p in folder.iterdir() if p.is_file()),
-        })
+        served = next(
+            (
+                row
+                for row in manifest.get("metrics") or []
+                if row.get("source") == "served"
+                and row.get("k") == 10
+                and row.get("segment", "all") == "all"
+            ),
+            {},
+        )
+        found.append(
+            {
+                "run_id": folder.name,
+                "built_at": manifest.get("built_at"),
+                "current": folder.name == current,
+                "winner": (manifest.get("selection") or {}).get("winner"),
+                "ndcg@10": served.get("ndcg"),
+                "git_commit": (manifest.get("code") or {}).get("git_commit"),
+                "files": sum(1 for p in folder.iterdir() if p.is_file()),
+            }
+        )
     return found
 
 
@@ -177,8 +201,12 @@ def use_run(parquet_dir: Path, run_id: str) -> dict[str, Any]:
             if name != io.MANIFEST:
                 os.replace(staging / name, parquet / name)
         for path in parquet.iterdir():  # stale artefacts of the run being replaced
-            if (path.is_file() and _kept(path.name) and path.name not in names
-                    and path.name not in (io.ITEMS,)):
+            if (
+                path.is_file()
+                and _kept(path.name)
+                and path.name not in names
+                and path.name not in (io.ITEMS,)
+            ):
                 path.unlink()
         os.replace(staging / io.MANIFEST, parquet / io.MANIFEST)
     finally:
@@ -194,8 +222,9 @@ def prune(parquet_dir: Path, keep: int) -> list[str]:
     if keep < 1:
         raise ValueError(f"--keep must be at least 1, got {keep}")
     runs = list_runs(parquet_dir)
-    newest = {r["run_id"] for r in sorted(runs, key=lambda r: (r["built_at"] or "",
-                                                              r["run_id"]))[-keep:]}
+    newest = {
+        r["run_id"] for r in sorted(runs, key=lambda r: (r["built_at"] or "", r["run_id"]))[-keep:]
+    }
     removed = []
     for run in runs:
         if run["run_id"] not in newest and not run["current"]:
@@ -260,15 +289,16 @@ def pull_run(settings: Any, run_id: str | None = None) -> list[str]:
     if run_id is None:
         run_id = remote_current(settings)
         if run_id is None:
-            raise DataError(f"s3://{bucket}/{settings.s3_prefix}/{RUNS_DIR}/{CURRENT} at "
-                            f"{where}: no current run; push one first")
+            raise DataError(
+                f"s3://{bucket}/{settings.s3_prefix}/{RUNS_DIR}/{CURRENT} at "
+                f"{where}: no current run; push one first"
+            )
     prefix = s3._key(settings.s3_prefix, f"{RUNS_DIR}/{run_id}/")
     sizes: dict[str, int] = {}
     with s3._s3_errors(f"s3://{bucket}/{prefix} at {where}"):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
-                                                                     Prefix=prefix):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                sizes[obj["Key"][len(prefix):]] = int(obj["Size"])
+                sizes[obj["Key"][len(prefix) :]] = int(obj["Size"])
     if io.MANIFEST not in sizes:
         raise DataError(f"s3://{bucket}/{prefix} at {where}: no such run (no {io.MANIFEST})")
     parquet = Path(settings.parquet_dir)
@@ -277,8 +307,9 @@ def pull_run(settings: Any, run_id: str | None = None) -> list[str]:
     paths = []
     for name in s3._manifest_last(list(sizes)):
         key = prefix + name
-        s3._download(client, bucket, key, sizes[name], folder / name,
-                     f"s3://{bucket}/{key} at {where}")
+        s3._download(
+            client, bucket, key, sizes[name], folder / name, f"s3://{bucket}/{key} at {where}"
+        )
         paths.append(str(folder / name))
     use_run(parquet, run_id)
     return paths

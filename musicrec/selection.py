@@ -59,8 +59,12 @@ class Truth:
         keys, local = keys[unheard], local[unheard]
         kept = distinct(local)
         local = np.searchsorted(kept, local)
-        return cls(users[kept], local * n_tracks + keys % n_tracks,
-                   np.bincount(local, minlength=kept.size), n_tracks)
+        return cls(
+            users[kept],
+            local * n_tracks + keys % n_tracks,
+            np.bincount(local, minlength=kept.size),
+            n_tracks,
+        )
 
     def subset(self, rows: np.ndarray) -> Truth:
         """The truth of ``self.users[rows]`` (``rows`` sorted, unique)."""
@@ -98,8 +102,9 @@ def ndcg_per_user(lists: Lists, truth: Truth, k: int = 10) -> np.ndarray:
 
 def recommend_batched(source: Source, users: np.ndarray, n: int, batch: int = 4096) -> Lists:
     """``source.recommend`` over batches of users, joined into one ``Lists``."""
-    return join_lists([source.recommend(users[start:start + batch], n)
-                       for start in range(0, users.size, batch)])
+    return join_lists(
+        [source.recommend(users[start : start + batch], n) for start in range(0, users.size, batch)]
+    )
 
 
 @dataclass
@@ -124,7 +129,10 @@ class Choice:
 
 
 def search(
-    data: TrainData, truth: Truth, settings: Settings, names: list[str] | None = None,
+    data: TrainData,
+    truth: Truth,
+    settings: Settings,
+    names: list[str] | None = None,
     on_trial: Callable[[Trial, Source], None] | None = None,
 ) -> dict[str, Choice]:
     """The best configuration of each source by NDCG@10 on ``truth``'s users.
@@ -148,16 +156,19 @@ def search(
             if len(trials) >= max(settings.search_trials, 1):
                 break
             if trials and time.perf_counter() - started > settings.search_seconds:
-                log.info("search: time budget of %.0f s spent, %s stops after %d trials",
-                         settings.search_seconds, name, len(trials))
+                log.info(
+                    "search: time budget of %.0f s spent, %s stops after %d trials",
+                    settings.search_seconds,
+                    name,
+                    len(trials),
+                )
                 break
             t0 = time.perf_counter()
             source = make_source(name, settings, params).fit(data)
             lists = recommend_batched(source, truth.users, 10)
             score = float(ndcg_per_user(lists, truth).mean())
             trials.append(Trial(name, params, score, round(time.perf_counter() - t0, 2)))
-            log.info("search %s %s: NDCG@10 %.4f (%.1f s)", name, params, score,
-                     trials[-1].seconds)
+            log.info("search %s %s: NDCG@10 %.4f (%.1f s)", name, params, score, trials[-1].seconds)
             if on_trial is not None:
                 on_trial(trials[-1], source)
             del source
@@ -165,6 +176,11 @@ def search(
                 best = params
         best_trial = max(trials, key=lambda trial: trial.ndcg)  # the first of equals
         choices[name] = Choice(name, best_trial.params, best_trial.ndcg, trials)
-        log.info("search %s: kept %s (NDCG@10 %.4f of %d trials)", name, best_trial.params,
-                 best_trial.ndcg, len(trials))
+        log.info(
+            "search %s: kept %s (NDCG@10 %.4f of %d trials)",
+            name,
+            best_trial.params,
+            best_trial.ndcg,
+            len(trials),
+        )
     return choices

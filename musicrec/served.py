@@ -57,8 +57,17 @@ SIMILAR_SCORES = "served_similar_scores.npy"  # float32 beside the values
 OFFLINE_KEYS = "served_offline_keys.npy"  # sorted unique user ids
 OFFLINE_OFFSETS = "served_offline_offsets.npy"
 OFFLINE_VALUES = "served_offline_values.npy"  # recommended track ids, rank 1 first
-SERVED_FILES = (ITEMS, POPULAR, SIMILAR_KEYS, SIMILAR_OFFSETS, SIMILAR_VALUES, SIMILAR_SCORES,
-                OFFLINE_KEYS, OFFLINE_OFFSETS, OFFLINE_VALUES)
+SERVED_FILES = (
+    ITEMS,
+    POPULAR,
+    SIMILAR_KEYS,
+    SIMILAR_OFFSETS,
+    SIMILAR_VALUES,
+    SIMILAR_SCORES,
+    OFFLINE_KEYS,
+    OFFLINE_OFFSETS,
+    OFFLINE_VALUES,
+)
 # the ALS model for fold-in (musicrec.online): optional, checked like the others when the
 # manifest records them; item rows are in popularity order, keys of fold_in_arrays -> file
 ALS_FILES = {
@@ -124,9 +133,11 @@ def _read_column(path: Path, name: str, dtype: pa.DataType) -> np.ndarray:
                 column = column.cast(dtype)  # safe cast: overflow raises
             values = column.to_numpy()
             if values.size != sizes[group]:
-                raise DataError(f"{path}: row group {group} has {values.size} rows, "
-                                f"its metadata says {sizes[group]}")
-            out[starts[group]:starts[group + 1]] = values
+                raise DataError(
+                    f"{path}: row group {group} has {values.size} rows, "
+                    f"its metadata says {sizes[group]}"
+                )
+            out[starts[group] : starts[group + 1]] = values
 
     shares = [list(range(i, len(sizes), READ_THREADS)) for i in range(READ_THREADS)]
     with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -185,7 +196,7 @@ class Catalogue:
     def check(self, path: Path, column: str, ids: np.ndarray) -> None:
         """DataError naming ``path`` when a track id of ``ids`` is not in the catalogue."""
         for start in range(0, ids.size, CHECK_CHUNK):
-            part = ids[start:start + CHECK_CHUNK]
+            part = ids[start : start + CHECK_CHUNK]
             if part.size == 0:
                 continue
             if part.min() >= 0 and part.max() < self.member.size and self.member.take(part).all():
@@ -209,8 +220,9 @@ def csr_offsets(key_column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys, np.concatenate(([0], starts, [key_column.size])).astype(np.int64)
 
 
-def read_ranked(path: Path, key: str, value: str, with_scores: bool, catalogue: Catalogue
-                ) -> dict[str, np.ndarray]:
+def read_ranked(
+    path: Path, key: str, value: str, with_scores: bool, catalogue: Catalogue
+) -> dict[str, np.ndarray]:
     """A ranked table as CSR arrays ``keys``, ``offsets``, ``values`` (and ``scores``)."""
     wanted = {key: pa.int32(), value: pa.int32(), C.rank: pa.int16()}
     if with_scores:
@@ -294,17 +306,29 @@ def read_parquet_set(paths: dict[str, Path]) -> dict[str, Any]:
     log.info("top popular: %d tracks in %.1f s", popular.size, time.perf_counter() - t)
     t = time.perf_counter()
     similar = read_ranked(paths[io.SIMILAR], C.track, C.similar, True, catalogue)
-    log.info("similar: %d tracks, %d pairs in %.1f s", similar["keys"].size,
-             similar["values"].size, time.perf_counter() - t)
+    log.info(
+        "similar: %d tracks, %d pairs in %.1f s",
+        similar["keys"].size,
+        similar["values"].size,
+        time.perf_counter() - t,
+    )
     t = time.perf_counter()
     offline = read_ranked(paths[io.RECOMMENDATIONS], C.user, C.track, False, catalogue)
-    log.info("recommendations: %d users, %d rows in %.1f s", offline["keys"].size,
-             offline["values"].size, time.perf_counter() - t)
+    log.info(
+        "recommendations: %d users, %d rows in %.1f s",
+        offline["keys"].size,
+        offline["values"].size,
+        time.perf_counter() - t,
+    )
     return {
-        ITEMS: items, POPULAR: popular,
-        SIMILAR_KEYS: similar["keys"], SIMILAR_OFFSETS: similar["offsets"],
-        SIMILAR_VALUES: similar["values"], SIMILAR_SCORES: similar["scores"],
-        OFFLINE_KEYS: offline["keys"], OFFLINE_OFFSETS: offline["offsets"],
+        ITEMS: items,
+        POPULAR: popular,
+        SIMILAR_KEYS: similar["keys"],
+        SIMILAR_OFFSETS: similar["offsets"],
+        SIMILAR_VALUES: similar["values"],
+        SIMILAR_SCORES: similar["scores"],
+        OFFLINE_KEYS: offline["keys"],
+        OFFLINE_OFFSETS: offline["offsets"],
         OFFLINE_VALUES: offline["values"],
     }
 
@@ -341,8 +365,11 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
 def _write_arrow(table: pa.Table, path: Path) -> None:
     """An uncompressed Arrow IPC file (one record batch): mapped, it is read without a copy."""
     table = table.combine_chunks()
-    with io.atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
-            pa.ipc.new_file(sink, table.schema) as writer:
+    with (
+        io.atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
         writer.write_table(table, max_chunksize=max(table.num_rows, 1))
 
 
@@ -362,15 +389,21 @@ def write_served(sources: dict[str, Path], out: Path) -> dict[str, dict[str, Any
             entry: dict[str, Any] = {"rows": value.num_rows}
         else:
             _write_npy(value, path)
-            entry = {"rows": int(value.shape[0]), "dtype": value.dtype.str,
-                     "shape": list(value.shape)}
+            entry = {
+                "rows": int(value.shape[0]),
+                "dtype": value.dtype.str,
+                "shape": list(value.shape),
+            }
         del value
         entry.update(bytes=path.stat().st_size, crc32=file_crc32(path))
         entries[name] = entry
     entries.update(_factor_entries(out))
     entries[SERVED_FROM] = {name: Path(sources[name]).stat().st_size for name in SOURCE_FILES}
-    log.info("served form written to %s (%.0f MB)", out,
-             sum(e["bytes"] for n, e in entries.items() if n != SERVED_FROM) / 1e6)
+    log.info(
+        "served form written to %s (%.0f MB)",
+        out,
+        sum(e["bytes"] for n, e in entries.items() if n != SERVED_FROM) / 1e6,
+    )
     return entries
 
 
@@ -399,9 +432,13 @@ def _factor_entries(out: Path) -> dict[str, dict[str, Any]]:
     for name in ALS_NAMES:
         path = Path(out) / name
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-        entries[name] = {"rows": int(array.shape[0]), "dtype": array.dtype.str,
-                         "shape": list(array.shape), "bytes": path.stat().st_size,
-                         "crc32": file_crc32(path)}
+        entries[name] = {
+            "rows": int(array.shape[0]),
+            "dtype": array.dtype.str,
+            "shape": list(array.shape),
+            "bytes": path.stat().st_size,
+            "crc32": file_crc32(path),
+        }
         del array
     return entries
 
@@ -495,8 +532,10 @@ def _open_one(path: Path, entry: dict[str, Any]) -> tuple[Any, tuple[int, int, i
             )
         crc = _crc32_of(file.fileno())
         if crc != entry.get("crc32"):
-            raise DataError(f"{path}: CRC-32 {crc}, but {io.MANIFEST} records "
-                            f"{entry.get('crc32')}: the served file is damaged")
+            raise DataError(
+                f"{path}: CRC-32 {crc}, but {io.MANIFEST} records "
+                f"{entry.get('crc32')}: the served file is damaged"
+            )
         identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if stat.st_size == 0:
             raise DataError(f"{path}: empty file")
@@ -513,17 +552,25 @@ def _open_one(path: Path, entry: dict[str, Any]) -> tuple[Any, tuple[int, int, i
         try:
             file.seek(0)
             version = np.lib.format.read_magic(file)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
             if read_header is None:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, fortran, dtype = read_header(file)
         except ValueError as exc:
             raise DataError(f"{path}: not a readable .npy file: {exc}") from exc
-        if fortran or dtype.hasobject or dtype.str != entry.get("dtype") or \
-                list(shape) != entry.get("shape"):
-            raise DataError(f"{path}: array {dtype.str} {list(shape)}, but {io.MANIFEST} "
-                            f"records {entry.get('dtype')} {entry.get('shape')}")
+        if (
+            fortran
+            or dtype.hasobject
+            or dtype.str != entry.get("dtype")
+            or list(shape) != entry.get("shape")
+        ):
+            raise DataError(
+                f"{path}: array {dtype.str} {list(shape)}, but {io.MANIFEST} "
+                f"records {entry.get('dtype')} {entry.get('shape')}"
+            )
         count = int(np.prod(shape))
         array = np.frombuffer(mapped, dtype=dtype, count=count, offset=file.tell())
         return array.reshape(shape), identity
@@ -539,15 +586,22 @@ def open_served(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any],
     artefacts = manifest["artefacts"]
     recorded = [name for name in ALS_NAMES if isinstance(artefacts.get(name), dict)]
     if recorded and len(recorded) < len(ALS_NAMES):
-        raise DataError(f"{Path(folder) / io.MANIFEST}: records only some ALS served files "
-                        f"({', '.join(recorded)}); republish the folder")
+        raise DataError(
+            f"{Path(folder) / io.MANIFEST}: records only some ALS served files "
+            f"({', '.join(recorded)}); republish the folder"
+        )
     names = [*SERVED_FILES, *recorded]
     # two threads: pread and zlib's crc32 release the GIL, so the checksum pass over ~2.5 GB
     # at full scale takes half the time; the largest files first, so the threads end together
     names.sort(key=lambda name: -int(artefacts[name].get("bytes") or 0))
     with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
-        opened = dict(zip(names, pool.map(
-            lambda name: _open_one(Path(folder) / name, artefacts[name]), names), strict=True))
+        opened = dict(
+            zip(
+                names,
+                pool.map(lambda name: _open_one(Path(folder) / name, artefacts[name]), names),
+                strict=True,
+            )
+        )
     arrays = {name: opened[name][0] for name in names}
     identities = {name: opened[name][1] for name in names}
     _check_structure(folder, arrays)
@@ -570,20 +624,28 @@ def _check_factors(folder: Path, arrays: dict[str, Any]) -> None:
     tracks, factors = a["item_factors"].shape if a["item_factors"].ndim == 2 else (-1, -1)
     users = a["user_ids"].size
     off = a["heard_offsets"]
-    ok = (tracks == a["track_ids"].size == a["sorted_tracks"].size == a["sorted_rows"].size
-          and a["user_factors"].shape == (users, factors) and a["gram"].shape == (factors, factors)
-          and a["params"].shape == (2,) and off.size == users + 1 and off[0] == 0
-          and off[-1] == a["heard_rows"].size
-          and bool(np.all(a["user_ids"][1:] > a["user_ids"][:-1]))
-          and bool(np.all(a["sorted_tracks"][1:] > a["sorted_tracks"][:-1]))
-          and a["list_offsets"].size == a["centroids"].shape[0] + 1
-          and a["centroid_norms2"].size == a["centroids"].shape[0]
-          and a["centroids"].shape[1:] == (factors,) and a["list_offsets"][0] == 0
-          and a["list_offsets"][-1] == tracks
-          and bool(np.all(a["list_offsets"][1:] >= a["list_offsets"][:-1])))
+    ok = (
+        tracks == a["track_ids"].size == a["sorted_tracks"].size == a["sorted_rows"].size
+        and a["user_factors"].shape == (users, factors)
+        and a["gram"].shape == (factors, factors)
+        and a["params"].shape == (2,)
+        and off.size == users + 1
+        and off[0] == 0
+        and off[-1] == a["heard_rows"].size
+        and bool(np.all(a["user_ids"][1:] > a["user_ids"][:-1]))
+        and bool(np.all(a["sorted_tracks"][1:] > a["sorted_tracks"][:-1]))
+        and a["list_offsets"].size == a["centroids"].shape[0] + 1
+        and a["centroid_norms2"].size == a["centroids"].shape[0]
+        and a["centroids"].shape[1:] == (factors,)
+        and a["list_offsets"][0] == 0
+        and a["list_offsets"][-1] == tracks
+        and bool(np.all(a["list_offsets"][1:] >= a["list_offsets"][:-1]))
+    )
     if not ok:
-        raise DataError(f"{Path(folder) / ALS_FILES['item_factors']}: the ALS served files do not "
-                        "agree with each other; republish the folder")
+        raise DataError(
+            f"{Path(folder) / ALS_FILES['item_factors']}: the ALS served files do not "
+            "agree with each other; republish the folder"
+        )
 
 
 def _check_structure(folder: Path, arrays: dict[str, Any]) -> None:
@@ -593,11 +655,18 @@ def _check_structure(folder: Path, arrays: dict[str, Any]) -> None:
         ("offline", OFFLINE_KEYS, OFFLINE_OFFSETS, OFFLINE_VALUES),
     ):
         k, o, v = arrays[keys], arrays[offsets], arrays[values]
-        ok = (o.size == k.size + 1 and o[0] == 0 and o[-1] == v.size
-              and bool(np.all(o[1:] >= o[:-1])) and bool(np.all(k[1:] > k[:-1])))
+        ok = (
+            o.size == k.size + 1
+            and o[0] == 0
+            and o[-1] == v.size
+            and bool(np.all(o[1:] >= o[:-1]))
+            and bool(np.all(k[1:] > k[:-1]))
+        )
         if not ok:
-            raise DataError(f"{Path(folder) / keys}: the {what} keys and offsets do not "
-                            "describe their values; republish the folder")
+            raise DataError(
+                f"{Path(folder) / keys}: the {what} keys and offsets do not "
+                "describe their values; republish the folder"
+            )
     if arrays[SIMILAR_SCORES].size != arrays[SIMILAR_VALUES].size:
         raise DataError(f"{Path(folder) / SIMILAR_SCORES}: not one score per similar track")
     ids = arrays[ITEMS].column(C.track)

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
 
     # --- the real data (public bucket) -----------------------------------------------------
     source_endpoint_url: str = Field(
-        "https://storage.yandexcloud.net", description="endpoint of the public bucket `download` "
-        "reads the real data from"
+        "https://storage.yandexcloud.net",
+        description="endpoint of the public bucket `download` reads the real data from",
     )
     source_bucket: str = Field("mle-data", description="public bucket holding the real data")
     source_prefix: str = Field("ym", description="key prefix of the real data in that bucket")
@@ -81,21 +81,27 @@ class Settings(BaseSettings):
         6, ge=1, description="configurations tried per source (its plain default first)"
     )
     search_seconds: float = Field(
-        1800.0, ge=0, description="time budget of the search; past it each source runs only "
-        "its first configuration"
+        1800.0,
+        ge=0,
+        description="time budget of the search; past it each source runs only "
+        "its first configuration",
     )
     search_train_users: int | None = Field(
-        100_000, ge=1, description="search trials learn from this many sampled users (the "
+        100_000,
+        ge=1,
+        description="search trials learn from this many sampled users (the "
         "scored ones among them) and the tracks they heard; None = all. Larger logs keep the "
-        "search a fraction of one fit (at full scale ~8 % of the events)"
+        "search a fraction of one fit (at full scale ~8 % of the events)",
     )
     search_users: int = Field(
         10_000, ge=1, description="validation users that score each search trial"
     )
     validation_users: int = Field(
-        50_000, ge=3, description="label-period users sampled for validation: 60 % train the "
+        50_000,
+        ge=3,
+        description="label-period users sampled for validation: 60 % train the "
         "ranker (the search scores a sample of them), 20 % early-stop it, 20 % pick the "
-        "served model"
+        "served model",
     )
     popular_window_days: int = Field(
         30, ge=1, description="recent window of the popularity figures in the notebook"
@@ -103,43 +109,57 @@ class Settings(BaseSettings):
     als_factors: int = Field(64, ge=2, description="factors of the configured ALS trial")
     als_iterations: int = Field(15, ge=1, description="iterations of an ALS fit from scratch")
     als_refit_iterations: int = Field(
-        3, ge=1, description="iterations of the refits before the test period and on the whole "
-        "log, which start from the factors of the previous cut-off"
+        3,
+        ge=1,
+        description="iterations of the refits before the test period and on the whole "
+        "log, which start from the factors of the previous cut-off",
     )
     als_sample_start_iterations: int = Field(
-        8, ge=1, description="iterations of the first full ALS fits (for the ranker, and the "
+        8,
+        ge=1,
+        description="iterations of the first full ALS fits (for the ranker, and the "
         "plain baseline of the report), which start from the search trial's factors learnt "
         "from the user sample; on `small` from a 8 % sample, 8 iterations match a cold "
-        "15-iteration fit within the interval and 3 do not for plain ALS"
+        "15-iteration fit within the interval and 3 do not for plain ALS",
     )
     als_regularization: float = Field(0.1, ge=0, description="of the configured ALS trial")
     als_alpha: float = Field(
         4.0, ge=0, description="configured ALS trial: confidence = 1 + alpha * strength"
     )
     recency_half_life: float | None = Field(
-        0.125, gt=0, description="configured ALS trial: half-life of an event's strength as a "
-        "share of the history's span; None = no decay"
+        0.125,
+        gt=0,
+        description="configured ALS trial: half-life of an event's strength as a "
+        "share of the history's span; None = no decay",
     )
     ease_max_items: int = Field(
-        4000, ge=2, description="EASE runs on this many most listened tracks (a dense "
-        "inversion: 2k tracks ~1 s, 4k ~3 s, 8k ~18 s on 2 cores)"
+        4000,
+        ge=2,
+        description="EASE runs on this many most listened tracks (a dense "
+        "inversion: 2k tracks ~1 s, 4k ~3 s, 8k ~18 s on 2 cores)",
     )
     knn_max_pairs: float = Field(
-        2e9, gt=0, description="item_knn counts co-listening within each user's most recent "
+        2e9,
+        gt=0,
+        description="item_knn counts co-listening within each user's most recent "
         "events, as many as keep the all-pairs pass under this many pair visits (the whole "
-        "history on small logs; ~50 events at full scale; ~30 s per 1e9 on 2 cores)"
+        "history on small logs; ~50 events at full scale; ~30 s per 1e9 on 2 cores)",
     )
     knn_max_items: int = Field(
-        200_000, ge=2, description="item_knn learns neighbours among this many most listened "
+        200_000,
+        ge=2,
+        description="item_knn learns neighbours among this many most listened "
         "tracks (the all-pairs pass touches one accumulator per track: a smaller catalogue "
-        "stays in cache)"
+        "stays in cache)",
     )
     n_candidates: int = Field(50, ge=1, description="candidates per source for the ranker")
     n_similar: int = Field(50, ge=1, description="similar tracks kept per track")
     n_recommendations: int = Field(100, ge=1, description="final list length per user")
     ranker_negatives: int = Field(
-        5, ge=1, description="negatives sampled per positive (5 ranks as well as 20 on small, "
-        "in a sixth of the time)"
+        5,
+        ge=1,
+        description="negatives sampled per positive (5 ranks as well as 20 on small, "
+        "in a sixth of the time)",
     )
     ranker_min_positives: int = Field(
         200, ge=1, description="fewer positives than this: no ranker is trained"
@@ -147,52 +167,62 @@ class Settings(BaseSettings):
     ranker_iterations: int = Field(500, ge=1, description="most trees (early stopping)")
     threads: int = Field(2, ge=1, description="worker threads for ALS and CatBoost")
     engine: Literal["local", "spark"] = Field(
-        "local", description="where prepare and run compute: local (in this process) or spark "
-        "(preparation, split, top popular and ALS on a Spark session; musicrec.spark_engine)"
+        "local",
+        description="where prepare and run compute: local (in this process) or spark "
+        "(preparation, split, top popular and ALS on a Spark session; musicrec.spark_engine)",
     )
     spark_master: str | None = Field(
-        None, description="Spark master of --engine spark (local[*] when unset and not under "
-        "spark-submit; e.g. spark://host:7077, yarn, k8s://https://host:443)"
+        None,
+        description="Spark master of --engine spark (local[*] when unset and not under "
+        "spark-submit; e.g. spark://host:7077, yarn, k8s://https://host:443)",
     )
     spark_partitions: int = Field(
-        8, ge=1, description="Spark shuffle partitions (and default parallelism) of the spark "
-        "engine; a few per executor core"
+        8,
+        ge=1,
+        description="Spark shuffle partitions (and default parallelism) of the spark "
+        "engine; a few per executor core",
     )
     spark_driver_memory: str = Field(
         "2g", description="spark.driver.memory of a session the spark engine starts itself"
     )
     progress: bool = Field(
-        True, description="progress bars and stage counters of the long steps on stderr; "
-        "false silences them (the notebook turns them off: a saved notebook would keep stale bars)"
+        True,
+        description="progress bars and stage counters of the long steps on stderr; "
+        "false silences them (the notebook turns them off: a saved notebook would keep stale bars)",
     )
     bootstrap: int = Field(
         1000, ge=0, description="bootstrap resamples of the 95 % intervals; 0 = none"
     )
     report_users: int | None = Field(
-        100_000, ge=1, description="test users sampled for the report (metrics and their "
-        "intervals); None = all"
+        100_000,
+        ge=1,
+        description="test users sampled for the report (metrics and their intervals); None = all",
     )
     topk_method: Literal["auto", "exact", "ann"] = Field(
-        "auto", description="top-k over tracks: exact brute force, an IVF index (ann), or ann "
-        "from ann_min_tracks tracks on (auto)"
+        "auto",
+        description="top-k over tracks: exact brute force, an IVF index (ann), or ann "
+        "from ann_min_tracks tracks on (auto)",
     )
     ann_min_tracks: int = Field(200_000, ge=1, description="catalogue size where auto uses ann")
     ann_nprobe: int = Field(32, ge=1, description="IVF clusters scanned per query")
     eval_k: tuple[int, ...] = Field(
-        (5, 10, 25), description="list lengths k of the report's metrics (precision, recall, "
-        "NDCG, MAP @k)"
+        (5, 10, 25),
+        description="list lengths k of the report's metrics (precision, recall, NDCG, MAP @k)",
     )
 
     # --- service ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the service listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the service listens on")
     workers: int = Field(
-        1, ge=1, description="uvicorn worker processes of the service (they share the mapped "
-        "artefacts and the history store)"
+        1,
+        ge=1,
+        description="uvicorn worker processes of the service (they share the mapped "
+        "artefacts and the history store)",
     )
     history_url: str = Field(
-        "sqlite:///parquet/history.db", description="online history store: sqlite:///PATH "
-        "(one machine) or redis://[:password@]host:port/db[?prefix=NAME] (replicas sharing it)"
+        "sqlite:///parquet/history.db",
+        description="online history store: sqlite:///PATH "
+        "(one machine) or redis://[:password@]host:port/db[?prefix=NAME] (replicas sharing it)",
     )
     max_k: int = Field(100, ge=1, description="largest k a client may ask for")
     default_k: int = Field(25, ge=1, description="k of a list when the client gives none")
@@ -200,76 +230,96 @@ class Settings(BaseSettings):
         10, ge=1, description="recent online events used for similar tracks"
     )
     online_method: Literal["similar", "foldin", "blend"] = Field(
-        "foldin", description="list for a user with online events: 'foldin' (ALS fold-in of the "
+        "foldin",
+        description="list for a user with online events: 'foldin' (ALS fold-in of the "
         "online events onto the offline factors), 'similar' (tracks similar to the recent "
         "events blended with the offline list) or 'blend' (those similar tracks blended with the "
-        "fold-in list); chosen by the replay evaluation (python -m musicrec replay)"
+        "fold-in list); chosen by the replay evaluation (python -m musicrec replay)",
     )
     foldin_nprobe: int = Field(
-        32, ge=0, description="fold-in scores the tracks of this many IVF clusters nearest the "
+        32,
+        ge=0,
+        description="fold-in scores the tracks of this many IVF clusters nearest the "
         "user's vector (0 = every track, exact; catalogues with fewer clusters are exact): "
-        "what keeps a request within its latency budget"
+        "what keeps a request within its latency budget",
     )
     artist_cap: int = Field(
-        2, ge=0, description="at most this many tracks of one artist in the first k of a list "
-        "(0 = no cap); chosen by the replay evaluation"
+        2,
+        ge=0,
+        description="at most this many tracks of one artist in the first k of a list "
+        "(0 = no cap); chosen by the replay evaluation",
     )
     admin_token: SecretStr | None = Field(
-        None, description="bearer token of POST /admin/reload; None = the endpoint is off "
-        "(a secret: never in manifest.json, logs or repr)"
+        None,
+        description="bearer token of POST /admin/reload; None = the endpoint is off "
+        "(a secret: never in manifest.json, logs or repr)",
     )
     reload_poll_seconds: float = Field(
         5.0, ge=0, description="reload when manifest.json names a new run; 0 = no watching"
     )
     max_body_bytes: int = Field(
-        262_144, ge=1, description="request bodies above this many bytes get 413 before they "
-        "are parsed (10,000 track ids take ~110 KiB)"
+        262_144,
+        ge=1,
+        description="request bodies above this many bytes get 413 before they "
+        "are parsed (10,000 track ids take ~110 KiB)",
     )
     history_max_events: int = Field(
-        1_000, ge=1, description="events kept per user; a write beyond it drops the oldest "
-        "(retention by count, in the same transaction); reads never return more"
+        1_000,
+        ge=1,
+        description="events kept per user; a write beyond it drops the oldest "
+        "(retention by count, in the same transaction); reads never return more",
     )
     history_page_default: int = Field(
         1_000, ge=1, description="events per GET /history page when no limit is given"
     )
-    history_page_max: int = Field(
-        1_000, ge=1, description="largest limit GET /history accepts"
-    )
+    history_page_max: int = Field(1_000, ge=1, description="largest limit GET /history accepts")
     history_read_timeout_ms: int = Field(
-        20, ge=0, description="how long a history read (in a read thread) waits for a "
-        "locked store before the request gets 503 with Retry-After"
+        20,
+        ge=0,
+        description="how long a history read (in a read thread) waits for a "
+        "locked store before the request gets 503 with Retry-After",
     )
     history_write_timeout_ms: int = Field(
-        5_000, ge=0, description="how long a history write (in a thread) waits for a locked "
-        "store before 503 with Retry-After"
+        5_000,
+        ge=0,
+        description="how long a history write (in a thread) waits for a locked "
+        "store before 503 with Retry-After",
     )
     idempotency_seconds: float = Field(
-        86_400.0, gt=0, description="how long an Idempotency-Key of POST /history is "
-        "remembered (its first answer replayed, nothing stored again)"
+        86_400.0,
+        gt=0,
+        description="how long an Idempotency-Key of POST /history is "
+        "remembered (its first answer replayed, nothing stored again)",
     )
     retry_after_seconds: int = Field(
         1, ge=0, description="Retry-After of a 503 when the history store is busy"
     )
     access_log: bool = Field(
-        False, description="uvicorn's access log (one line per request, with user ids in "
-        "the paths); off unless turned on"
+        False,
+        description="uvicorn's access log (one line per request, with user ids in "
+        "the paths); off unless turned on",
     )
     log_format: Literal["text", "json"] = Field(
-        "text", description="service log lines: text, or json (one object per line with "
-        "time, level, logger, message, request_id)"
+        "text",
+        description="service log lines: text, or json (one object per line with "
+        "time, level, logger, message, request_id)",
     )
     metrics_enabled: bool = Field(
-        True, description="GET /metrics (Prometheus text format, counts of all workers); "
-        "false: no metric files are written and /metrics is 404"
+        True,
+        description="GET /metrics (Prometheus text format, counts of all workers); "
+        "false: no metric files are written and /metrics is 404",
     )
     metrics_dir: Path | None = Field(
-        None, description="folder where each server keeps its prometheus_client multiprocess "
+        None,
+        description="folder where each server keeps its prometheus_client multiprocess "
         "files (a sub-folder per server, removed at a later start once that server is gone); "
         "None = <temp dir>/musicrec-metrics; PROMETHEUS_MULTIPROC_DIR, when set, wins and "
-        "is never emptied"
+        "is never emptied",
     )
     metrics_flush_seconds: float = Field(
-        1.0, gt=0, description="how often a worker writes the request counts it keeps in "
+        1.0,
+        gt=0,
+        description="how often a worker writes the request counts it keeps in "
         "memory into the shared metric files (the delay before another worker's /metrics "
-        "shows them)"
+        "shows them)",
     )

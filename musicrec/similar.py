@@ -40,9 +40,14 @@ def similar_codes(
     if index is not None:
         batch_size = max(batch_size, 32768)
     with threadpool_limits(limits=1, user_api="blas"):
-        for start in tqdm(range(0, codes.size, batch_size), desc="similar tracks", unit="batch",
-                          disable=not progress, mininterval=2):
-            batch = codes[start:start + batch_size]
+        for start in tqdm(
+            range(0, codes.size, batch_size),
+            desc="similar tracks",
+            unit="batch",
+            disable=not progress,
+            mininterval=2,
+        ):
+            batch = codes[start : start + batch_size]
             if index is None:
                 ids, scores = model.model.similar_items(batch, N=n + 1)
             else:

@@ -42,7 +42,6 @@ from musicrec.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 # --- lists ------------------------------------------------------------------------------------
 
 
@@ -76,21 +75,25 @@ class Lists:
         return Lists(indptr, self.tracks[keep], self.scores[keep])
 
     @classmethod
-    def from_flat(cls, n_users: int, local: np.ndarray, tracks: np.ndarray,
-                  scores: np.ndarray) -> Lists:
+    def from_flat(
+        cls, n_users: int, local: np.ndarray, tracks: np.ndarray, scores: np.ndarray
+    ) -> Lists:
         """From entries already grouped by ``local`` (ascending) and best first."""
         indptr = np.zeros(n_users + 1, dtype=np.int64)
         np.cumsum(np.bincount(local, minlength=n_users), out=indptr[1:])
         return cls(indptr, np.asarray(tracks, np.int32), np.asarray(scores, np.float32))
 
     @classmethod
-    def best(cls, n_users: int, local: np.ndarray, tracks: np.ndarray, scores: np.ndarray,
-             n: int) -> Lists:
+    def best(
+        cls, n_users: int, local: np.ndarray, tracks: np.ndarray, scores: np.ndarray, n: int
+    ) -> Lists:
         """The ``n`` best (local, track, score) entries of each user, ties by track code."""
-        top, _ = top_k_per_group(np.asarray(local), np.asarray(scores, np.float32), n,
-                                 tiebreak=np.asarray(tracks))
-        return cls.from_flat(n_users, np.asarray(local)[top], np.asarray(tracks)[top],
-                             np.asarray(scores)[top])
+        top, _ = top_k_per_group(
+            np.asarray(local), np.asarray(scores, np.float32), n, tiebreak=np.asarray(tracks)
+        )
+        return cls.from_flat(
+            n_users, np.asarray(local)[top], np.asarray(tracks)[top], np.asarray(scores)[top]
+        )
 
 
 def join_lists(parts: list[Lists]) -> Lists:
@@ -100,8 +103,9 @@ def join_lists(parts: list[Lists]) -> Lists:
     lengths = np.concatenate([np.diff(p.indptr) for p in parts])
     indptr = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    return Lists(indptr, np.concatenate([p.tracks for p in parts]),
-                 np.concatenate([p.scores for p in parts]))
+    return Lists(
+        indptr, np.concatenate([p.tracks for p in parts]), np.concatenate([p.scores for p in parts])
+    )
 
 
 class HeardFilter:
@@ -110,16 +114,18 @@ class HeardFilter:
     def __init__(self, listens: Listens, users: np.ndarray) -> None:
         positions, local = gather_rows(listens.indptr, users)
         self.n_tracks = listens.n_tracks
-        self.keys = distinct(local.astype(np.int64) * self.n_tracks
-                              + listens.track_codes[positions])
+        self.keys = distinct(
+            local.astype(np.int64) * self.n_tracks + listens.track_codes[positions]
+        )
         self.counts = np.bincount(self.keys // self.n_tracks, minlength=users.size)  # per row
 
     def unheard(self, local: np.ndarray, tracks: np.ndarray) -> np.ndarray:
         return ~in_sorted(self.keys, np.asarray(local, np.int64) * self.n_tracks + tracks)
 
 
-def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int,
-                columns: np.ndarray | None = None) -> Lists:
+def _sparse_top(
+    scores: sp.spmatrix, heard: HeardFilter, n: int, columns: np.ndarray | None = None
+) -> Lists:
     """Top-``n`` unheard positive entries of each row of a batch x tracks score matrix.
 
     Rows hold thousands of entries. A partial selection per row keeps the ``n`` + (tracks the
@@ -130,16 +136,19 @@ def _sparse_top(scores: sp.spmatrix, heard: HeardFilter, n: int,
     indptr, data = csr.indptr, np.asarray(csr.data, dtype=np.float32)
     lengths = np.diff(indptr)
     wanted = n + heard.counts
-    chosen = [np.arange(indptr[row], indptr[row + 1]) for row in
-              np.flatnonzero((lengths > 0) & (lengths <= wanted))]
+    chosen = [
+        np.arange(indptr[row], indptr[row + 1])
+        for row in np.flatnonzero((lengths > 0) & (lengths <= wanted))
+    ]
     for row in np.flatnonzero(lengths > wanted):
         start, m = indptr[row], int(wanted[row])
-        part = data[start:indptr[row + 1]]
-        chosen.append(np.argpartition(part, part.size - m)[part.size - m:] + start)
+        part = data[start : indptr[row + 1]]
+        chosen.append(np.argpartition(part, part.size - m)[part.size - m :] + start)
     picked = np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
     local = (np.searchsorted(indptr, picked, side="right") - 1).astype(np.int32)
-    tracks = (csr.indices[picked] if columns is None else columns[csr.indices[picked]]
-              ).astype(np.int32)
+    tracks = (csr.indices[picked] if columns is None else columns[csr.indices[picked]]).astype(
+        np.int32
+    )
     keep = (data[picked] > 0) & heard.unheard(local, tracks)
     return Lists.best(csr.shape[0], local[keep], tracks[keep], data[picked][keep], n)
 
@@ -168,14 +177,15 @@ def _attribute_matrix(items: pa.Table | None, column: str, tracks: IdIndex) -> s
         lengths = np.where(lists.is_null().to_numpy(zero_copy_only=False), 0, lengths)
     starts = np.repeat(offsets[:-1], lengths)
     within = rank_in_rows(np.concatenate([[0], np.cumsum(lengths)]))
-    values = lists.values.to_numpy()[starts + within] if lengths.sum() else \
-        np.zeros(0, np.int64)
+    values = lists.values.to_numpy()[starts + within] if lengths.sum() else np.zeros(0, np.int64)
     rows = np.repeat(codes, lengths)
     keep = rows >= 0
     rows, values = rows[keep], values[keep]
     attr = IdIndex.from_values(values) if values.size else IdIndex(np.zeros(0, np.int64))
-    matrix = sp.csr_matrix((np.ones(values.size, np.float32), (rows, attr.codes(values))),
-                           shape=(len(tracks), max(len(attr), 1)))
+    matrix = sp.csr_matrix(
+        (np.ones(values.size, np.float32), (rows, attr.codes(values))),
+        shape=(len(tracks), max(len(attr), 1)),
+    )
     matrix.data[:] = 1.0  # an attribute repeated in one list counts once
     return matrix
 
@@ -192,9 +202,12 @@ class TrainData:
 
     @classmethod
     def build(cls, listens: Listens, items: pa.Table | None) -> TrainData:
-        return cls(listens, _attribute_matrix(items, C.artist_ids, listens.tracks),
-                   _attribute_matrix(items, C.genre_ids, listens.tracks),
-                   _granularity_days(listens.days))
+        return cls(
+            listens,
+            _attribute_matrix(items, C.artist_ids, listens.tracks),
+            _attribute_matrix(items, C.genre_ids, listens.tracks),
+            _granularity_days(listens.days),
+        )
 
     def with_listens(self, listens: Listens) -> TrainData:
         """The same catalogue and date granularity over other events of the same tracks."""
@@ -240,7 +253,7 @@ class TrainData:
         if "knn_window" not in self._cache:
             counts = self.listens.counts().astype(np.float64)
             lo, hi = 1, max(int(counts.max(initial=1)), 1)
-            if float((counts ** 2).sum()) <= max_pairs:
+            if float((counts**2).sum()) <= max_pairs:
                 lo = hi
             while lo < hi:  # the largest window within the budget
                 mid = (lo + hi + 1) // 2
@@ -270,10 +283,12 @@ class TrainData:
             indptr = np.zeros(h.n_users + 1, dtype=np.int64)
             np.cumsum(lengths, out=indptr[1:])
             positions = np.arange(int(indptr[-1]), dtype=np.int64) + np.repeat(
-                starts - indptr[:-1], lengths)
-            matrix = sp.csr_matrix((np.ones(positions.size, np.float32),
-                                    h.track_codes[positions], indptr),
-                                   shape=(h.n_users, h.n_tracks))
+                starts - indptr[:-1], lengths
+            )
+            matrix = sp.csr_matrix(
+                (np.ones(positions.size, np.float32), h.track_codes[positions], indptr),
+                shape=(h.n_users, h.n_tracks),
+            )
             matrix.sum_duplicates()
             matrix.data[:] = 1.0
             self._cache[key] = matrix
@@ -292,9 +307,10 @@ class TrainData:
                 indptr = np.zeros(h.n_users + 1, dtype=np.int64)
                 np.cumsum(np.bincount(users, minlength=h.n_users), out=indptr[1:])
                 # a user's repeats merged row by row (short sorts), not one sort of every pair
-                pairs = sp.csr_matrix((np.ones(recent.size, np.float32),
-                                       h.track_codes[recent], indptr),
-                                      shape=(h.n_users, h.n_tracks))
+                pairs = sp.csr_matrix(
+                    (np.ones(recent.size, np.float32), h.track_codes[recent], indptr),
+                    shape=(h.n_users, h.n_tracks),
+                )
                 pairs.sum_duplicates()
                 counts = np.bincount(pairs.indices, minlength=h.n_tracks)
             self._cache[key] = counts.astype(np.float32)
@@ -333,8 +349,7 @@ class Source:
         keyed by name); None when refits start cold."""
         return None
 
-    def warm(self, state: dict[str, np.ndarray] | None, iterations: int | None = None
-             ) -> Source:
+    def warm(self, state: dict[str, np.ndarray] | None, iterations: int | None = None) -> Source:
         """Start the next ``fit`` from a ``state()`` of the same configuration, with
         ``iterations`` (None = ``als_refit_iterations``, for a refit on a later cut-off)."""
         self._warm = state
@@ -345,8 +360,9 @@ class Source:
         """Top-``n`` unheard tracks of each user code in ``users`` (sorted, unique)."""
         raise NotImplementedError
 
-    def pair_scores(self, users: np.ndarray, local: np.ndarray, tracks: np.ndarray
-                    ) -> np.ndarray | None:
+    def pair_scores(
+        self, users: np.ndarray, local: np.ndarray, tracks: np.ndarray
+    ) -> np.ndarray | None:
         """This source's score of any (user, track) pair, where it has one."""
         return None
 
@@ -383,8 +399,7 @@ class PopularSource(Source):
         ok = heard.unheard(local, tracks)
         local, tracks = local[ok], tracks[ok]
         keep = rank_in_groups(local) < n
-        return Lists.from_flat(users.size, local[keep], tracks[keep],
-                               self.scores[tracks[keep]])
+        return Lists.from_flat(users.size, local[keep], tracks[keep], self.scores[tracks[keep]])
 
 
 class AlsSource(Source):
@@ -396,12 +411,25 @@ class AlsSource(Source):
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
         plain = {"factors": 100, "regularization": 0.01, "alpha": 0.0, "half_life": None}
-        configured = {"factors": settings.als_factors, "regularization":
-                      settings.als_regularization, "alpha": settings.als_alpha,
-                      "half_life": settings.recency_half_life}
-        return [plain, configured, {"half_life": 1 / 32}, {"half_life": None},
-                {"alpha": 16.0}, {"alpha": 1.0}, {"factors": 128}, {"regularization": 1.0},
-                {"factors": 32}, {"regularization": 0.01}, {"half_life": 1 / 2}]
+        configured = {
+            "factors": settings.als_factors,
+            "regularization": settings.als_regularization,
+            "alpha": settings.als_alpha,
+            "half_life": settings.recency_half_life,
+        }
+        return [
+            plain,
+            configured,
+            {"half_life": 1 / 32},
+            {"half_life": None},
+            {"alpha": 16.0},
+            {"alpha": 1.0},
+            {"factors": 128},
+            {"regularization": 1.0},
+            {"factors": 32},
+            {"regularization": 0.01},
+            {"half_life": 1 / 2},
+        ]
 
     def fit(self, data: TrainData) -> AlsSource:
         self.data = data
@@ -410,8 +438,13 @@ class AlsSource(Source):
         matrix = data.listens.matrix(half_life)
         matrix.data = (1.0 + p["alpha"] * matrix.data).astype(np.float32)
         model = AlternatingLeastSquares(
-            factors=p["factors"], regularization=p["regularization"], alpha=1.0,
-            iterations=s.als_iterations, random_state=s.seed, num_threads=s.threads)
+            factors=p["factors"],
+            regularization=p["regularization"],
+            alpha=1.0,
+            iterations=s.als_iterations,
+            random_state=s.seed,
+            num_threads=s.threads,
+        )
         warm = getattr(self, "_warm", None)
         if warm is not None:
             # the factors of an earlier cut-off for the users and tracks it knew, small random
@@ -427,23 +460,28 @@ class AlsSource(Source):
         log.debug("ALS %s fitted in %.1f s", self.params, time.perf_counter() - started)
         del matrix  # the heard filter needs only the pattern: the shared 0/1 matrix has it
         h = data.listens
-        self.model = AlsModel(model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32),
-                              data.binary())
+        self.model = AlsModel(
+            model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32), data.binary()
+        )
         self.index = item_index(self.model, s)
         return self
 
     def state(self) -> dict[str, np.ndarray]:
         m = self.model
-        return {"user_ids": m.user_ids, "track_ids": m.track_ids,
-                "user_factors": m.model.user_factors, "item_factors": m.model.item_factors}
+        return {
+            "user_ids": m.user_ids,
+            "track_ids": m.track_ids,
+            "user_factors": m.model.user_factors,
+            "item_factors": m.model.item_factors,
+        }
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
-        rows, tracks, scores = recommend_codes(self.model, users, n, progress=False,
-                                               index=self.index)
+        rows, tracks, scores = recommend_codes(
+            self.model, users, n, progress=False, index=self.index
+        )
         return Lists.from_flat(users.size, np.searchsorted(users, rows), tracks, scores)
 
-    def pair_scores(self, users: np.ndarray, local: np.ndarray, tracks: np.ndarray
-                    ) -> np.ndarray:
+    def pair_scores(self, users: np.ndarray, local: np.ndarray, tracks: np.ndarray) -> np.ndarray:
         out = np.empty(local.size, dtype=np.float32)
         uf, itf = self.model.model.user_factors, self.model.model.item_factors
         for start in range(0, local.size, 200_000):
@@ -455,15 +493,21 @@ class AlsSource(Source):
         from musicrec.similar import similar_codes
 
         codes = np.arange(self.data.listens.n_tracks, dtype=np.int32)
-        return similar_codes(self.model, codes, n, progress=False,
-                             index=item_index(self.model, self.settings, "cosine"))
+        return similar_codes(
+            self.model,
+            codes,
+            n,
+            progress=False,
+            index=item_index(self.model, self.settings, "cosine"),
+        )
 
 
-def _carry(ids: np.ndarray, factors: np.ndarray, index: IdIndex, rng: np.random.Generator
-           ) -> np.ndarray:
+def _carry(
+    ids: np.ndarray, factors: np.ndarray, index: IdIndex, rng: np.random.Generator
+) -> np.ndarray:
     """Factors for the ids of ``index``: the row of ``factors`` where the id is in ``ids``,
     else uniform [0, 0.01) as implicit starts a cold fit."""
-    out = (rng.random((len(index), factors.shape[1]), dtype=np.float32) * 0.01)
+    out = rng.random((len(index), factors.shape[1]), dtype=np.float32) * 0.01
     known = IdIndex(np.asarray(ids)).codes(index.ids)
     out[known >= 0] = factors[known[known >= 0]]
     return out
@@ -483,9 +527,16 @@ class ItemKnnSource(Source):
 
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
-        return [{"weighting": "cosine", "neighbours": 100, "half_life": None, "recent": None},
-                {"weighting": "bm25"}, {"half_life": 1 / 8}, {"recent": 100},
-                {"neighbours": 200}, {"recent": 30}, {"neighbours": 30}, {"half_life": 1 / 32}]
+        return [
+            {"weighting": "cosine", "neighbours": 100, "half_life": None, "recent": None},
+            {"weighting": "bm25"},
+            {"half_life": 1 / 8},
+            {"recent": 100},
+            {"neighbours": 200},
+            {"recent": 30},
+            {"neighbours": 30},
+            {"half_life": 1 / 32},
+        ]
 
     def fit(self, data: TrainData) -> ItemKnnSource:
         self.data = data
@@ -499,8 +550,11 @@ class ItemKnnSource(Source):
             # (their own fit passes a COO matrix on and warns)
             head = data.head_tracks(self.settings.knn_max_items)
             items_users = data.recent_binary(recent)[:, head].T.tocsr()
-            weighted = (bm25_weight(items_users, K1=1.2, B=0.75) if p["weighting"] == "bm25"
-                        else normalize(items_users)).T.tocsr()
+            weighted = (
+                bm25_weight(items_users, K1=1.2, B=0.75)
+                if p["weighting"] == "bm25"
+                else normalize(items_users)
+            ).T.tocsr()
             model = ItemItemRecommender(K=p["neighbours"], num_threads=self.settings.threads)
             model.fit(weighted, show_progress=False)
             similarity = model.similarity.tocsr()
@@ -524,9 +578,10 @@ class ItemKnnSource(Source):
         positions, local = positions[keep], local[keep]
         column = self.in_head[h.track_codes[positions]]
         inside = column >= 0
-        return sp.csr_matrix((h.strength(self.half_life, positions[inside]),
-                              (local[inside], column[inside])),
-                             shape=(users.size, self.head.size))
+        return sp.csr_matrix(
+            (h.strength(self.half_life, positions[inside]), (local[inside], column[inside])),
+            shape=(users.size, self.head.size),
+        )
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
         scores = self._user_rows(users) @ self.similarity
@@ -535,8 +590,7 @@ class ItemKnnSource(Source):
     def similar(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         coo = self.similarity.tocoo()
         top, _ = top_k_per_group(coo.row, coo.data, n, tiebreak=coo.col)
-        return (self.head[coo.row[top]], self.head[coo.col[top]],
-                coo.data[top].astype(np.float32))
+        return (self.head[coo.row[top]], self.head[coo.col[top]], coo.data[top].astype(np.float32))
 
 
 class EaseSource(Source):
@@ -573,8 +627,9 @@ class EaseSource(Source):
         scores[x.nonzero()] = -np.inf  # heard head tracks
         n = min(n, self.head.size)
         if n == 0:
-            return Lists.from_flat(users.size, np.zeros(0, np.int32), np.zeros(0, np.int32),
-                                   np.zeros(0, np.float32))
+            return Lists.from_flat(
+                users.size, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+            )
         part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
         part_scores = np.take_along_axis(scores, part, axis=1)
         local = np.repeat(np.arange(users.size, dtype=np.int32), n)
@@ -591,19 +646,28 @@ class ArtistSource(Source):
 
     @classmethod
     def space(cls, settings: Settings) -> list[dict[str, Any]]:
-        return [{"window": 1 / 12, "per_artist": 30}, {"window": 1 / 4}, {"window": 1 / 52},
-                {"per_artist": 100}]
+        return [
+            {"window": 1 / 12, "per_artist": 30},
+            {"window": 1 / 4},
+            {"window": 1 / 52},
+            {"per_artist": 100},
+        ]
 
     def fit(self, data: TrainData) -> ArtistSource:
         self.data = data
         popularity = np.log1p(data.listeners(data.window(self.params["window"])))
         popularity += np.log1p(data.listeners(None)) * 1e-3  # breaks ties between quiet tracks
         by_artist = data.artists.T.tocoo()  # artists x tracks
-        top, _ = top_k_per_group(by_artist.row, popularity[by_artist.col],
-                                 self.params["per_artist"], tiebreak=by_artist.col)
+        top, _ = top_k_per_group(
+            by_artist.row,
+            popularity[by_artist.col],
+            self.params["per_artist"],
+            tiebreak=by_artist.col,
+        )
         self.artist_tracks = sp.csr_matrix(
             (popularity[by_artist.col[top]], (by_artist.row[top], by_artist.col[top])),
-            shape=by_artist.shape)
+            shape=by_artist.shape,
+        )
         return self
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:

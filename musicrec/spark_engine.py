@@ -75,8 +75,10 @@ JAVA_PACKAGE = "openjdk-17-jre-headless"
 def spark_session(settings: Settings) -> SparkSession:
     """The active session (spark-submit) or a new one on ``settings.spark_master``."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        raise RuntimeError(f"the Spark engine needs Java 17: install the Debian package "
-                           f"{JAVA_PACKAGE} (apt-get install {JAVA_PACKAGE})")
+        raise RuntimeError(
+            f"the Spark engine needs Java 17: install the Debian package "
+            f"{JAVA_PACKAGE} (apt-get install {JAVA_PACKAGE})"
+        )
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -132,8 +134,10 @@ def write_single(frame: DataFrame, path: Path, schema: pa.Schema) -> int:
         frame.write.mode("overwrite").parquet(str(scratch / "parts"))
         parts = sorted((scratch / "parts").glob("part-*.parquet"))  # part numbers keep order
         rows = 0
-        with io.atomic_path(path) as tmp, pq.ParquetWriter(
-                tmp, schema, compression="zstd", write_page_checksum=True) as writer:
+        with (
+            io.atomic_path(path) as tmp,
+            pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer,
+        ):
             for part in parts:
                 source = pq.ParquetFile(part)
                 for group in range(source.num_row_groups):
@@ -148,8 +152,9 @@ def write_single(frame: DataFrame, path: Path, schema: pa.Schema) -> int:
 # --- preparation --------------------------------------------------------------------------------
 
 
-def prepare_spark(spark: SparkSession, data_dir: Path, parquet_dir: Path,
-                  settings: Settings) -> dict[str, int]:
+def prepare_spark(
+    spark: SparkSession, data_dir: Path, parquet_dir: Path, settings: Settings
+) -> dict[str, int]:
     """``prepare`` on Spark: the same checks of the log (nulls, id ranges, track_seq, unknown
     tracks, implausible dates), rows repeating a (user, track, day) merged into one event with
     ``plays``, sorted by user and track_seq; ``items.parquet`` by the in-process code."""
@@ -177,67 +182,104 @@ def prepare_spark(spark: SparkSession, data_dir: Path, parquet_dir: Path,
     high_day = (datetime.now(UTC).date() - date(1970, 1, 1)).days
     implausible_day = (day < low_day) | (day > high_day)
     # one pass over the log for every check: nulls, ranges, dates, users
-    checks = raw.agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.sum(implausible_day.cast("long")).alias("implausible"),
-        F.min(F.when(~implausible_day, day)).alias("min_plausible"),
-        F.max(F.when(~implausible_day, day)).alias("max_plausible"),
-        F.min(day).alias("min_day"), F.max(day).alias("max_day"),
-        F.countDistinct(C.user).alias("users"),
-        *[F.sum(F.col(c).isNull().cast("long")).alias(f"null_{c}")
-          for c in (C.user, C.track, C.seq, C.started_at)],
-        F.min(C.user).alias("min_user"), F.max(C.user).alias("max_user"),
-        F.min(C.track).alias("min_track"), F.max(C.track).alias("max_track"),
-        F.min(C.seq).alias("min_seq"), F.max(C.seq).alias("max_seq"),
-    ).first().asDict()
+    checks = (
+        raw.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.sum(implausible_day.cast("long")).alias("implausible"),
+            F.min(F.when(~implausible_day, day)).alias("min_plausible"),
+            F.max(F.when(~implausible_day, day)).alias("max_plausible"),
+            F.min(day).alias("min_day"),
+            F.max(day).alias("max_day"),
+            F.countDistinct(C.user).alias("users"),
+            *[
+                F.sum(F.col(c).isNull().cast("long")).alias(f"null_{c}")
+                for c in (C.user, C.track, C.seq, C.started_at)
+            ],
+            F.min(C.user).alias("min_user"),
+            F.max(C.user).alias("max_user"),
+            F.min(C.track).alias("min_track"),
+            F.max(C.track).alias("max_track"),
+            F.min(C.seq).alias("min_seq"),
+            F.max(C.seq).alias("max_seq"),
+        )
+        .first()
+        .asDict()
+    )
     if not checks["rows"]:
         raise DataError(f"{path}: the file holds no rows")
     for column in (C.user, C.track, C.seq, C.started_at):
         if checks[f"null_{column}"]:
-            raise DataError(f"{path}: column {column!r} has {checks[f'null_{column}']} empty "
-                            "(null) values; remove those rows or fill them")
+            raise DataError(
+                f"{path}: column {column!r} has {checks[f'null_{column}']} empty "
+                "(null) values; remove those rows or fill them"
+            )
     int32_max, int16 = 2**31 - 1, 2**15
-    for column, low, high in ((C.user, 0, int32_max), (C.track, 0, int32_max),
-                              (C.seq, -int16, int16 - 1)):
+    for column, low, high in (
+        (C.user, 0, int32_max),
+        (C.track, 0, int32_max),
+        (C.seq, -int16, int16 - 1),
+    ):
         short = column.split("_")[0] if column != C.seq else "seq"
         if checks[f"min_{short}"] < low or checks[f"max_{short}"] > high:
             raise DataError(f"{path}: column {column!r} has values outside {low}..{high}")
-    events = raw.select(F.col(C.user).cast("int").alias(C.user),
-                        F.col(C.track).cast("int").alias(C.track),
-                        F.col(C.seq).cast("short").alias(C.seq), day.cast("int").alias("day"))
+    events = raw.select(
+        F.col(C.user).cast("int").alias(C.user),
+        F.col(C.track).cast("int").alias(C.track),
+        F.col(C.seq).cast("short").alias(C.seq),
+        day.cast("int").alias("day"),
+    )
     known = spark.createDataFrame(
-        pd.DataFrame({C.track: items.column(C.track).to_numpy().astype(np.int32)}))
+        pd.DataFrame({C.track: items.column(C.track).to_numpy().astype(np.int32)})
+    )
     unknown = events.select(C.track).distinct().join(known, C.track, "left_anti")
     n_unknown = unknown.count()
     if n_unknown:
         example = [r[0] for r in unknown.limit(5).collect()]
-        raise DataError(f"{path}: {n_unknown} track ids are missing from {io.TRACKS} "
-                        f"(e.g. {example})")
+        raise DataError(
+            f"{path}: {n_unknown} track ids are missing from {io.TRACKS} (e.g. {example})"
+        )
     implausible = checks["implausible"]
     span = (checks["min_day"], checks["max_day"])
     if implausible:
         action = "dropped" if settings.drop_implausible_dates else "kept"
-        log.warning("%s: %d events dated before %s or in the future (%s)", path, implausible,
-                    low_date, action)
+        log.warning(
+            "%s: %d events dated before %s or in the future (%s)",
+            path,
+            implausible,
+            low_date,
+            action,
+        )
         if settings.drop_implausible_dates:
             events = events.filter((F.col("day") >= low_day) & (F.col("day") <= high_day))
             span = (checks["min_plausible"], checks["max_plausible"])
     if span[0] is None:
         raise DataError(f"{path}: no events left after dropping implausible dates")
     if span[0] < DAY_RANGE[0] or span[1] > DAY_RANGE[1]:
-        raise DataError(f"{path}: column 'started_at' runs outside the dates the pipeline "
-                        "handles (int16 day numbers)")
-    merged = (events.groupBy(C.user, C.track, "day")
-              .agg(F.min(C.seq).alias(C.seq), F.count(F.lit(1)).cast("int").alias(C.plays))
-              .select(C.user, C.track, C.seq,
-                      F.date_add(F.lit("1970-01-01").cast("date"), F.col("day"))
-                      .alias(C.started_at), C.plays)
-              .orderBy(C.user, C.seq))
+        raise DataError(
+            f"{path}: column 'started_at' runs outside the dates the pipeline "
+            "handles (int16 day numbers)"
+        )
+    merged = (
+        events.groupBy(C.user, C.track, "day")
+        .agg(F.min(C.seq).alias(C.seq), F.count(F.lit(1)).cast("int").alias(C.plays))
+        .select(
+            C.user,
+            C.track,
+            C.seq,
+            F.date_add(F.lit("1970-01-01").cast("date"), F.col("day")).alias(C.started_at),
+            C.plays,
+        )
+        .orderBy(C.user, C.seq)
+    )
     io.write_table(items, parquet_dir / io.ITEMS)
     n_events = write_single(merged, parquet_dir / io.EVENTS, io.EVENTS_SCHEMA)
     n_users = checks["users"]
-    log.info("prepared %d items and %d events on Spark in %.1f s", items.num_rows, n_events,
-             time.perf_counter() - started)
+    log.info(
+        "prepared %d items and %d events on Spark in %.1f s",
+        items.num_rows,
+        n_events,
+        time.perf_counter() - started,
+    )
     return {"tracks": items.num_rows, "events": n_events, "users": n_users}
 
 
@@ -253,9 +295,12 @@ def read_log(spark: SparkSession, parquet_dir: Path) -> DataFrame:
         raise FileNotFoundError(f"{path} not found: run `python -m musicrec prepare` first")
     frame = spark.read.parquet(str(path))
     plays = F.col(C.plays) if C.plays in frame.columns else F.lit(1)
-    return frame.select(C.user, C.track,
-                        F.datediff(F.col(C.started_at), F.lit("1970-01-01")).alias("day"),
-                        plays.cast("int").alias(C.plays))
+    return frame.select(
+        C.user,
+        C.track,
+        F.datediff(F.col(C.started_at), F.lit("1970-01-01")).alias("day"),
+        plays.cast("int").alias(C.plays),
+    )
 
 
 def day_counts(events: DataFrame) -> pd.Series:
@@ -274,8 +319,9 @@ def _granularity(days: np.ndarray) -> int:
     return max(int(np.median(np.diff(days))), 1) if days.size >= 2 else 1
 
 
-def window_days(fraction: float | None, first_day: int, cutoff: int, granularity: int
-                ) -> int | None:
+def window_days(
+    fraction: float | None, first_day: int, cutoff: int, granularity: int
+) -> int | None:
     """``TrainData.window``: a share of the span in days, at least two date steps."""
     if fraction is None:
         return None
@@ -291,22 +337,28 @@ def popular_spark(events: DataFrame, cutoff: int, window: int | None) -> pd.Data
     from pyspark.sql import functions as F
 
     recent = F.col("day") >= cutoff - window if window is not None else F.lit(True)
-    counts = (events.filter(F.col("day") < cutoff)
-              .groupBy(C.track)
-              .agg(F.countDistinct(C.user).alias("all_time"),
-                   F.countDistinct(F.when(recent, F.col(C.user))).alias("recent"))
-              .toPandas())  # one row per track: catalogue-sized
+    counts = (
+        events.filter(F.col("day") < cutoff)
+        .groupBy(C.track)
+        .agg(
+            F.countDistinct(C.user).alias("all_time"),
+            F.countDistinct(F.when(recent, F.col(C.user))).alias("recent"),
+        )
+        .toPandas()
+    )  # one row per track: catalogue-sized
     counts = counts.sort_values(C.track, kind="stable")
     all_time = counts["all_time"].to_numpy().astype(np.float32)
-    recent_counts = (counts["recent"] if window is not None else counts["all_time"])
+    recent_counts = counts["recent"] if window is not None else counts["all_time"]
     scores = recent_counts.to_numpy().astype(np.float32) + all_time / (all_time.max() + 1)
     order = np.argsort(-scores, kind="stable")
-    return pd.DataFrame({
-        C.track: counts[C.track].to_numpy()[order].astype(np.int32),
-        C.listeners: all_time[order].astype(np.int64),
-        C.score: scores[order].astype(np.float32),
-        C.rank: np.arange(1, order.size + 1, dtype=np.int32),
-    })
+    return pd.DataFrame(
+        {
+            C.track: counts[C.track].to_numpy()[order].astype(np.int32),
+            C.listeners: all_time[order].astype(np.int64),
+            C.score: scores[order].astype(np.float32),
+            C.rank: np.arange(1, order.size + 1, dtype=np.int32),
+        }
+    )
 
 
 # --- ALS ----------------------------------------------------------------------------------------
@@ -320,34 +372,50 @@ def strength_matrix(events: DataFrame, cutoff: int, half_life: float | None) -> 
     weight = F.col(C.plays).cast("double")
     if half_life is not None:
         weight = weight * F.pow(F.lit(0.5), (F.lit(cutoff - 1) - F.col("day")) / half_life)
-    return (events.filter(F.col("day") < cutoff).groupBy(C.user, C.track)
-            .agg(F.sum(weight).cast("float").alias("strength")))
+    return (
+        events.filter(F.col("day") < cutoff)
+        .groupBy(C.user, C.track)
+        .agg(F.sum(weight).cast("float").alias("strength"))
+    )
 
 
-def fit_als(matrix: DataFrame, params: dict[str, Any], settings: Settings,
-            iterations: int | None = None) -> Any:
+def fit_als(
+    matrix: DataFrame, params: dict[str, Any], settings: Settings, iterations: int | None = None
+) -> Any:
     """Spark MLlib ALS with implicit preferences: confidence 1 + alpha * strength, as the
     in-process engine (note: Spark scales regParam by each user's / item's number of
     ratings, implicit does not, so the same number regularises differently)."""
     from pyspark.ml.recommendation import ALS
 
-    als = ALS(rank=int(params["factors"]), maxIter=iterations or settings.als_iterations,
-              regParam=float(params["regularization"]), alpha=float(params["alpha"]),
-              implicitPrefs=True, userCol=C.user, itemCol=C.track, ratingCol="strength",
-              seed=settings.seed, coldStartStrategy="drop", checkpointInterval=5,
-              intermediateStorageLevel="MEMORY_AND_DISK")
+    als = ALS(
+        rank=int(params["factors"]),
+        maxIter=iterations or settings.als_iterations,
+        regParam=float(params["regularization"]),
+        alpha=float(params["alpha"]),
+        implicitPrefs=True,
+        userCol=C.user,
+        itemCol=C.track,
+        ratingCol="strength",
+        seed=settings.seed,
+        coldStartStrategy="drop",
+        checkpointInterval=5,
+        intermediateStorageLevel="MEMORY_AND_DISK",
+    )
     return als.fit(matrix)
 
 
 def item_factors(model: Any) -> tuple[np.ndarray, np.ndarray]:
     """(track ids sorted, their factors as float32): collected for the broadcast."""
     frame = model.itemFactors.toPandas().sort_values("id")
-    return (frame["id"].to_numpy().astype(np.int32),
-            np.stack(frame["features"].to_numpy()).astype(np.float32))
+    return (
+        frame["id"].to_numpy().astype(np.int32),
+        np.stack(frame["features"].to_numpy()).astype(np.float32),
+    )
 
 
-def score_users(model: Any, events: DataFrame, cutoff: int, n: int,
-                users: DataFrame | None = None) -> DataFrame:
+def score_users(
+    model: Any, events: DataFrame, cutoff: int, n: int, users: DataFrame | None = None
+) -> DataFrame:
     """Top-``n`` unheard tracks per user by the ALS scores, over user partitions
     (``mapInPandas``): each task gets a partition of users with their factors and heard
     tracks, and the item factors by broadcast. ``users``: a one-column frame of the users to
@@ -357,8 +425,11 @@ def score_users(model: Any, events: DataFrame, cutoff: int, n: int,
     spark = events.sparkSession
     ids, factors = item_factors(model)
     shared = spark.sparkContext.broadcast((ids, factors))
-    heard = (events.filter(F.col("day") < cutoff).groupBy(C.user)
-             .agg(F.collect_set(C.track).alias("heard")))
+    heard = (
+        events.filter(F.col("day") < cutoff)
+        .groupBy(C.user)
+        .agg(F.collect_set(C.track).alias("heard"))
+    )
     rows = model.userFactors.withColumnRenamed("id", C.user)
     if users is not None:
         rows = rows.join(users, C.user, "left_semi")
@@ -369,7 +440,7 @@ def score_users(model: Any, events: DataFrame, cutoff: int, n: int,
         k = min(n, track_ids.size)
         for frame in batches:
             for start in range(0, len(frame), SCORE_BATCH):
-                part = frame.iloc[start:start + SCORE_BATCH]
+                part = frame.iloc[start : start + SCORE_BATCH]
                 user = np.stack(part["features"].to_numpy()).astype(np.float32)
                 scores = user @ item.T
                 for row, listened in enumerate(part["heard"].to_numpy()):
@@ -384,12 +455,14 @@ def score_users(model: Any, events: DataFrame, cutoff: int, n: int,
                 best_scores = np.take_along_axis(best_scores, order, 1)
                 keep = np.isfinite(best_scores)
                 counts = keep.sum(axis=1)
-                yield pd.DataFrame({
-                    C.user: np.repeat(part[C.user].to_numpy().astype(np.int32), counts),
-                    C.track: track_ids[best[keep]],
-                    C.score: best_scores[keep].astype(np.float32),
-                    C.rank: (np.cumsum(keep, axis=1)[keep]).astype(np.int16),
-                })
+                yield pd.DataFrame(
+                    {
+                        C.user: np.repeat(part[C.user].to_numpy().astype(np.int32), counts),
+                        C.track: track_ids[best[keep]],
+                        C.score: best_scores[keep].astype(np.float32),
+                        C.rank: (np.cumsum(keep, axis=1)[keep]).astype(np.int16),
+                    }
+                )
 
     schema = f"{C.user} int, {C.track} int, {C.score} float, {C.rank} short"
     return rows.mapInPandas(top, schema)
@@ -402,14 +475,19 @@ def similar_from_factors(ids: np.ndarray, factors: np.ndarray, n: int) -> pd.Dat
     k = min(n, ids.size - 1)
     parts = []
     for start in range(0, ids.size, SCORE_BATCH):
-        scores = norm[start:start + SCORE_BATCH] @ norm.T
+        scores = norm[start : start + SCORE_BATCH] @ norm.T
         rows = np.arange(scores.shape[0])
         scores[rows, start + rows] = -np.inf  # not its own neighbour
         best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         best_scores = np.take_along_axis(scores, best, 1)
         best_scores = best_scores / np.maximum(best_scores.max(axis=1, keepdims=True), 1e-12)
-        parts.append(recs_frame(np.repeat(ids[start:start + scores.shape[0]], k),
-                                ids[best.ravel()], best_scores.ravel()))
+        parts.append(
+            recs_frame(
+                np.repeat(ids[start : start + scores.shape[0]], k),
+                ids[best.ravel()],
+                best_scores.ravel(),
+            )
+        )
     table = pd.concat(parts, ignore_index=True)
     return table.rename(columns={C.user: C.track, C.track: C.similar})
 
@@ -445,40 +523,60 @@ def run_spark(settings: Settings, spark: SparkSession | None = None) -> dict:
     granularity = _granularity(days)
     popular_params = PopularSource.space(settings)[0]
     window = window_days(popular_params["window"], dates.first_day, cutoff, granularity)
-    io.write_table(popular_spark(events, cutoff, window), parquet / io.TOP_POPULAR,
-                   io.POPULAR_SCHEMA)
+    io.write_table(
+        popular_spark(events, cutoff, window), parquet / io.TOP_POPULAR, io.POPULAR_SCHEMA
+    )
     timings["popular"] = time.perf_counter() - started
 
     started = time.perf_counter()
     params = AlsSource.space(settings)[1]  # the configured ALS
     half_life = window_days(params["half_life"], dates.first_day, cutoff, granularity)
     model = fit_als(strength_matrix(events, cutoff, half_life), params, settings)
-    lists = score_users(model, events, cutoff, settings.n_recommendations).orderBy(
-        C.user, C.rank)
+    lists = score_users(model, events, cutoff, settings.n_recommendations).orderBy(C.user, C.rank)
     write_single(lists, parquet / io.PERSONAL_ALS, io.RECS_SCHEMA)
     shutil.copyfile(parquet / io.PERSONAL_ALS, parquet / io.RECOMMENDATIONS)
     ids, factors = item_factors(model)
-    io.write_table(similar_from_factors(ids, factors, settings.n_similar),
-                   parquet / io.SIMILAR, io.SIMILAR_SCHEMA)
+    io.write_table(
+        similar_from_factors(ids, factors, settings.n_similar),
+        parquet / io.SIMILAR,
+        io.SIMILAR_SCHEMA,
+    )
     timings["als"] = time.perf_counter() - started
     events.unpersist()
 
-    io.write_json({"popular": {"params": popular_params, "ndcg": None},
-                   "als": {"params": params, "ndcg": None}}, work / SEARCH_JSON)
-    io.write_json({"winner": "als", "reason": "engine spark: ALS lists are served (the "
-                   "ranker and the other sources run in process)", "engine": "spark"},
-                  work / SELECTION_JSON)
-    for stale in (io.RANKER_MODEL, io.METRICS, io.CANDIDATE_RECALL, io.METRICS_PNG,
-                  *served.ALS_NAMES):
+    io.write_json(
+        {
+            "popular": {"params": popular_params, "ndcg": None},
+            "als": {"params": params, "ndcg": None},
+        },
+        work / SEARCH_JSON,
+    )
+    io.write_json(
+        {
+            "winner": "als",
+            "reason": "engine spark: ALS lists are served (the "
+            "ranker and the other sources run in process)",
+            "engine": "spark",
+        },
+        work / SELECTION_JSON,
+    )
+    for stale in (
+        io.RANKER_MODEL,
+        io.METRICS,
+        io.CANDIDATE_RECALL,
+        io.METRICS_PNG,
+        *served.ALS_NAMES,
+    ):
         (parquet / stale).unlink(missing_ok=True)  # not made by this run
-    entries = served.write_served({name: parquet / name for name in served.SOURCE_FILES},
-                                  parquet)
+    entries = served.write_served({name: parquet / name for name in served.SOURCE_FILES}, parquet)
     manifest = build_manifest(settings, run_id, timings, entries)
-    manifest["engine"] = {"name": "spark", "master": spark.sparkContext.master,
-                          "spark_version": spark.version}
+    manifest["engine"] = {
+        "name": "spark",
+        "master": spark.sparkContext.master,
+        "spark_version": spark.version,
+    }
     io.write_json(manifest, parquet / io.MANIFEST)
-    log.info("spark run %s: %s", run_id,
-             ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    log.info("spark run %s: %s", run_id, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return json.loads(json.dumps(manifest, default=str))
 
 

@@ -41,8 +41,12 @@ class SplitDates:
 
     @classmethod
     def from_dict(cls, values: dict[str, str]) -> SplitDates:
-        return cls(**{key: date_to_day(values[key]) for key in
-                      ("first_day", "label_start", "test_start", "last_day")})
+        return cls(
+            **{
+                key: date_to_day(values[key])
+                for key in ("first_day", "label_start", "test_start", "last_day")
+            }
+        )
 
 
 def split_dates(events: pd.DataFrame, settings: Settings) -> SplitDates:
@@ -61,8 +65,7 @@ def split_dates(events: pd.DataFrame, settings: Settings) -> SplitDates:
     return split_from_day_counts(seen + first, per_day[seen], settings)
 
 
-def split_from_day_counts(days: np.ndarray, counts: np.ndarray, settings: Settings
-                          ) -> SplitDates:
+def split_from_day_counts(days: np.ndarray, counts: np.ndarray, settings: Settings) -> SplitDates:
     """:func:`split_dates` from the distinct event days (sorted) and the events on each: all
     the split needs, so an engine that cannot hold the events (Spark) passes only these."""
     if days.size == 0:
@@ -73,8 +76,9 @@ def split_from_day_counts(days: np.ndarray, counts: np.ndarray, settings: Settin
         test_start = date_to_day(settings.test_start)
     else:  # the latest day that leaves at least test_share of the events on or after it
         on_or_after = np.cumsum(np.asarray(counts)[::-1])[::-1]
-        test_start = int(days[np.flatnonzero(on_or_after >= settings.test_share
-                                             * on_or_after[0])[-1]])
+        test_start = int(
+            days[np.flatnonzero(on_or_after >= settings.test_share * on_or_after[0])[-1]]
+        )
     if settings.label_start is not None:
         label_start = date_to_day(settings.label_start)
     else:
@@ -89,9 +93,15 @@ def split_from_day_counts(days: np.ndarray, counts: np.ndarray, settings: Settin
             f"split dates do not fit the data ({dates.as_dict()}): need first day < label start "
             "< test start <= last day; set MUSICREC_TEST_START / MUSICREC_LABEL_START"
         )
-    log.info("split: train %s..%s, label %s..%s, test %s..%s",
-             day_to_date(first_day), day_to_date(label_start - 1), day_to_date(label_start),
-             day_to_date(test_start - 1), day_to_date(test_start), day_to_date(last_day))
+    log.info(
+        "split: train %s..%s, label %s..%s, test %s..%s",
+        day_to_date(first_day),
+        day_to_date(label_start - 1),
+        day_to_date(label_start),
+        day_to_date(test_start - 1),
+        day_to_date(test_start),
+        day_to_date(last_day),
+    )
     return dates
 
 

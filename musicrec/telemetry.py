@@ -154,7 +154,7 @@ def metrics_directory(base: Path | None) -> tuple[Path, bool]:
         for old in base.glob(FOLDER_PREFIX + "*"):
             if old == folder:
                 continue
-            other, started = ([*old.name[len(FOLDER_PREFIX):].split("-"), ""])[:2]
+            other, started = ([*old.name[len(FOLDER_PREFIX) :].split("-"), ""])[:2]
             if not other.isdigit() or _start_time(int(other)) != started:
                 shutil.rmtree(old, ignore_errors=True)  # its server is gone
         folder.mkdir(mode=0o700, exist_ok=True)
@@ -192,28 +192,51 @@ class ServiceMetrics:
         # app's files in this process)
         cleanups = getattr(values, "_multi_process_cleanups", [])
         self._close_files = cleanups[-1] if cleanups else None
-        self.requests = Counter("musicrec_http_requests", "HTTP requests answered",
-                                ["method", "route", "status"], registry=None)
+        self.requests = Counter(
+            "musicrec_http_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=None,
+        )
         self.latency = Histogram(
             "musicrec_http_request_duration_seconds",
             "time from the request's arrival in the app to the end of the answer",
-            ["method", "route", "status"], buckets=LATENCY_BUCKETS, registry=None)
-        self.lists = Counter("musicrec_lists_served",
-                             "recommendation lists served, by the kind /stats counts "
-                             "(a blend counts once for each kind in it)", ["source"],
-                             registry=None)
-        self.history_writes = Counter("musicrec_history_writes",
-                                      "POST /history requests stored (or replayed)",
-                                      ["result"], registry=None)
-        self.history_events = Counter("musicrec_history_events",
-                                      "listening events stored in the online history",
-                                      registry=None)
-        self.reloads = Counter("musicrec_reloads",
-                               "artefact reloads by result: reloaded, skipped (already "
-                               "served), refused (a bad set), failed (any other error)",
-                               ["result"], registry=None)
-        self.run = Gauge("musicrec_artefacts_run", "1 for the artefact run a worker serves",
-                         ["run_id"], multiprocess_mode="liveall", registry=None)
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
+        self.lists = Counter(
+            "musicrec_lists_served",
+            "recommendation lists served, by the kind /stats counts "
+            "(a blend counts once for each kind in it)",
+            ["source"],
+            registry=None,
+        )
+        self.history_writes = Counter(
+            "musicrec_history_writes",
+            "POST /history requests stored (or replayed)",
+            ["result"],
+            registry=None,
+        )
+        self.history_events = Counter(
+            "musicrec_history_events",
+            "listening events stored in the online history",
+            registry=None,
+        )
+        self.reloads = Counter(
+            "musicrec_reloads",
+            "artefact reloads by result: reloaded, skipped (already "
+            "served), refused (a bad set), failed (any other error)",
+            ["result"],
+            registry=None,
+        )
+        self.run = Gauge(
+            "musicrec_artefacts_run",
+            "1 for the artefact run a worker serves",
+            ["run_id"],
+            multiprocess_mode="liveall",
+            registry=None,
+        )
         self._run_id: str | None = None
         # per (method, route, status): requests per latency bucket (the last: +Inf), then
         # the sum of seconds; cumulative since start, and what was flushed of it
@@ -225,8 +248,9 @@ class ServiceMetrics:
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         if flush_seconds > 0:
-            self._flusher = threading.Thread(target=self._flush_every, args=(flush_seconds,),
-                                             name="metrics-flush", daemon=True)
+            self._flusher = threading.Thread(
+                target=self._flush_every, args=(flush_seconds,), name="metrics-flush", daemon=True
+            )
             self._flusher.start()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -256,8 +280,7 @@ class ServiceMetrics:
                 histogram = self.latency.labels(*labels)
                 added = 0
                 # prometheus_client keeps a histogram child's values in _buckets and _sum
-                for bucket, new, old in zip(histogram._buckets, now[:-1], done[:-1],
-                                            strict=True):
+                for bucket, new, old in zip(histogram._buckets, now[:-1], done[:-1], strict=True):
                     if new != old:
                         bucket.inc(new - old)
                         added += new - old
@@ -379,5 +402,9 @@ class RequestTelemetry:
             metrics = self.state.metrics
             if metrics is not None:
                 route = scope.get("route")
-                metrics.observe_request(scope["method"], getattr(route, "path", UNMATCHED),
-                                        status, time.perf_counter() - started)
+                metrics.observe_request(
+                    scope["method"],
+                    getattr(route, "path", UNMATCHED),
+                    status,
+                    time.perf_counter() - started,
+                )

@@ -72,11 +72,18 @@ class IvfIndex:
         self.index.train(sample)
         self.index.add(vectors)
         self.index.nprobe = self.nprobe
-        log.info("IVF index (%s): %d items, %d lists, nprobe %d, built in %.1f s", metric,
-                 items.shape[0], self.nlist, self.nprobe, time.perf_counter() - started)
+        log.info(
+            "IVF index (%s): %d items, %d lists, nprobe %d, built in %.1f s",
+            metric,
+            items.shape[0],
+            self.nlist,
+            self.nprobe,
+            time.perf_counter() - started,
+        )
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(item codes, exact scores) of the ``k`` best items of each query, best first; empty
         slots (fewer than ``k`` items in the probed clusters) have code -1 and score -inf.
         ``nprobe`` scans more (or fewer) clusters than the index's own for this search."""
@@ -96,11 +103,12 @@ class IvfIndex:
         # exact scores of the returned items, in chunks so the gathered vectors stay small
         step = max(1, 1_000_000 // max(k, 1))
         for start in range(0, codes.shape[0], step):
-            part = codes[start:start + step]
+            part = codes[start : start + step]
             found = part >= 0
-            exact = np.einsum("ij,ikj->ik", query_vectors[start:start + step],
-                              base[np.where(found, part, 0)])
-            scores[start:start + step][found] = exact[found]
+            exact = np.einsum(
+                "ij,ikj->ik", query_vectors[start : start + step], base[np.where(found, part, 0)]
+            )
+            scores[start : start + step][found] = exact[found]
         # re-sort by the exact score (the index order is exact up to float rounding)
         order = np.argsort(-scores, axis=1, kind="stable")
         return np.take_along_axis(codes, order, axis=1), np.take_along_axis(scores, order, axis=1)

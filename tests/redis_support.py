@@ -21,8 +21,10 @@ from typing import Any
 import redis
 
 REDIS_SERVER = "redis-server"
-MISSING = ("redis-server is not installed: install the Debian package redis-server "
-           "(apt-get install redis-server; ./run_tests.sh does it when run as root)")
+MISSING = (
+    "redis-server is not installed: install the Debian package redis-server "
+    "(apt-get install redis-server; ./run_tests.sh does it when run as root)"
+)
 
 
 def _free_port() -> int:
@@ -49,21 +51,38 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.folder), "--appendonly", "yes",
-                "--appendfsync", self.fsync, "--save", "", "--daemonize", "no",
-                "--logfile", str(self.folder / "redis.log")]
+        args = [
+            REDIS_SERVER,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            self.fsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.folder / "redis.log"),
+        ]
         for name, value in self.config.items():
             args += [f"--{name.replace('_', '-')}", value]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 20
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
-                                       + self.log()[-2000:])
+                    raise RuntimeError(
+                        f"redis-server exited with {self.proc.returncode}: " + self.log()[-2000:]
+                    )
                 try:
                     if client.ping():
                         return

@@ -36,12 +36,18 @@ def free_port() -> int:
 
 def _cli(*args: str) -> None:
     done = subprocess.run(
-        [PYTHON, "-m", "musicrec", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=600, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+        [PYTHON, "-m", "musicrec", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
     )
     if done.returncode != 0:
-        raise RuntimeError(f"musicrec {' '.join(args)} failed ({done.returncode}):\n"
-                           f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(
+            f"musicrec {' '.join(args)} failed ({done.returncode}):\n"
+            f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        )
 
 
 def tiny_artefacts() -> Path:
@@ -59,8 +65,13 @@ def tiny_artefacts() -> Path:
     return _TINY
 
 
-SERVICE_FILES = ("items.parquet", "top_popular.parquet", "similar.parquet",
-                 "recommendations.parquet", "manifest.json")
+SERVICE_FILES = (
+    "items.parquet",
+    "top_popular.parquet",
+    "similar.parquet",
+    "recommendations.parquet",
+    "manifest.json",
+)
 
 
 def copy_artefacts(source: Path, target: Path) -> Path:
@@ -75,8 +86,9 @@ class Service:
     """``uvicorn recommendation_service:app`` in its own process group (so SIGKILL reaches
     the workers too), on a free port of 127.0.0.1."""
 
-    def __init__(self, parquet_dir: Path, history_db: Path, log_path: Path, workers: int = 1,
-                 **env: str) -> None:
+    def __init__(
+        self, parquet_dir: Path, history_db: Path, log_path: Path, workers: int = 1, **env: str
+    ) -> None:
         self.parquet_dir = parquet_dir
         self.history_db = history_db
         self.log_path = log_path
@@ -100,10 +112,25 @@ class Service:
         }
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "uvicorn", "recommendation_service:app", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", str(self.workers),
-                 "--log-level", "warning"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    PYTHON,
+                    "-m",
+                    "uvicorn",
+                    "recommendation_service:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         if wait:
             self.wait_healthy()
@@ -115,8 +142,9 @@ class Service:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n"
-                                   + self.log()[-3000:])
+                raise RuntimeError(
+                    f"the service exited with {self.proc.returncode}:\n" + self.log()[-3000:]
+                )
             try:
                 with requests.Session() as session:  # new connections: may reach any worker
                     if session.get(self.url + "/health", timeout=2).status_code == 200:

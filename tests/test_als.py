@@ -28,15 +28,23 @@ def two_tastes(seed: int = 0) -> pd.DataFrame:
         for track in rng.choice(np.arange(base + 1, base + 11), 6, replace=False):
             rows.append((500 + 7 * i, int(track), 300 + int(rng.integers(0, 30))))
     user, track, day = zip(*rows, strict=True)
-    return pd.DataFrame({"user_id": np.array(user, np.int32),
-                         "track_id": np.array(track, np.int32),
-                         "day": np.array(day, np.int16)})
+    return pd.DataFrame(
+        {
+            "user_id": np.array(user, np.int32),
+            "track_id": np.array(track, np.int32),
+            "day": np.array(day, np.int16),
+        }
+    )
 
 
 def test_matrix_weights_decay_with_age() -> None:
-    events = pd.DataFrame({"user_id": np.array([5, 5, 9], np.int32),
-                           "track_id": np.array([70, 80, 70], np.int32),
-                           "day": np.array([100, 90, 80], np.int16)})
+    events = pd.DataFrame(
+        {
+            "user_id": np.array([5, 5, 9], np.int32),
+            "track_id": np.array([70, 80, 70], np.int32),
+            "day": np.array([100, 90, 80], np.int16),
+        }
+    )
     listens = build_listens(events, cutoff=101)  # last day 100
     matrix = listens.matrix(half_life_days=10.0).toarray()
     # rows: users 5, 9; columns: tracks 70, 80; ages 0, 10 and 20 days
@@ -44,14 +52,17 @@ def test_matrix_weights_decay_with_age() -> None:
 
 
 def test_matrix_sums_plays_and_days_of_one_track() -> None:
-    events = pd.DataFrame({"user_id": np.array([5, 5, 5], np.int32),
-                           "track_id": np.array([70, 80, 70], np.int32),
-                           "day": np.array([90, 95, 100], np.int16),
-                           "plays": np.array([3, 1, 2], np.int32)})
+    events = pd.DataFrame(
+        {
+            "user_id": np.array([5, 5, 5], np.int32),
+            "track_id": np.array([70, 80, 70], np.int32),
+            "day": np.array([90, 95, 100], np.int16),
+            "plays": np.array([3, 1, 2], np.int32),
+        }
+    )
     listens = build_listens(events, cutoff=101)
     np.testing.assert_allclose(listens.matrix().toarray(), [[5.0, 1.0]])
-    np.testing.assert_allclose(listens.matrix(10.0).toarray(),
-                               [[3 * 0.5 + 2, 0.5 ** 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(listens.matrix(10.0).toarray(), [[3 * 0.5 + 2, 0.5**0.5]], rtol=1e-6)
     codes_before = listens.track_codes.copy()
     listens.matrix()
     np.testing.assert_array_equal(listens.track_codes, codes_before)  # not sorted in place

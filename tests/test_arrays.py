@@ -61,7 +61,12 @@ def test_rank_in_rows() -> None:
 def test_in_sorted() -> None:
     values = np.array([2, 5, 9])
     assert in_sorted(values, np.array([9, 1, 5, 10, 2])).tolist() == [
-        True, False, True, False, True]
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
     assert in_sorted(values[:0], np.array([1, 2])).tolist() == [False, False]
     rng = np.random.default_rng(0)
     big, queries = np.unique(rng.integers(0, 1000, 300)), rng.integers(-5, 1005, 500)
@@ -76,7 +81,6 @@ def test_distinct() -> None:
 
 def test_lookup_sorted() -> None:
     values = np.array([2, 5, 9], np.int32)
-    assert lookup_sorted(values, np.array([9, 1, 5, 10, 2], np.int32)).tolist() == [
-        2, -1, 1, -1, 0]
+    assert lookup_sorted(values, np.array([9, 1, 5, 10, 2], np.int32)).tolist() == [2, -1, 1, -1, 0]
     assert lookup_sorted(values[:0], np.array([1])).tolist() == [-1]
     assert lookup_sorted(values, np.array([[2, 3], [5, 9]])).tolist() == [[0, -1], [1, 2]]

@@ -27,8 +27,11 @@ def folder(tmp_path: Path) -> Path:
 
 
 def settings_for(folder: Path) -> Settings:
-    return Settings(parquet_dir=folder, history_url=f"sqlite:///{folder.parent}/history.db",
-                    reload_poll_seconds=0)
+    return Settings(
+        parquet_dir=folder,
+        history_url=f"sqlite:///{folder.parent}/history.db",
+        reload_poll_seconds=0,
+    )
 
 
 def refuses(folder: Path, *words: str) -> str:
@@ -80,8 +83,9 @@ def test_truncated_file(folder: Path, name: str) -> None:
 def _corrupt_column(path: Path, column: str) -> None:
     """Flip bytes in the middle of a column's first data page, keeping the file size."""
     meta = pq.ParquetFile(path).metadata.row_group(0)
-    chunk = next(meta.column(i) for i in range(meta.num_columns)
-                 if meta.column(i).path_in_schema == column)
+    chunk = next(
+        meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == column
+    )
     start = chunk.dictionary_page_offset or chunk.data_page_offset
     middle = start + chunk.total_compressed_size // 2
     data = bytearray(path.read_bytes())
@@ -90,10 +94,15 @@ def _corrupt_column(path: Path, column: str) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize(("name", "column"), [
-    (io.SIMILAR, "similar_track_id"), (io.RECOMMENDATIONS, "track_id"),
-    (io.TOP_POPULAR, "track_id"), (io.ITEMS, "name"),
-])
+@pytest.mark.parametrize(
+    ("name", "column"),
+    [
+        (io.SIMILAR, "similar_track_id"),
+        (io.RECOMMENDATIONS, "track_id"),
+        (io.TOP_POPULAR, "track_id"),
+        (io.ITEMS, "name"),
+    ],
+)
 def test_corrupted_file_same_size(folder: Path, name: str, column: str) -> None:
     _corrupt_column(folder / name, column)
     refuses(folder, name)
@@ -101,24 +110,26 @@ def test_corrupted_file_same_size(folder: Path, name: str, column: str) -> None:
 
 def test_wrong_column(folder: Path) -> None:
     table = pq.read_table(folder / io.RECOMMENDATIONS)
-    rewrite(folder, io.RECOMMENDATIONS, table.rename_columns(
-        ["user_id", "item_id", "score", "rank"]))
+    rewrite(
+        folder, io.RECOMMENDATIONS, table.rename_columns(["user_id", "item_id", "score", "rank"])
+    )
     refuses(folder, io.RECOMMENDATIONS, "column 'track_id' is missing")
 
 
-@pytest.mark.parametrize(("name", "column", "dtype", "words"), [
-    (io.RECOMMENDATIONS, "track_id", pa.float64(), "has type double, expected int32"),
-    (io.SIMILAR, "similar_track_id", pa.string(), "has type string, expected int32"),
-    (io.TOP_POPULAR, "rank", pa.float32(), "has type float, expected int32"),
-    (io.ITEMS, "artists", pa.string(), "has type string, expected list<string>"),
-])
-def test_wrong_dtype(folder: Path, name: str, column: str, dtype: pa.DataType,
-                     words: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "column", "dtype", "words"),
+    [
+        (io.RECOMMENDATIONS, "track_id", pa.float64(), "has type double, expected int32"),
+        (io.SIMILAR, "similar_track_id", pa.string(), "has type string, expected int32"),
+        (io.TOP_POPULAR, "rank", pa.float32(), "has type float, expected int32"),
+        (io.ITEMS, "artists", pa.string(), "has type string, expected list<string>"),
+    ],
+)
+def test_wrong_dtype(folder: Path, name: str, column: str, dtype: pa.DataType, words: str) -> None:
     table = pq.read_table(folder / name)
     index = table.schema.get_field_index(column)
     values = table.column(column)
-    values = (pc.binary_join(values, ", ") if pa.types.is_list(values.type)
-              else values.cast(dtype))
+    values = pc.binary_join(values, ", ") if pa.types.is_list(values.type) else values.cast(dtype)
     table = table.set_column(index, column, values)
     rewrite(folder, name, table)
     refuses(folder, name, words)
@@ -127,8 +138,11 @@ def test_wrong_dtype(folder: Path, name: str, column: str, dtype: pa.DataType,
 def test_int64_ids_that_fit_are_accepted(folder: Path) -> None:
     """A wider integer type is not an error as long as every value fits."""
     table = pq.read_table(folder / io.RECOMMENDATIONS)
-    rewrite(folder, io.RECOMMENDATIONS,
-            table.set_column(1, "track_id", table.column("track_id").cast(pa.int64())))
+    rewrite(
+        folder,
+        io.RECOMMENDATIONS,
+        table.set_column(1, "track_id", table.column("track_id").cast(pa.int64())),
+    )
     assert load_artefacts(folder).offline.n_pairs == table.num_rows
 
 
@@ -154,8 +168,9 @@ def test_tracks_not_in_the_catalogue(folder: Path) -> None:
     recs = pq.read_table(folder / io.RECOMMENDATIONS)
     tracks = recs.column("track_id").to_pylist()
     tracks[5] = unknown
-    rewrite(folder, io.RECOMMENDATIONS, recs.set_column(1, "track_id", pa.array(tracks,
-                                                                                pa.int32())))
+    rewrite(
+        folder, io.RECOMMENDATIONS, recs.set_column(1, "track_id", pa.array(tracks, pa.int32()))
+    )
     refuses(folder, io.RECOMMENDATIONS, "not in items.parquet", str(unknown))
 
 
@@ -168,12 +183,16 @@ def _nan_score(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("score"), "score", scores)
 
 
-@pytest.mark.parametrize(("name", "change", "words"), [
-    (io.RECOMMENDATIONS, _unsort, "not sorted by user_id, rank"),
-    (io.SIMILAR, _nan_score, "not finite"),
-])
-def test_content_checks(folder: Path, name: str, change: Callable[[pa.Table], pa.Table],
-                        words: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "change", "words"),
+    [
+        (io.RECOMMENDATIONS, _unsort, "not sorted by user_id, rank"),
+        (io.SIMILAR, _nan_score, "not finite"),
+    ],
+)
+def test_content_checks(
+    folder: Path, name: str, change: Callable[[pa.Table], pa.Table], words: str
+) -> None:
     rewrite(folder, name, change(pq.read_table(folder / name)))
     refuses(folder, name, words)
 

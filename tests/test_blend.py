@@ -65,8 +65,9 @@ def test_request_seed_depends_on_the_request() -> None:
     assert request_seed(1, 25, 0.5) != request_seed(1, 25, 0.25)
 
 
-@pytest.mark.parametrize(("mode", "p", "message"), [("mixed", 0.5, "unknown blend"),
-                                                    ("strict", 1.5, "p must be in")])
+@pytest.mark.parametrize(
+    ("mode", "p", "message"), [("mixed", 0.5, "unknown blend"), ("strict", 1.5, "p must be in")]
+)
 def test_bad_arguments(mode: str, p: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         blended_list([1], [2], mode, p)

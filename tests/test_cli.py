@@ -17,8 +17,19 @@ from musicrec.settings import Settings
 from musicrec.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["config", "generate", "download", "s3", "prepare", "check-data", "run", "publish",
-            "replay", "runs", *STAGES]
+COMMANDS = [
+    "config",
+    "generate",
+    "download",
+    "s3",
+    "prepare",
+    "check-data",
+    "run",
+    "publish",
+    "replay",
+    "runs",
+    *STAGES,
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -71,8 +82,21 @@ def test_config_shows_every_setting_value_and_source(
     (tmp_path / ".env").write_text("MUSICREC_SEED=5\nMUSICREC_THREADS=7\nMUSICREC_PORT=9000\n")
     monkeypatch.setenv("MUSICREC_THREADS", "3")  # the environment wins over .env
     monkeypatch.setenv("MUSICREC_ADMIN_TOKEN", "s3cret")
-    rows = _config(["--set", "port=9100", "--data-dir", "/tmp/in", "--set", "als_factors=128",
-                    "--set", "sources=[\"als\", \"ease\"]", "--set", "report_users=null"], capsys)
+    rows = _config(
+        [
+            "--set",
+            "port=9100",
+            "--data-dir",
+            "/tmp/in",
+            "--set",
+            "als_factors=128",
+            "--set",
+            'sources=["als", "ease"]',
+            "--set",
+            "report_users=null",
+        ],
+        capsys,
+    )
     assert list(rows) == list(Settings.model_fields)
     expected = {
         "seed": ("5", ".env"),
@@ -126,8 +150,9 @@ def test_set_refuses_an_invalid_value_naming_the_setting(
 
 def test_set_reaches_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``generate`` with the preset and seed given only through --set."""
-    assert main(["generate", "--set", "preset=tiny", "--set", "seed=3", "--out",
-                 str(tmp_path)]) == 0
+    assert (
+        main(["generate", "--set", "preset=tiny", "--set", "seed=3", "--out", str(tmp_path)]) == 0
+    )
     assert "1,200 users, 3,000 tracks" in capsys.readouterr().out
 
 

@@ -47,9 +47,15 @@ def test_the_api_doc_names_every_route_header_and_code() -> None:
     assert {"/recommendations/{user_id}", "/history/{user_id}", "/health", "/metrics"} <= set(paths)
     for path in paths:
         assert path in documented, f"{path} is not in docs/API.md"
-    for header in (service.SOURCE_HEADER, "X-History-First-Position", "X-History-Total",
-                   "X-History-Length", "Idempotency-Key", "Idempotent-Replayed",
-                   "Retry-After"):
+    for header in (
+        service.SOURCE_HEADER,
+        "X-History-First-Position",
+        "X-History-Total",
+        "X-History-Length",
+        "Idempotency-Key",
+        "Idempotent-Replayed",
+        "Retry-After",
+    ):
         assert f"`{header}`" in text, header
     for status in {*service.ERROR_STATUS.values(), 413, 401, 403, 409}:
         assert re.search(rf"^\| (\d+, )?{status}\b", text, re.MULTILINE), status
@@ -80,8 +86,12 @@ def _table_rows(text: str, heading: str) -> list[list[str]]:
 
 
 def _dtype(text: str) -> str:
-    return (text.replace("<element: ", "<").replace("<item: ", "<").replace(" not null", "")
-            .replace("date32[day]", "date32"))
+    return (
+        text.replace("<element: ", "<")
+        .replace("<item: ", "<")
+        .replace(" not null", "")
+        .replace("date32[day]", "date32")
+    )
 
 
 def test_the_data_doc_matches_the_generated_and_prepared_files(
@@ -92,15 +102,23 @@ def test_the_data_doc_matches_the_generated_and_prepared_files(
     for cells in _table_rows(text, "## Input schema"):
         current = cells[0] or current
         documented[(current, cells[1])] = cells[2]
-    written = {(name, field.name): _dtype(str(field.type))
-               for name in io.INPUT_FILES for field in pq.read_schema(tiny_data / name)}
+    written = {
+        (name, field.name): _dtype(str(field.type))
+        for name in io.INPUT_FILES
+        for field in pq.read_schema(tiny_data / name)
+    }
     assert set(documented) == set(written)
     for key, dtype in written.items():
         shown = documented[key].split(" ")[0]
         assert shown == dtype or (shown == "datetime64" and dtype.startswith("timestamp")), (
-            key, shown, dtype)
-    for name, heading in ((io.ITEMS, "### Output: `items.parquet`"),
-                          (io.EVENTS, "### Output: `events.parquet`")):
+            key,
+            shown,
+            dtype,
+        )
+    for name, heading in (
+        (io.ITEMS, "### Output: `items.parquet`"),
+        (io.EVENTS, "### Output: `events.parquet`"),
+    ):
         rows = {cells[0]: cells[1] for cells in _table_rows(text, heading)}
         schema = {f.name: _dtype(str(f.type)) for f in pq.read_schema(tiny_prepared / name)}
         assert rows == schema, name
@@ -109,8 +127,10 @@ def test_the_data_doc_matches_the_generated_and_prepared_files(
 def test_the_full_scale_recipe_commands_parse() -> None:
     text = (DOCS / "FULL_SCALE.md").read_text()
     recipe = text.split("```bash", 1)[1].split("```", 1)[0]
-    commands = [line.split("#")[0].split(">")[0].strip().removeprefix("nohup ")
-                for line in recipe.splitlines()]
+    commands = [
+        line.split("#")[0].split(">")[0].strip().removeprefix("nohup ")
+        for line in recipe.splitlines()
+    ]
     commands = [c for c in commands if c.startswith("musicrec ")]
     assert len(commands) >= 5
     for command in commands:

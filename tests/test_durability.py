@@ -53,8 +53,9 @@ class Load:
 
     def start(self) -> None:
         """Start the clients and wait until ``STOP_AFTER`` events are acknowledged."""
-        self.threads = [threading.Thread(target=self.run, args=(c,), daemon=True)
-                        for c in self.clients]
+        self.threads = [
+            threading.Thread(target=self.run, args=(c,), daemon=True) for c in self.clients
+        ]
         for thread in self.threads:
             thread.start()
         deadline = time.monotonic() + 60
@@ -80,8 +81,9 @@ class Load:
             self.up.wait(120)
             client.sent.append((user, track))
             try:
-                response = session.post(f"{self.service.url}/history/{user}", json=[track],
-                                        timeout=30)
+                response = session.post(
+                    f"{self.service.url}/history/{user}", json=[track], timeout=30
+                )
             except requests.RequestException:
                 client.unknown.append((user, track))  # the server went away mid-request
                 session.close()
@@ -135,8 +137,7 @@ def tracks() -> list[int]:
 def test_acknowledged_events_survive(tmp_path: Path, tracks: list[int], how: str) -> None:
     """SIGKILL of the master and both workers ('kill'), or a graceful SIGTERM ('stop'), in
     the middle of the load; then a restart, the rest of the load, and the check."""
-    service = Service(tiny_artefacts(), tmp_path / "history.db", tmp_path / "server.log",
-                      workers=2)
+    service = Service(tiny_artefacts(), tmp_path / "history.db", tmp_path / "server.log", workers=2)
     with service:
         service.start()
         service.wait_healthy(workers=2)
@@ -152,13 +153,11 @@ def test_acknowledged_events_survive(tmp_path: Path, tracks: list[int], how: str
         load.finish()
         assert acked_at_stop < EVENTS - 100  # the stop really came in the middle
         users = [c.user for c in load.clients] + [SHARED_USER]
-        history = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json()
-                   for u in users}
+        history = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json() for u in users}
         _check(load, history)
         # and once more after a normal restart: the same history
         service.stop()
         service.start()
-        again = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json()
-                 for u in users}
+        again = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json() for u in users}
         assert again == history
         assert "Traceback" not in service.log(), service.log()[-3000:]

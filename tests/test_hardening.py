@@ -37,8 +37,13 @@ TOKEN = "very-secret-token-4711"
 
 def settings_for(folder: Path, **changes: object) -> Settings:
     values: dict[str, object] = dict(
-        parquet_dir=folder, history_url=f"sqlite:///{folder}/history.db", default_k=5,
-        max_k=10, reload_poll_seconds=0, admin_token=TOKEN)
+        parquet_dir=folder,
+        history_url=f"sqlite:///{folder}/history.db",
+        default_k=5,
+        max_k=10,
+        reload_poll_seconds=0,
+        admin_token=TOKEN,
+    )
     values.update(changes)
     return Settings(**values)
 
@@ -50,9 +55,17 @@ def folder(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def client(folder: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(folder, max_body_bytes=2_000,
-                                            history_max_events=6, history_page_default=4,
-                                            history_page_max=5))) as c:
+    with TestClient(
+        create_app(
+            settings_for(
+                folder,
+                max_body_bytes=2_000,
+                history_max_events=6,
+                history_page_default=4,
+                history_page_max=5,
+            )
+        )
+    ) as c:
         yield c
 
 
@@ -63,14 +76,15 @@ def _ids_body(n: int) -> bytes:
     return json.dumps([TRACKS[i % len(TRACKS)] for i in range(n)]).encode()
 
 
-@pytest.mark.parametrize("path", ["/history/8", "/similar/5", "/recommendations",
-                                  "/admin/reload"])
-def test_oversized_bodies_get_413_before_parsing(client: TestClient, path: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", ["/history/8", "/similar/5", "/recommendations", "/admin/reload"])
+def test_oversized_bodies_get_413_before_parsing(
+    client: TestClient, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Over max_body_bytes: 413 with a readable message, by Content-Length and by counting a
     chunked body; the endpoint (and the JSON parser) never sees it; nothing is stored."""
     parsed: list[bytes] = []
     original = json.loads
+
     def spy(text: bytes | str, *args: object, **kwargs: object) -> object:
         if text[:1] in (b"[", "["):  # the request's body (not an answer read by the test)
             parsed.append(text)
@@ -86,7 +100,7 @@ def test_oversized_bodies_get_413_before_parsing(client: TestClient, path: str,
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: Transfer-Encoding: chunked
         for start in range(0, len(body), 500):
-            yield body[start:start + 500]
+            yield body[start : start + 500]
 
     chunked = client.post(path, content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 413, chunked.text
@@ -101,8 +115,9 @@ def test_bodies_within_the_limit_pass(client: TestClient) -> None:
         yield body[:3]
         yield body[3:]
 
-    answer = client.post("/history/8", content=chunks(), headers={"content-type":
-                                                                  "application/json"})
+    answer = client.post(
+        "/history/8", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert answer.status_code == 200, answer.text
     assert client.get("/history/8").json() == [10, 20, 30]
     assert client.get("/top_popular/2").status_code == 200  # GET is not touched
@@ -125,8 +140,9 @@ def test_retention_deletes_the_older_events(tmp_path: Path) -> None:
     assert store.add(1, list(range(100, 120))) == 5  # a batch larger than the cap
     with sqlite3.connect(tmp_path / "h.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM history WHERE user_id = 1").fetchone() == (5,)
-        assert conn.execute("SELECT length, total FROM history_users WHERE user_id = 1"
-                            ).fetchone() == (5, 27)
+        assert conn.execute(
+            "SELECT length, total FROM history_users WHERE user_id = 1"
+        ).fetchone() == (5, 27)
     store.close()
 
 
@@ -136,8 +152,10 @@ def test_reads_and_writes_are_bounded_and_never_count(tmp_path: Path) -> None:
     path = tmp_path / "h.db"
     SQLiteHistoryStore(path).close()
     with sqlite3.connect(path) as conn:
-        conn.executemany("INSERT INTO history (user_id, track_id) VALUES (?, ?)",
-                         ((7, i) for i in range(200_000)))
+        conn.executemany(
+            "INSERT INTO history (user_id, track_id) VALUES (?, ?)",
+            ((7, i) for i in range(200_000)),
+        )
         conn.execute("INSERT INTO history_users VALUES (7, 200000, 200000)")
     store = SQLiteHistoryStore(path, max_events=1_000)
     statements: list[str] = []
@@ -151,9 +169,14 @@ def test_reads_and_writes_are_bounded_and_never_count(tmp_path: Path) -> None:
     assert not [s for s in statements if "COUNT(" in s.upper()], statements
     reads = [s for s in statements if s.lstrip().upper().startswith("SELECT TRACK_ID")]
     assert reads and all("LIMIT" in s.upper() for s in reads)
-    plan = store._read_connection().execute(
-        "EXPLAIN QUERY PLAN SELECT track_id FROM history WHERE user_id = 7 ORDER BY id DESC "
-        "LIMIT 10").fetchall()
+    plan = (
+        store._read_connection()
+        .execute(
+            "EXPLAIN QUERY PLAN SELECT track_id FROM history WHERE user_id = 7 ORDER BY id DESC "
+            "LIMIT 10"
+        )
+        .fetchall()
+    )
     assert "history_user" in str(plan)  # the (user_id, id) index, no scan nor sort
     store.close()
 
@@ -178,14 +201,19 @@ def test_history_paging_over_http(client: TestClient) -> None:
     client.post("/history/3", json=[10, 20, 30, 40, 50, 60, 70, 80])  # cap 6: 30..80 kept
     first = client.get("/history/3")  # default limit 4
     assert first.json() == [50, 60, 70, 80]
-    assert (first.headers["X-History-First-Position"], first.headers["X-History-Total"],
-            first.headers["X-History-Length"]) == ("4", "8", "6")
+    assert (
+        first.headers["X-History-First-Position"],
+        first.headers["X-History-Total"],
+        first.headers["X-History-Length"],
+    ) == ("4", "8", "6")
     second = client.get("/history/3", params={"before": 4, "limit": 5})
     assert second.json() == [30, 40]
     assert second.headers["X-History-First-Position"] == "2"
     assert client.get("/history/3", params={"limit": 1}).json() == [80]
-    assert client.get("/history/3", params={"limit": 2, "details": "true"}).json()[0][
-        "name"] == "track 70"
+    assert (
+        client.get("/history/3", params={"limit": 2, "details": "true"}).json()[0]["name"]
+        == "track 70"
+    )
     too_many = client.get("/history/3", params={"limit": 6})
     assert too_many.status_code == 422 and "limit must be between 1 and 5" in too_many.text
     assert client.get("/history/3", params={"before": -1}).status_code == 422
@@ -234,8 +262,9 @@ def test_idempotency_keys_expire_and_are_stored_with_the_events(tmp_path: Path) 
 # --- 3. and 8. store failures: busy, full -----------------------------------------------------
 
 
-def test_disk_full_is_a_507_with_nothing_written(folder: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_disk_full_is_a_507_with_nothing_written(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """SQLITE_FULL (max_page_count): 507 with a stable code, the real cause in the log (not
     "cannot rollback"), nothing half-written, and the store works again once there is room."""
     with TestClient(create_app(settings_for(folder))) as client:
@@ -262,8 +291,9 @@ def _disk_full(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
     assert client.post("/history/9", json=[20]).json()["history_length"] == 2
 
 
-def test_busy_store_is_a_503_with_retry_after(client: TestClient, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_busy_store_is_a_503_with_retry_after(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     store = client.app.state.recs.store
 
     def busy(*_: object, **__: object) -> list[int]:
@@ -279,8 +309,9 @@ def test_busy_store_is_a_503_with_retry_after(client: TestClient, monkeypatch: p
     assert str(store.path) in caplog.text  # the details are in the log
 
 
-def test_a_read_that_hangs_does_not_hold_the_loop(folder: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_that_hangs_does_not_hold_the_loop(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A history read stuck in SQLite (as in a WAL read-lock wait, which ignores the busy
     timeout) gets 503 after the read deadline, and other requests keep being answered."""
     release = threading.Event()
@@ -308,10 +339,17 @@ def _new_run(folder: Path, run_id: str) -> None:
     (folder / io.MANIFEST).write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("failure", [MemoryError(), FileNotFoundError("similar.parquet gone"),
-                                     ValueError("duplicate column 'track_id'")])
-def test_the_watcher_survives_any_failure(folder: Path, monkeypatch: pytest.MonkeyPatch,
-                                          failure: Exception) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        MemoryError(),
+        FileNotFoundError("similar.parquet gone"),
+        ValueError("duplicate column 'track_id'"),
+    ],
+)
+def test_the_watcher_survives_any_failure(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
     """A load that fails with something else than DataError is logged and shown in
     /health; the watcher keeps polling and takes the set once loading works again."""
     real_load = service_module.load_artefacts
@@ -338,8 +376,10 @@ def test_the_watcher_survives_any_failure(folder: Path, monkeypatch: pytest.Monk
         # the poll itself failing (a manifest that cannot be read) is shown too
         (folder / io.MANIFEST).write_text("{not json")
         deadline = time.monotonic() + 10
-        while c.get("/health").json()["manifest_watch"]["last_error"] is None \
-                and time.monotonic() < deadline:
+        while (
+            c.get("/health").json()["manifest_watch"]["last_error"] is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.05)
         watch = c.get("/health").json()["manifest_watch"]
         assert "manifest.json" in watch["last_error"] and watch["running"] is True
@@ -347,8 +387,9 @@ def test_the_watcher_survives_any_failure(folder: Path, monkeypatch: pytest.Monk
         assert c.get("/health").status_code == 200
 
 
-def test_reloads_take_turns_and_skip_a_current_run(folder: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reloads_take_turns_and_skip_a_current_run(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A load waits while another process holds the folder's reload lock; a run already
     served is skipped (no second set loaded)."""
     recs = Recommendations(settings_for(folder))
@@ -394,8 +435,9 @@ def test_reload_errors_show_no_paths(folder: Path) -> None:
 # --- 6. secrets -----------------------------------------------------------------------------
 
 
-def test_admin_token_stays_secret(folder: Path, caplog: pytest.LogCaptureFixture,
-                                  tmp_path: Path) -> None:
+def test_admin_token_stays_secret(
+    folder: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
     settings = settings_for(folder)
     assert isinstance(settings.admin_token, SecretStr)
     assert TOKEN not in repr(settings) and TOKEN not in str(settings)
@@ -407,18 +449,17 @@ def test_admin_token_stays_secret(folder: Path, caplog: pytest.LogCaptureFixture
     assert TOKEN not in json.dumps(manifest, default=str)
     assert "admin_token" not in manifest["parameters"]
     with caplog.at_level(logging.DEBUG), TestClient(create_app(settings)) as c:
-        assert c.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}
-                      ).status_code == 200
-        assert c.post("/admin/reload", headers={"Authorization": "Bearer no"}
-                      ).status_code == 401
+        assert (
+            c.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        )
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer no"}).status_code == 401
     assert TOKEN not in caplog.text
 
 
 # --- 7. the access log ----------------------------------------------------------------------
 
 
-def test_access_log_is_off_unless_asked_for(folder: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_access_log_is_off_unless_asked_for(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     access = logging.getLogger("uvicorn.access")
     try:
         with TestClient(create_app(settings_for(folder))):
@@ -429,6 +470,7 @@ def test_access_log_is_off_unless_asked_for(folder: Path,
         access.disabled = False
     seen: dict = {}
     import uvicorn
+
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: seen.update(k))
     monkeypatch.delenv("MUSICREC_ACCESS_LOG", raising=False)
     service_module.main()

@@ -59,16 +59,24 @@ def test_a_locked_store_never_freezes_the_worker(tmp_path: Path) -> None:
     Writers locked out: POST /history gets 503 after the write timeout. Neither answer
     shows a path or SQLite's words; afterwards everything works again."""
     db = tmp_path / "history.db"
-    with Service(tiny_artefacts(), db, tmp_path / "server.log",
-                 MUSICREC_HISTORY_READ_TIMEOUT_MS="300",
-                 MUSICREC_HISTORY_WRITE_TIMEOUT_MS="300") as service:
+    with Service(
+        tiny_artefacts(),
+        db,
+        tmp_path / "server.log",
+        MUSICREC_HISTORY_READ_TIMEOUT_MS="300",
+        MUSICREC_HISTORY_WRITE_TIMEOUT_MS="300",
+    ) as service:
         service.start()
         track = requests.get(service.url + "/top_popular/1", timeout=10).json()[0]
         assert requests.post(f"{service.url}/history/5", json=[track], timeout=10).ok
         with shm_locked(db, *WAL_READ_LOCKS):
             stuck: list[tuple[requests.Response, float]] = []
-            readers = [threading.Thread(target=lambda: stuck.append(
-                _timed("GET", f"{service.url}/recommendations/5"))) for _ in range(6)]
+            readers = [
+                threading.Thread(
+                    target=lambda: stuck.append(_timed("GET", f"{service.url}/recommendations/5"))
+                )
+                for _ in range(6)
+            ]
             for thread in readers:
                 thread.start()
             time.sleep(0.1)
@@ -134,10 +142,22 @@ def synced_before_answer(trace: str, body_marker: str) -> bool:
     """True when an fsync/fdatasync of the WAL returned between the request arriving and
     the first write of the answer that carries ``body_marker``."""
     lines = trace.splitlines()
-    answer = next((i for i, line in enumerate(lines) if body_marker in line
-                   and re.search(r"\s(write|writev|sendto|sendmsg)\(", line)), None)
-    request = next((i for i, line in enumerate(lines) if "POST /history/" in line
-                    and re.search(r"\s(read|recvfrom|recvmsg)\(", line)), None)
+    answer = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if body_marker in line and re.search(r"\s(write|writev|sendto|sendmsg)\(", line)
+        ),
+        None,
+    )
+    request = next(
+        (
+            i
+            for i, line in enumerate(lines)
+            if "POST /history/" in line and re.search(r"\s(read|recvfrom|recvmsg)\(", line)
+        ),
+        None,
+    )
     assert answer is not None and request is not None, "request or answer not in the trace"
     pending: dict[str, bool] = {}
     for line in lines[request:answer]:
@@ -159,16 +179,43 @@ def _traced_post(tmp_path: Path, url_options: str) -> bool:
     trace = tmp_path / "trace.txt"
     port = _free_port()
     db = tmp_path / "history.db"
-    env = {**os.environ, "MUSICREC_PARQUET_DIR": str(tiny_artefacts()),
-           "MUSICREC_HISTORY_URL": f"sqlite:///{db}{url_options}",
-           "MUSICREC_RELOAD_POLL_SECONDS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MUSICREC_PARQUET_DIR": str(tiny_artefacts()),
+        "MUSICREC_HISTORY_URL": f"sqlite:///{db}{url_options}",
+        "MUSICREC_RELOAD_POLL_SECONDS": "0",
+        "OPENBLAS_NUM_THREADS": "1",
+    }
     proc = subprocess.Popen(
-        [strace, "-f", "-qq", "--seccomp-bpf", "-y", "-s", "256", "-o", str(trace),
-         "-e", "trace=fsync,fdatasync,read,recvfrom,write,writev,sendto,sendmsg",
-         sys.executable, "-m", "uvicorn", "recommendation_service:app", "--host",
-         "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        [
+            strace,
+            "-f",
+            "-qq",
+            "--seccomp-bpf",
+            "-y",
+            "-s",
+            "256",
+            "-o",
+            str(trace),
+            "-e",
+            "trace=fsync,fdatasync,read,recvfrom,write,writev,sendto,sendmsg",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "recommendation_service:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -235,8 +282,13 @@ def test_a_batch_killed_mid_transaction_leaves_nothing(tmp_path: Path) -> None:
     store.close()
     wal = tmp_path / "h.db-wal"
     wal_before = wal.stat().st_size if wal.exists() else 0
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(db), "60"], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(db), "60"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ},
+    )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "mid-transaction True"
@@ -269,8 +321,10 @@ def test_oversized_content_length_is_refused_unread(tmp_path: Path) -> None:
     with Service(tiny_artefacts(), tmp_path / "h.db", tmp_path / "server.log") as service:
         service.start()
         with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
-            sock.sendall(b"POST /history/1 HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                         b"application/json\r\nContent-Length: 20000000\r\n\r\n[1,")
+            sock.sendall(
+                b"POST /history/1 HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                b"application/json\r\nContent-Length: 20000000\r\n\r\n[1,"
+            )
             received = b""
             while chunk := sock.recv(65536):  # the server closes the connection after it
                 received += chunk
@@ -290,9 +344,16 @@ def test_short_soak_stays_within_bounds() -> None:
     lines: list[str] = []
     artefacts = tiny_artefacts()  # built once per session, not part of the soak's time
     started = time.monotonic()
-    summary = run_soak(artefacts, 12, rps=60, threads=4, interval=2.0,
-                       bounds=Bounds(max_errors=0, max_p99_ms=1000, max_rss_growth_mib=40),
-                       report=lines.append, users_per_kind=100)
+    summary = run_soak(
+        artefacts,
+        12,
+        rps=60,
+        threads=4,
+        interval=2.0,
+        bounds=Bounds(max_errors=0, max_p99_ms=1000, max_rss_growth_mib=40),
+        report=lines.append,
+        users_per_kind=100,
+    )
     assert summary["requests"] > 300, lines
     assert time.monotonic() - started < 20  # the CI budget of this test
 

@@ -39,14 +39,14 @@ def fresh_url(server: RedisServer) -> str:
     return f"{server.url}?prefix=t{uuid.uuid4().hex}"
 
 
-def test_durability_is_read_from_the_server(server: RedisServer, tmp_path: Path,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_durability_is_read_from_the_server(
+    server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     store = open_history_store(fresh_url(server))
     assert isinstance(store, RedisHistoryStore)
     assert store.durability.startswith("durable: appendonly yes, appendfsync always")
     store.close()
-    with RedisServer(tmp_path / "r", fsync="everysec") as lax, \
-            caplog.at_level(logging.WARNING):
+    with RedisServer(tmp_path / "r", fsync="everysec") as lax, caplog.at_level(logging.WARNING):
         weak = open_history_store(lax.url)
         assert weak.durability.startswith("NOT fully durable")
         weak.close()
@@ -73,15 +73,19 @@ def test_service_over_redis(server: RedisServer, tmp_path: Path) -> None:
     exactly the kept events (older ones are deleted, not hidden)."""
     url = fresh_url(server)
     folder = write_artefacts(tmp_path / "parquet")
-    settings = settings_for(folder, history_url=url, history_max_events=6,
-                            history_page_default=4, history_page_max=5)
+    settings = settings_for(
+        folder, history_url=url, history_max_events=6, history_page_default=4, history_page_max=5
+    )
     with TestClient(create_app(settings)) as client:
         assert client.get("/health").json()["history_store"] is True
         client.post("/history/3", json=[10, 20, 30, 40, 50, 60, 70, 80])
         first = client.get("/history/3")
         assert first.json() == [50, 60, 70, 80]
-        assert (first.headers["X-History-First-Position"], first.headers["X-History-Total"],
-                first.headers["X-History-Length"]) == ("4", "8", "6")
+        assert (
+            first.headers["X-History-First-Position"],
+            first.headers["X-History-Total"],
+            first.headers["X-History-Length"],
+        ) == ("4", "8", "6")
         assert client.get("/history/3", params={"before": 4, "limit": 5}).json() == [30, 40]
         key = {"Idempotency-Key": "retry-1"}
         one = client.post("/history/4", json=[10, 20], headers=key)
@@ -99,8 +103,9 @@ def test_service_over_redis(server: RedisServer, tmp_path: Path) -> None:
     raw.close()
 
 
-def test_redis_down_is_503_and_out_of_memory_507(tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_redis_down_is_503_and_out_of_memory_507(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Redis gone: 503 with Retry-After and the store's code, no host in the answer; back:
     200 again without a restart. Out of memory: 507, nothing stored."""
     folder = write_artefacts(tmp_path / "parquet")
@@ -129,14 +134,16 @@ def test_redis_down_is_503_and_out_of_memory_507(tmp_path: Path,
         assert "OutOfMemoryError" in caplog.text  # the cause is in the log
 
 
-def test_a_write_whose_answer_is_lost_is_stored_once(server: RedisServer,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_a_write_whose_answer_is_lost_is_stored_once(
+    server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
     """Redis stalls (DEBUG SLEEP) past the write timeout: the store retries with the same key,
     the first attempt's write is found, and the event is stored once, not as a replay."""
     store = RedisHistoryStore(fresh_url(server), write_timeout_ms=100)
     store.add(1, [5])
-    blocker = threading.Thread(target=lambda: server.client().execute_command(
-        "DEBUG", "SLEEP", "0.25"))
+    blocker = threading.Thread(
+        target=lambda: server.client().execute_command("DEBUG", "SLEEP", "0.25")
+    )
     blocker.start()
     time.sleep(0.03)
     with caplog.at_level(logging.WARNING):
@@ -154,9 +161,16 @@ def test_acknowledged_events_survive_sigkill_of_redis(tmp_path: Path) -> None:
     every acknowledged event is there exactly once, in the order sent per user."""
     ids = pq.read_table(tiny_artefacts() / "items.parquet", columns=["track_id"])
     tracks = sorted(ids.column(0).to_pylist())[:EVENTS]
-    with RedisServer(tmp_path / "redis") as store_server, \
-            Service(tiny_artefacts(), tmp_path / "unused.db", tmp_path / "server.log",
-                    workers=2, MUSICREC_HISTORY_URL=store_server.url) as service:
+    with (
+        RedisServer(tmp_path / "redis") as store_server,
+        Service(
+            tiny_artefacts(),
+            tmp_path / "unused.db",
+            tmp_path / "server.log",
+            workers=2,
+            MUSICREC_HISTORY_URL=store_server.url,
+        ) as service,
+    ):
         service.start()
         service.wait_healthy(workers=2)
         load = Load(service, tracks)
@@ -169,8 +183,7 @@ def test_acknowledged_events_survive_sigkill_of_redis(tmp_path: Path) -> None:
         load.finish()
         assert acked_at_kill < EVENTS - 100
         users = [c.user for c in load.clients] + [9_000_000]
-        history = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json()
-                   for u in users}
+        history = {u: requests.get(f"{service.url}/history/{u}", timeout=30).json() for u in users}
         _check(load, history)
         assert "Traceback" not in service.log(), service.log()[-3000:]
 
@@ -181,10 +194,10 @@ def test_two_services_share_one_redis(server: RedisServer, tmp_path: Path) -> No
     url = fresh_url(server)
     artefacts = tiny_artefacts()
     user = 7
-    with Service(artefacts, tmp_path / "a.db", tmp_path / "a.log",
-                 MUSICREC_HISTORY_URL=url) as a, \
-            Service(artefacts, tmp_path / "b.db", tmp_path / "b.log",
-                    MUSICREC_HISTORY_URL=url) as b:
+    with (
+        Service(artefacts, tmp_path / "a.db", tmp_path / "a.log", MUSICREC_HISTORY_URL=url) as a,
+        Service(artefacts, tmp_path / "b.db", tmp_path / "b.log", MUSICREC_HISTORY_URL=url) as b,
+    ):
         a.start()
         b.start()
         assert a.port != b.port
@@ -195,8 +208,11 @@ def test_two_services_share_one_redis(server: RedisServer, tmp_path: Path) -> No
         assert requests.get(f"{b.url}/history/{user}", timeout=10).json() == [track]
         after = requests.get(f"{b.url}/recommendations/{user}", params={"k": 10}).json()
         assert track not in after and after != before
-        assert requests.post(f"{b.url}/history/{user}", json=[before[1]],
-                             timeout=10).json()["history_length"] == 2
+        assert (
+            requests.post(f"{b.url}/history/{user}", json=[before[1]], timeout=10).json()[
+                "history_length"
+            ]
+            == 2
+        )
         assert requests.get(f"{a.url}/history/{user}", timeout=10).json() == [track, before[1]]
         assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
-

@@ -42,24 +42,35 @@ ROUTE = "/recommendations/{user_id}"
 def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
     """(name, labels, value) of each sample, read by prometheus_client's own parser of the
     text format (which fails on a malformed exposition)."""
-    return [(sample.name, sample.labels, sample.value)
-            for family in text_string_to_metric_families(text) for sample in family.samples]
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
 
 
 def value(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
-    return sum(v for n, lab, v in samples
-               if n == name and all(lab.get(k) == w for k, w in labels.items()))
+    return sum(
+        v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items())
+    )
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     base = tmp_path_factory.mktemp("metrics")
     parquet = copy_artefacts(tiny_artefacts(), base / "parquet")
-    with Service(parquet, base / "history.db", base / "service.log", workers=2,
-                 MUSICREC_METRICS_DIR=str(base / "metrics"), MUSICREC_LOG_FORMAT="json",
-                 MUSICREC_METRICS_FLUSH_SECONDS="0.2", MUSICREC_ADMIN_TOKEN=TOKEN,
-                 PROMETHEUS_MULTIPROC_DIR="") as svc:
+    with Service(
+        parquet,
+        base / "history.db",
+        base / "service.log",
+        workers=2,
+        MUSICREC_METRICS_DIR=str(base / "metrics"),
+        MUSICREC_LOG_FORMAT="json",
+        MUSICREC_METRICS_FLUSH_SECONDS="0.2",
+        MUSICREC_ADMIN_TOKEN=TOKEN,
+        PROMETHEUS_MULTIPROC_DIR="",
+    ) as svc:
         svc.start(wait=False)
         svc.wait_healthy(workers=2)
         yield svc
@@ -95,8 +106,7 @@ def test_counts_add_up_across_two_workers(server: Service) -> None:
     sent = 0
     while sent < 400:  # new connections land on either worker; stop once both served some
         for _ in range(20):
-            answer = requests.get(f"{server.url}/recommendations/{users[sent % 5]}?k=5",
-                                  timeout=5)
+            answer = requests.get(f"{server.url}/recommendations/{users[sent % 5]}?k=5", timeout=5)
             assert answer.status_code == 200
             sent += 1
         after = _per_worker_stats(server.url)
@@ -106,15 +116,29 @@ def test_counts_add_up_across_two_workers(server: Service) -> None:
     assert all(n > 0 for n in served.values()), f"one worker served all: {served}"
     assert sum(served.values()) == sent
 
-    samples = _metrics_until(server.url, lambda s: value(
-        s, "musicrec_http_requests_total", route=ROUTE, status="200") >= sent)
+    samples = _metrics_until(
+        server.url,
+        lambda s: value(s, "musicrec_http_requests_total", route=ROUTE, status="200") >= sent,
+    )
     # the metrics are the sum over both workers, not the answering worker's share
-    assert value(samples, "musicrec_http_requests_total", method="GET", route=ROUTE,
-                 status="200") == sent
-    assert value(samples, "musicrec_http_request_duration_seconds_count", route=ROUTE,
-                 status="200") == sent
-    assert value(samples, "musicrec_http_request_duration_seconds_bucket", route=ROUTE,
-                 status="200", le="+Inf") == sent
+    assert (
+        value(samples, "musicrec_http_requests_total", method="GET", route=ROUTE, status="200")
+        == sent
+    )
+    assert (
+        value(samples, "musicrec_http_request_duration_seconds_count", route=ROUTE, status="200")
+        == sent
+    )
+    assert (
+        value(
+            samples,
+            "musicrec_http_request_duration_seconds_bucket",
+            route=ROUTE,
+            status="200",
+            le="+Inf",
+        )
+        == sent
+    )
     assert 0 < value(samples, "musicrec_http_request_duration_seconds_sum", route=ROUTE) < sent
     personal = sum(s["personal"] for s in _per_worker_stats(server.url).values())
     assert value(samples, "musicrec_lists_served_total", source="personal") == personal
@@ -122,8 +146,11 @@ def test_counts_add_up_across_two_workers(server: Service) -> None:
     assert not any(str(u) in lab.get("route", "") for _, lab, _ in samples for u in users)
     # the run id is a label, one series per live worker
     run_id = requests.get(server.url + "/", timeout=5).json()["run_id"]
-    runs = [(lab["pid"], v) for n, lab, v in samples
-            if n == "musicrec_artefacts_run" and lab["run_id"] == run_id]
+    runs = [
+        (lab["pid"], v)
+        for n, lab, v in samples
+        if n == "musicrec_artefacts_run" and lab["run_id"] == run_id
+    ]
     assert len(runs) == 2 and all(v == 1 for _, v in runs)
 
 
@@ -134,8 +161,12 @@ def test_history_writes_reloads_and_errors_are_counted(server: Service) -> None:
     assert added.status_code == 200, added.text
     headers = {"Idempotency-Key": "metrics-key-1"}
     for _ in range(2):  # the second is a replay: counted as such, no events stored
-        assert requests.post(url + "/history/4", json=tracks[:1], headers=headers,
-                             timeout=5).status_code == 200
+        assert (
+            requests.post(
+                url + "/history/4", json=tracks[:1], headers=headers, timeout=5
+            ).status_code
+            == 200
+        )
     assert requests.get(url + "/recommendations/abc", timeout=5).status_code == 422
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert requests.post(url + "/admin/reload", headers=auth, timeout=30).json()["skipped"]
@@ -154,14 +185,21 @@ def test_history_writes_reloads_and_errors_are_counted(server: Service) -> None:
     assert requests.post(url + "/admin/reload", headers=auth, timeout=30).status_code == 409
 
     # the other worker's request counts arrive with its next flush (every 0.2 s)
-    samples = _metrics_until(url, lambda s: value(
-        s, "musicrec_http_requests_total", route=ROUTE, status="422") >= 1 and value(
-        s, "musicrec_http_requests_total", route="/history/{user_id}", status="200") >= 3)
+    samples = _metrics_until(
+        url,
+        lambda s: (
+            value(s, "musicrec_http_requests_total", route=ROUTE, status="422") >= 1
+            and value(s, "musicrec_http_requests_total", route="/history/{user_id}", status="200")
+            >= 3
+        ),
+    )
     assert value(samples, "musicrec_history_writes_total", result="stored") == 2
     assert value(samples, "musicrec_history_writes_total", result="replayed") == 1
     assert value(samples, "musicrec_history_events_total") == 3
-    assert value(samples, "musicrec_http_requests_total", route="/history/{user_id}",
-                 status="200") == 3
+    assert (
+        value(samples, "musicrec_http_requests_total", route="/history/{user_id}", status="200")
+        == 3
+    )
     assert value(samples, "musicrec_http_requests_total", route=ROUTE, status="422") == 1
     assert value(samples, "musicrec_reloads_total", result="skipped") == 1
     assert value(samples, "musicrec_reloads_total", result="reloaded") == 1
@@ -171,18 +209,23 @@ def test_history_writes_reloads_and_errors_are_counted(server: Service) -> None:
 
 
 def test_request_ids_and_json_log_lines(server: Service) -> None:
-    given = requests.get(server.url + "/health", headers={"X-Request-ID": "trace-abc-123"},
-                         timeout=5)
+    given = requests.get(
+        server.url + "/health", headers={"X-Request-ID": "trace-abc-123"}, timeout=5
+    )
     assert given.headers["x-request-id"] == "trace-abc-123"
-    made = {requests.get(server.url + "/health", timeout=5).headers["x-request-id"]
-            for _ in range(4)}
+    made = {
+        requests.get(server.url + "/health", timeout=5).headers["x-request-id"] for _ in range(4)
+    }
     assert len(made) == 4 and all(made), "each request gets its own id"
     bad = requests.get(server.url + "/health", headers={"X-Request-ID": "x" * 500}, timeout=5)
     assert bad.headers["x-request-id"] != "x" * 500  # too long: replaced, not echoed
 
     # a request that logs: the admin reload (in the thread pool) writes its INFO line
-    answer = requests.post(server.url + "/admin/reload", timeout=30, headers={
-        "Authorization": f"Bearer {TOKEN}", "X-Request-ID": "reload-req-77"})
+    answer = requests.post(
+        server.url + "/admin/reload",
+        timeout=30,
+        headers={"Authorization": f"Bearer {TOKEN}", "X-Request-ID": "reload-req-77"},
+    )
     assert answer.headers["x-request-id"] == "reload-req-77"
     deadline = time.monotonic() + 5
     while "reload-req-77" not in server.log() and time.monotonic() < deadline:
@@ -195,18 +238,22 @@ def test_request_ids_and_json_log_lines(server: Service) -> None:
     ours = [e for e in entries if e["request_id"] == "reload-req-77"]
     assert ours and any("reload (POST /admin/reload)" in e["message"] for e in ours), ours
     assert all(e["logger"] == "recommendation_service" for e in ours)
-    assert any(e["message"].startswith("ready: run") and e["request_id"] is None
-               for e in entries)
+    assert any(e["message"].startswith("ready: run") and e["request_id"] is None for e in entries)
 
 
 # --- in process ---------------------------------------------------------------------------
 
 
-def test_metrics_folder_cleans_only_gone_servers(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_folder_cleans_only_gone_servers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stale = tmp_path / f"{FOLDER_PREFIX}{int(gone.stdout)}-123"
     started = Path("/proc/1/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22
     alive = tmp_path / f"{FOLDER_PREFIX}1-{started}"
@@ -227,12 +274,18 @@ def test_metrics_folder_cleans_only_gone_servers(tmp_path: Path,
 
 def _tiny_settings(tmp_path: Path, **extra: object) -> Settings:
     parquet = copy_artefacts(tiny_artefacts(), tmp_path / "parquet")
-    return Settings(parquet_dir=parquet, history_url=f"sqlite:///{tmp_path}/h.db",
-                    reload_poll_seconds=0, metrics_dir=tmp_path / "metrics", **extra)
+    return Settings(
+        parquet_dir=parquet,
+        history_url=f"sqlite:///{tmp_path}/h.db",
+        reload_poll_seconds=0,
+        metrics_dir=tmp_path / "metrics",
+        **extra,
+    )
 
 
-def test_in_process_metrics_and_their_folder(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_process_metrics_and_their_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     with TestClient(create_app(_tiny_settings(tmp_path))) as client:
         user = client.get("/users?limit=1").json()["users"][0]
@@ -241,8 +294,7 @@ def test_in_process_metrics_and_their_folder(tmp_path: Path,
         assert client.get("/no/such/path/123").status_code == 404
         samples = parse(client.get("/metrics").text)
         assert value(samples, "musicrec_http_requests_total", route=ROUTE) == 3
-        assert value(samples, "musicrec_http_requests_total", route="unmatched",
-                     status="404") == 1
+        assert value(samples, "musicrec_http_requests_total", route="unmatched", status="404") == 1
         folders = list((tmp_path / "metrics").glob(FOLDER_PREFIX + "*"))
         assert len(folders) == 1 and any(folders[0].iterdir())
     # alone in its process, the app removes its folder when it stops
@@ -258,8 +310,9 @@ def test_metrics_off(tmp_path: Path) -> None:
 
 
 def test_json_formatter_line() -> None:
-    record = logging.LogRecord("recommendation_service", logging.ERROR, __file__, 1,
-                               "failed %s", ("x",), None)
+    record = logging.LogRecord(
+        "recommendation_service", logging.ERROR, __file__, 1, "failed %s", ("x",), None
+    )
     try:
         raise ValueError("boom")
     except ValueError:

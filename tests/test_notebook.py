@@ -40,13 +40,18 @@ CELL_TIMEOUT = 90  # seconds per cell; the whole tiny run takes about 30 s
 def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int) -> None:
     """Run ``nb`` in place with the ``python3`` kernel from ``cwd`` (``import musicrec`` works
     from the repository root); no per-cell timing nor widget state is recorded."""
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
-                   store_widget_state=False, resources={"metadata": {"path": str(cwd)}}).execute()
+    NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        record_timing=False,
+        store_widget_state=False,
+        resources={"metadata": {"path": str(cwd)}},
+    ).execute()
 
 
 def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str, list[str]]]:
-    return [(c.cell_type, c.source, list(c.get("metadata", {}).get("tags", [])))
-            for c in nb.cells]
+    return [(c.cell_type, c.source, list(c.get("metadata", {}).get("tags", []))) for c in nb.cells]
 
 
 def _text(cell: nbformat.NotebookNode) -> str:
@@ -149,17 +154,26 @@ def test_a_twin_edit_reaches_the_notebook_keeping_outputs(tmp_path: Path) -> Non
     nb_path, twin_path = tmp_path / NOTEBOOK.name, tmp_path / "notebooks" / TWIN.name
     nb_path.write_bytes(NOTEBOOK.read_bytes())
     text = TWIN.read_text()
-    twin_path.write_text(text.replace("# %% [markdown]\n# ### Input data",
-                                      "# %% [markdown]\n# ### Input data (edited)", 1))
+    twin_path.write_text(
+        text.replace(
+            "# %% [markdown]\n# ### Input data", "# %% [markdown]\n# ### Input data (edited)", 1
+        )
+    )
     os.utime(nb_path, (time.time() - 60, time.time() - 60))  # the twin is the newer file
-    done = subprocess.run([sys.executable, "-m", "jupytext", "--sync", str(nb_path)],
-                          capture_output=True, text=True, check=False, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "jupytext", "--sync", str(nb_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     synced = nbformat.read(nb_path, as_version=4)
     assert any(c.source.startswith("### Input data (edited)") for c in synced.cells)
     outputs = [len(c.outputs) for c in synced.cells if c.cell_type == "code"]
-    committed = [len(c.outputs) for c in nbformat.read(NOTEBOOK, as_version=4).cells
-                 if c.cell_type == "code"]
+    committed = [
+        len(c.outputs) for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"
+    ]
     assert outputs == committed
 
 
@@ -194,13 +208,24 @@ def test_runs_headless_on_tiny_without_errors(
     # the empty data folder was filled with the tiny preset, then the pipeline wrote its set
     for name in ("tracks.parquet", "catalog_names.parquet", "interactions.parquet"):
         assert (root / "data" / name).stat().st_size > 0, name
-    for name in ("top_popular.parquet", "personal_als.parquet", "similar.parquet",
-                 "recommendations.parquet", "metrics.parquet", "candidate_recall.parquet",
-                 "manifest.json"):
+    for name in (
+        "top_popular.parquet",
+        "personal_als.parquet",
+        "similar.parquet",
+        "recommendations.parquet",
+        "metrics.parquet",
+        "candidate_recall.parquet",
+        "manifest.json",
+    ):
         assert (root / "parquet" / name).stat().st_size > 0, name
     # the notebook turns the progress setting off: no bar in any output
-    streams = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                      for o in c.outputs if o.output_type == "stream")
+    streams = "".join(
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "stream"
+    )
     assert " steps |" not in streams and "batch/s" not in streams and "it/s]" not in streams
     trained = "ranker" in _work(root, "selection.json")["ndcg@10"]
     assert (root / "parquet" / "ranker.cbm").exists() == trained
@@ -272,12 +297,29 @@ def test_evaluate_shows_its_stage_counter_unless_silenced(
     _, root, _ = executed
     parquet = tmp_path / "parquet"
     shutil.copytree(root / "parquet", parquet)
-    env = {**os.environ, **TINY_ENV, "OPENBLAS_NUM_THREADS": "1",
-           "MUSICREC_DATA_DIR": str(root / "data")}
+    env = {
+        **os.environ,
+        **TINY_ENV,
+        "OPENBLAS_NUM_THREADS": "1",
+        "MUSICREC_DATA_DIR": str(root / "data"),
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "musicrec", "evaluate", "--parquet-dir", str(parquet),
-         "--set", f"progress={str(progress).lower()}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "musicrec",
+            "evaluate",
+            "--parquet-dir",
+            str(parquet),
+            "--set",
+            f"progress={str(progress).lower()}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     counted = [f"evaluate {i}/5: " in done.stderr for i in range(1, 6)]

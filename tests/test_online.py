@@ -33,8 +33,9 @@ def tiny_model() -> tuple[AlternatingLeastSquares, sp.csr_matrix]:
     rng = np.random.default_rng(3)
     dense = (rng.random((40, 60)) < 0.15) * rng.integers(1, 4, (40, 60))
     matrix = sp.csr_matrix((1.0 + 4.0 * dense) * (dense > 0), dtype=np.float32)
-    model = AlternatingLeastSquares(factors=8, regularization=0.3, alpha=1.0, iterations=5,
-                                    random_state=1, num_threads=1)
+    model = AlternatingLeastSquares(
+        factors=8, regularization=0.3, alpha=1.0, iterations=5, random_state=1, num_threads=1
+    )
     with threadpool_limits(limits=1, user_api="blas"):
         model.fit(matrix, show_progress=False)
     return model, matrix
@@ -44,15 +45,13 @@ def test_fold_in_matches_implicit_recalculate_user(tiny_model) -> None:
     model, _ = tiny_model
     rows = np.array([3, 17, 42, 55])
     confidence = np.array([1.0, 5.0, 9.0, 2.5])
-    user = sp.csr_matrix((confidence.astype(np.float32), (np.zeros(4, int), rows)),
-                         shape=(1, 60))
+    user = sp.csr_matrix((confidence.astype(np.float32), (np.zeros(4, int), rows)), shape=(1, 60))
     expected = np.asarray(model.recalculate_user(0, user)).ravel()
     y = model.item_factors.astype(np.float64)
     mine, _ = fold_in(model.item_factors, y.T @ y, model.regularization, rows, confidence)
     assert np.allclose(mine, expected, rtol=1e-3, atol=1e-4), (mine, expected)
     # a different history gives a different vector (the comparison is not vacuous)
-    other, _ = fold_in(model.item_factors, y.T @ y, model.regularization, rows[:2],
-                       confidence[:2])
+    other, _ = fold_in(model.item_factors, y.T @ y, model.regularization, rows[:2], confidence[:2])
     assert not np.allclose(other, expected, atol=1e-3)
 
 
@@ -86,8 +85,9 @@ def test_the_fold_in_model_never_recommends_heard_tracks(tiny_model) -> None:
     assert bounds[0] == 0 and bounds[-1] == 60 and fm.centroids.shape == (bounds.size - 1, 8)
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         assert np.all(np.diff(listeners[fm.track_ids[lo:hi] - 1000]) <= 0)
-    assert fm.rows_of([1000 + t for t in range(60)]).tolist() == \
-        [int(np.flatnonzero(fm.track_ids == 1000 + t)[0]) for t in range(60)]
+    assert fm.rows_of([1000 + t for t in range(60)]).tolist() == [
+        int(np.flatnonzero(fm.track_ids == 1000 + t)[0]) for t in range(60)
+    ]
     user = 7
     heard = set((1000 + matrix[user].indices).tolist())
     online = [1000 + t for t in range(60) if 1000 + t not in heard][:3]
@@ -139,8 +139,13 @@ def test_the_service_folds_online_events_in_at_once(tmp_path: Path) -> None:
     ids are the user's own tracks; and no artist has more than the cap in the first k."""
     parquet = tiny_artefacts()
     user, offline_heard = _user_with_history(parquet)
-    with Service(parquet, tmp_path / "history.db", tmp_path / "server.log",
-                 MUSICREC_ARTIST_CAP="1", MUSICREC_ONLINE_METHOD="foldin") as service:
+    with Service(
+        parquet,
+        tmp_path / "history.db",
+        tmp_path / "server.log",
+        MUSICREC_ARTIST_CAP="1",
+        MUSICREC_ONLINE_METHOD="foldin",
+    ) as service:
         service.start()
         url = f"{service.url}/recommendations/{user}?k=10"
         before = requests.get(f"{service.url}/recommendations/{user}?k=13", timeout=10)
@@ -164,8 +169,9 @@ def test_the_service_folds_online_events_in_at_once(tmp_path: Path) -> None:
         firsts = [d["artists"][0] for d in detailed if d["artists"]]
         assert len(firsts) == len(set(firsts)), firsts  # the cap of 1 holds
         # the offline list of a user without online events is capped too, with reasons
-        other = requests.get(f"{service.url}/recommendations/{user + 1}?k=10&details=true",
-                             timeout=10).json()
+        other = requests.get(
+            f"{service.url}/recommendations/{user + 1}?k=10&details=true", timeout=10
+        ).json()
         firsts = [d["artists"][0] for d in other if d["artists"]]
         assert len(firsts) == len(set(firsts))
         assert all(d["reason"]["source"] in ("personal", "popular") for d in other)

@@ -73,8 +73,15 @@ def _pins() -> dict[str, Requirement]:
 def _third_party_imports(paths: list[Path]) -> set[str]:
     """Distribution names (canonical) of the non-local top-level modules the files import."""
     dists = importlib.metadata.packages_distributions()
-    local = {"musicrec", "recommendation_service", "tests", "bench", "test_service",
-             *(p.stem for p in ROOT.glob("bench/*.py")), *(p.stem for p in ROOT.glob("tests/*.py"))}
+    local = {
+        "musicrec",
+        "recommendation_service",
+        "tests",
+        "bench",
+        "test_service",
+        *(p.stem for p in ROOT.glob("bench/*.py")),
+        *(p.stem for p in ROOT.glob("tests/*.py")),
+    }
     found: set[str] = set()
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -151,7 +158,8 @@ def _closure(names: dict[str, Requirement]) -> set[str]:
         for line in importlib.metadata.requires(name) or []:
             req = Requirement(line)
             wanted = req.marker is None or any(
-                req.marker.evaluate({"extra": extra}) for extra in (extras or {""}))
+                req.marker.evaluate({"extra": extra}) for extra in (extras or {""})
+            )
             if wanted:
                 todo.append((canonicalize_name(req.name), set(req.extras)))
     return found
@@ -194,13 +202,23 @@ def test_the_service_runs_with_only_the_service_extra(tmp_path: Path) -> None:
     folder = write_artefacts(tmp_path)
     allowed = _closure({**_declared(None), **_declared("service")})
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MUSICREC_PARQUET_DIR": str(folder),
-           "MUSICREC_PORT": str(port),
-           "MUSICREC_HISTORY_URL": f"sqlite:///{folder}/history.db",
-           "MUSICREC_RELOAD_POLL_SECONDS": "0", "MUSICREC_METRICS_DIR": str(tmp_path / "m")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MUSICREC_PARQUET_DIR": str(folder),
+        "MUSICREC_PORT": str(port),
+        "MUSICREC_HISTORY_URL": f"sqlite:///{folder}/history.db",
+        "MUSICREC_RELOAD_POLL_SECONDS": "0",
+        "MUSICREC_METRICS_DIR": str(tmp_path / "m"),
+    }
     log = (tmp_path / "service.log").open("w")
-    process = subprocess.Popen([sys.executable, "-c", BLOCKER, json.dumps(sorted(allowed))],
-                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCKER, json.dumps(sorted(allowed))],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -227,8 +245,11 @@ def test_the_service_runs_with_only_the_service_extra(tmp_path: Path) -> None:
 
 
 def test_the_runtime_extras_cover_the_package_and_are_all_used() -> None:
-    imported = _resolve(_third_party_imports(
-        [*(ROOT / "musicrec").glob("*.py"), ROOT / "recommendation_service.py"]))
+    imported = _resolve(
+        _third_party_imports(
+            [*(ROOT / "musicrec").glob("*.py"), ROOT / "recommendation_service.py"]
+        )
+    )
     runtime = ("service", "pipeline", "spark")
     allowed = set(_declared(None)).union(*(set(_declared(extra)) for extra in runtime))
     assert imported <= allowed, f"musicrec imports undeclared {sorted(imported - allowed)}"
@@ -238,28 +259,53 @@ def test_the_runtime_extras_cover_the_package_and_are_all_used() -> None:
 
 
 def test_tests_benchmarks_and_notebook_import_only_declared_names() -> None:
-    files = [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), ROOT / "test_service.py",
-             *ROOT.glob("notebooks/*.py")]
+    files = [
+        *ROOT.glob("tests/*.py"),
+        *ROOT.glob("bench/*.py"),
+        ROOT / "test_service.py",
+        *ROOT.glob("notebooks/*.py"),
+    ]
     imported = _resolve(_third_party_imports(files))
     declared = set(_all_declared())
     assert imported <= declared, f"undeclared: {sorted(imported - declared)}"
-    unused = declared - imported - _resolve(_third_party_imports(
-        [*ROOT.glob("musicrec/*.py"), ROOT / "recommendation_service.py"]))
+    unused = (
+        declared
+        - imported
+        - _resolve(
+            _third_party_imports([*ROOT.glob("musicrec/*.py"), ROOT / "recommendation_service.py"])
+        )
+    )
     assert unused <= set(NOT_IMPORTED), (
-        f"declared, imported by nothing: {sorted(unused - set(NOT_IMPORTED))}")
+        f"declared, imported by nothing: {sorted(unused - set(NOT_IMPORTED))}"
+    )
 
 
 def test_the_wheel_holds_the_package_the_service_and_the_scripts(tmp_path: Path) -> None:
     # built from a copy: setuptools writes build/ and *.egg-info beside the sources
     source = tmp_path / "source"
-    shutil.copytree(ROOT / "musicrec", source / "musicrec",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "musicrec", source / "musicrec", ignore=shutil.ignore_patterns("__pycache__")
+    )
     for name in ("pyproject.toml", "README.md", "recommendation_service.py"):
         shutil.copy(ROOT / name, source / name)
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "-q", "-w", str(tmp_path), str(source)],
-        capture_output=True, text=True, check=False, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
     )
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("musicrec-*.whl")

@@ -27,10 +27,20 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict]:
     root = tmp_path_factory.mktemp("tiny")
     generate("tiny", root / "data", seed=5)
     prepare_files(root / "data", root / "parquet")
-    settings = Settings(data_dir=root / "data", parquet_dir=root / "parquet", als_factors=16,
-                        als_iterations=5, ranker_iterations=30, n_similar=20, threads=2, seed=5,
-                        search_trials=2, ease_max_items=300, bootstrap=50,
-                        ranker_min_positives=20)
+    settings = Settings(
+        data_dir=root / "data",
+        parquet_dir=root / "parquet",
+        als_factors=16,
+        als_iterations=5,
+        ranker_iterations=30,
+        n_similar=20,
+        threads=2,
+        seed=5,
+        search_trials=2,
+        ease_max_items=300,
+        bootstrap=50,
+        ranker_min_positives=20,
+    )
     return settings, pipeline.run_all(settings)
 
 
@@ -118,8 +128,10 @@ def test_a_failed_run_leaves_the_previous_set(
 ) -> None:
     settings, manifest = built
     parquet = Path(settings.parquet_dir)
-    before = {name: (parquet / name).read_bytes() for name in
-              (io.RECOMMENDATIONS, io.TOP_POPULAR, io.MANIFEST)}
+    before = {
+        name: (parquet / name).read_bytes()
+        for name in (io.RECOMMENDATIONS, io.TOP_POPULAR, io.MANIFEST)
+    }
 
     def broken(run: pipeline.RunContext) -> None:
         raise RuntimeError("disk on fire")
@@ -143,17 +155,20 @@ def test_a_single_stage_runs_alone(built: tuple[Settings, dict]) -> None:
     # the service maps the new lists, not a served form left by the previous run
     recorded = manifest["artefacts"]
     mapped = [name for name, entry in recorded.items() if "crc32" in entry]
-    assert mapped and all((parquet / name).stat().st_size == recorded[name]["bytes"]
-                          for name in mapped)
+    assert mapped and all(
+        (parquet / name).stat().st_size == recorded[name]["bytes"] for name in mapped
+    )
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.run_stage("nope", settings)
 
 
-def test_search_on_a_user_sample(built: tuple[Settings, dict],
-                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_search_on_a_user_sample(
+    built: tuple[Settings, dict], caplog: pytest.LogCaptureFixture
+) -> None:
     settings, _ = built
-    sampled = settings.model_copy(update={"search_train_users": 400, "search_users": 100,
-                                          "search_trials": 1})
+    sampled = settings.model_copy(
+        update={"search_train_users": 400, "search_users": 100, "search_trials": 1}
+    )
     with caplog.at_level("INFO", logger="musicrec.pipeline"):
         pipeline.run_stage("search", sampled)
     assert "trials learn from 400 of" in caplog.text  # the 100 scored users among them
@@ -178,9 +193,17 @@ def test_without_a_ranker_the_best_source_is_served(tmp_path: Path) -> None:
     served, and the report's served row is that source's."""
     generate("tiny", tmp_path / "data", seed=6)
     prepare_files(tmp_path / "data", tmp_path / "parquet")
-    settings = Settings(data_dir=tmp_path / "data", parquet_dir=tmp_path / "parquet", seed=6,
-                        als_iterations=5, search_trials=1, ease_max_items=300, bootstrap=50,
-                        ranker_min_positives=10**9, threads=2)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        parquet_dir=tmp_path / "parquet",
+        seed=6,
+        als_iterations=5,
+        search_trials=1,
+        ease_max_items=300,
+        bootstrap=50,
+        ranker_min_positives=10**9,
+        threads=2,
+    )
     manifest = pipeline.run_all(settings)
     selection = manifest["selection"]
     assert "ranker" not in selection["ndcg@10"] and "no ranker" in selection["reason"]
@@ -197,8 +220,9 @@ def test_without_a_ranker_the_best_source_is_served(tmp_path: Path) -> None:
     assert recs["rank"].min() == 1 and recs["user_id"].nunique() > 0
 
 
-def test_refits_start_from_the_previous_cut_off(built: tuple[Settings, dict],
-                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_refits_start_from_the_previous_cut_off(
+    built: tuple[Settings, dict], caplog: pytest.LogCaptureFixture
+) -> None:
     """The rank and evaluate stages save their ALS factors; the next stage starts from them,
     unless they were fitted with other parameters."""
     settings, _ = built

@@ -79,8 +79,9 @@ def test_read_events_compact(tiny_prepared: Path) -> None:
     # the generated log has no repeats: no column of ones is loaded
     assert list(events.columns) == ["user_id", "track_id", "day"]
     assert [str(t) for t in events.dtypes] == ["int32", "int32", "int16"]
-    assert (pq.read_table(tiny_prepared / io.EVENTS, columns=["plays"]).column(0)
-            .to_numpy() == 1).all()
+    assert (
+        pq.read_table(tiny_prepared / io.EVENTS, columns=["plays"]).column(0).to_numpy() == 1
+    ).all()
     assert io.day_to_date(int(events["day"].min())) >= np.datetime64("2022-01-01")
 
 
@@ -537,8 +538,7 @@ def test_read_events_without_plays(tmp_path: Path) -> None:
     pq.write_table(old, tmp_path / io.EVENTS)
     events = io.read_events(tmp_path / io.EVENTS)
     assert list(events.columns) == ["user_id", "track_id", "day"]
-    pq.write_table(old.append_column("plays", pa.array([1, 3], pa.int32())),
-                   tmp_path / io.EVENTS)
+    pq.write_table(old.append_column("plays", pa.array([1, 3], pa.int32())), tmp_path / io.EVENTS)
     events = io.read_events(tmp_path / io.EVENTS)
     assert events["plays"].tolist() == [1, 3] and str(events["plays"].dtype) == "int32"
 
@@ -627,11 +627,15 @@ def test_really_wrong_data_is_refused(tmp_path: Path, inputs: dict, message: str
 
 
 @pytest.mark.parametrize("shown", [True, False])
-def test_prepare_counts_its_steps_unless_silenced(tiny_data: Path, tmp_path: Path, shown: bool,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_prepare_counts_its_steps_unless_silenced(
+    tiny_data: Path, tmp_path: Path, shown: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG, logger="musicrec.progress")
     prepare_files(tiny_data, tmp_path / "parquet", Settings(progress=shown))
     steps = [r for r in caplog.records if r.getMessage().startswith("prepare ")]
     assert [r.getMessage().split(":")[0] for r in steps] == [
-        "prepare 1/3", "prepare 2/3", "prepare 3/3"]
+        "prepare 1/3",
+        "prepare 2/3",
+        "prepare 3/3",
+    ]
     assert {r.levelno for r in steps} == {logging.INFO if shown else logging.DEBUG}

@@ -19,17 +19,23 @@ from musicrec.settings import Settings
 
 PROFILES = ["multi_year", "small_dense", "weak_loyalty", "repeat_listens"]
 # a bounded search keeps each run under a minute or so on two cores
-FAST = {"search_trials": 3, "ease_max_items": 1000, "als_iterations": 8, "bootstrap": 200,
-        "ranker_iterations": 150, "threads": 2}
+FAST = {
+    "search_trials": 3,
+    "ease_max_items": 1000,
+    "als_iterations": 8,
+    "bootstrap": 200,
+    "ranker_iterations": 150,
+    "threads": 2,
+}
 MIN_RATIO = 1.3  # served NDCG@10 / top popular NDCG@10
 
 
 @pytest.mark.parametrize("preset", PROFILES)
-def test_served_list_beats_top_popular_on_the_profiles_future(
-        preset: str, tmp_path: Path) -> None:
+def test_served_list_beats_top_popular_on_the_profiles_future(preset: str, tmp_path: Path) -> None:
     generate(preset, tmp_path / "data", seed=11)
-    settings = Settings(data_dir=tmp_path / "data", parquet_dir=tmp_path / "parquet", seed=11,
-                        **FAST)
+    settings = Settings(
+        data_dir=tmp_path / "data", parquet_dir=tmp_path / "parquet", seed=11, **FAST
+    )
     prepare_files(settings.data_dir, settings.parquet_dir, settings)
     manifest = pipeline.run_all(settings)
     metrics = pd.read_parquet(settings.parquet_dir / io.METRICS)

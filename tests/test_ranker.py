@@ -22,36 +22,59 @@ from musicrec.selection import Truth
 from musicrec.settings import Settings
 from musicrec.sources import TrainData, make_source
 
-SETTINGS = Settings(n_candidates=3, ranker_negatives=1, ranker_iterations=20,
-                    ranker_min_positives=1, threads=1, seed=3)
+SETTINGS = Settings(
+    n_candidates=3,
+    ranker_negatives=1,
+    ranker_iterations=20,
+    ranker_min_positives=1,
+    threads=1,
+    seed=3,
+)
 CUTOFF = 20
 
 # user 1: tracks 10, 11 (artist 100), 20 (artist 200); users 2..5 make tracks popular
-HISTORY = [(1, 10, 15), (1, 11, 16), (1, 20, 17),
-           (2, 12, 18), (3, 12, 18), (4, 13, 18), (2, 22, 18), (3, 22, 18), (5, 30, 19),
-           (5, 10, 19)]
+HISTORY = [
+    (1, 10, 15),
+    (1, 11, 16),
+    (1, 20, 17),
+    (2, 12, 18),
+    (3, 12, 18),
+    (4, 13, 18),
+    (2, 22, 18),
+    (3, 22, 18),
+    (5, 30, 19),
+    (5, 10, 19),
+]
 ARTISTS = {10: [100], 11: [100], 12: [100], 13: [100], 20: [200], 22: [200], 30: [300]}
 LATER = [(1, 12, 21), (1, 30, 22), (2, 10, 21), (5, 99, 21)]  # 99: unknown track
 
 
 def frame(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
     user, track, day = zip(*rows, strict=True)
-    return pd.DataFrame({"user_id": np.array(user, np.int32),
-                         "track_id": np.array(track, np.int32),
-                         "day": np.array(day, np.int16)})
+    return pd.DataFrame(
+        {
+            "user_id": np.array(user, np.int32),
+            "track_id": np.array(track, np.int32),
+            "day": np.array(day, np.int16),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def fitted() -> tuple[TrainData, dict]:
     ids = sorted(ARTISTS)
-    items = pa.table({"track_id": pa.array(ids, pa.int32()),
-                      "artist_ids": pa.array([ARTISTS[i] for i in ids], pa.list_(pa.int64())),
-                      "genre_ids": pa.array([[1] if i < 20 else [2] for i in ids],
-                                            pa.list_(pa.int64()))})
+    items = pa.table(
+        {
+            "track_id": pa.array(ids, pa.int32()),
+            "artist_ids": pa.array([ARTISTS[i] for i in ids], pa.list_(pa.int64())),
+            "genre_ids": pa.array([[1] if i < 20 else [2] for i in ids], pa.list_(pa.int64())),
+        }
+    )
     data = TrainData.build(build_listens(frame(HISTORY), CUTOFF), items)
-    sources = {"popular": make_source("popular", SETTINGS, {"window": None}).fit(data),
-               "artist": make_source("artist", SETTINGS, {"window": None, "per_artist": 30})
-               .fit(data)}
+    sources = {
+        "popular": make_source("popular", SETTINGS, {"window": None}).fit(data),
+        "artist": make_source("artist", SETTINGS, {"window": None, "per_artist": 30}).fit(data),
+    }
     return data, sources
 
 
@@ -62,10 +85,16 @@ def test_union_without_duplicates_or_heard_tracks(fitted: tuple[TrainData, dict]
     keys = cand.local.astype(np.int64) * data.listens.n_tracks + cand.tracks
     assert np.unique(keys).size == keys.size
     h = data.listens
-    heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
-                    h.track_codes.tolist(), strict=True))
-    assert not any((int(users[u]), int(t)) in heard
-                   for u, t in zip(cand.local, cand.tracks, strict=True))
+    heard = set(
+        zip(
+            np.repeat(np.arange(h.n_users), h.counts()).tolist(),
+            h.track_codes.tolist(),
+            strict=True,
+        )
+    )
+    assert not any(
+        (int(users[u]), int(t)) in heard for u, t in zip(cand.local, cand.tracks, strict=True)
+    )
     assert list(cand.features.columns) == feature_names(sources)
     assert len(cand.features) == keys.size
 
@@ -107,7 +136,8 @@ def test_truth_keeps_unheard_known_tracks_only(fitted: tuple[TrainData, dict]) -
 
 
 def test_training_pairs_keep_positive_users_and_sample_negatives(
-        fitted: tuple[TrainData, dict]) -> None:
+    fitted: tuple[TrainData, dict],
+) -> None:
     data, sources = fitted
     truth = Truth.build(data.listens, frame(LATER))
     train = training_set(data, sources, truth, SETTINGS)
@@ -130,8 +160,7 @@ def test_no_ranker_without_enough_positives(fitted: tuple[TrainData, dict]) -> N
 def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict]) -> None:
     data, sources = fitted
     truth = Truth.build(data.listens, frame(LATER))
-    train = training_set(data, sources, truth, SETTINGS.model_copy(update={
-        "ranker_negatives": 5}))
+    train = training_set(data, sources, truth, SETTINGS.model_copy(update={"ranker_negatives": 5}))
     model = train_ranker(train, train, SETTINGS)
     assert model is not None
     users = np.arange(data.listens.n_users, dtype=np.int64)
@@ -141,25 +170,30 @@ def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict
     same = local[1:] == local[:-1]
     assert np.all(lists.scores[1:][same] <= lists.scores[:-1][same])
     h = data.listens
-    heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
-                    h.track_codes.tolist(), strict=True))
-    assert not any((int(users[u]), int(t)) in heard
-                   for u, t in zip(local, lists.tracks, strict=True))
+    heard = set(
+        zip(
+            np.repeat(np.arange(h.n_users), h.counts()).tolist(),
+            h.track_codes.tolist(),
+            strict=True,
+        )
+    )
+    assert not any(
+        (int(users[u]), int(t)) in heard for u, t in zip(local, lists.tracks, strict=True)
+    )
 
 
 def test_one_pass_keeps_the_longer_source_lists_and_ranks_the_same(
-        fitted: tuple[TrainData, dict]) -> None:
+    fitted: tuple[TrainData, dict],
+) -> None:
     data, sources = fitted
     truth = Truth.build(data.listens, frame(LATER))
-    train = training_set(data, sources, truth, SETTINGS.model_copy(update={
-        "ranker_negatives": 5}))
+    train = training_set(data, sources, truth, SETTINGS.model_copy(update={"ranker_negatives": 5}))
     model = train_ranker(train, train, SETTINGS)
     assert model is not None
     users = np.arange(data.listens.n_users, dtype=np.int64)
     name = next(iter(sources))
     alone = rank(model, data, sources, users, 2, 2, batch_users=3)
-    ranked, kept = rank_with_lists(model, data, sources, users, 2, 2, {name: 4},
-                                   batch_users=3)
+    ranked, kept = rank_with_lists(model, data, sources, users, 2, 2, {name: 4}, batch_users=3)
     # the candidates are the head of the longer list, so the ranking does not change
     np.testing.assert_array_equal(ranked.indptr, alone.indptr)
     np.testing.assert_array_equal(ranked.tracks, alone.tracks)

@@ -38,17 +38,22 @@ def make_set_b(source: Path, target: Path, run_id: str) -> Path:
     recs = pq.read_table(target / io.RECOMMENDATIONS).to_pandas()
     recs = recs.sort_values(["user_id", "rank"], ascending=[True, False], kind="stable")
     recs["rank"] = recs.groupby("user_id").cumcount().astype("int16") + 1
-    _write(pa.Table.from_pandas(recs, schema=io.RECS_SCHEMA, preserve_index=False),
-           target / io.RECOMMENDATIONS)
+    _write(
+        pa.Table.from_pandas(recs, schema=io.RECS_SCHEMA, preserve_index=False),
+        target / io.RECOMMENDATIONS,
+    )
     items = pq.read_table(target / io.ITEMS)
     renamed = pc.binary_join_element_wise("B ", items.column("name"), "")
-    _write(items.set_column(items.schema.get_field_index("name"), "name", renamed),
-           target / io.ITEMS)
+    _write(
+        items.set_column(items.schema.get_field_index("name"), "name", renamed), target / io.ITEMS
+    )
     manifest = json.loads((target / io.MANIFEST).read_text())
     manifest["run_id"] = run_id
     for name in (io.RECOMMENDATIONS, io.TOP_POPULAR, io.SIMILAR):
-        manifest["artefacts"][name] = {"rows": pq.read_metadata(target / name).num_rows,
-                                       "bytes": (target / name).stat().st_size}
+        manifest["artefacts"][name] = {
+            "rows": pq.read_metadata(target / name).num_rows,
+            "bytes": (target / name).stat().st_size,
+        }
     manifest["prepared_files"][io.ITEMS] = (target / io.ITEMS).stat().st_size
     (target / io.MANIFEST).write_text(json.dumps(manifest))
     return target
@@ -77,8 +82,11 @@ def publish(source: Path, live: Path) -> None:
 def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("sets")
     a = copy_artefacts(tiny_artefacts(), base / "a")
-    return {"a": a, "b": make_set_b(a, base / "b", "run-b"),
-            "broken": make_broken(a, base / "broken", "run-broken")}
+    return {
+        "a": a,
+        "b": make_set_b(a, base / "b", "run-b"),
+        "broken": make_broken(a, base / "broken", "run-broken"),
+    }
 
 
 def offline_user(folder: Path) -> int:
@@ -87,8 +95,12 @@ def offline_user(folder: Path) -> int:
 
 def test_admin_reload_in_process(sets: dict[str, Path], tmp_path: Path) -> None:
     live = copy_artefacts(sets["a"], tmp_path / "live")
-    settings = Settings(parquet_dir=live, history_url=f"sqlite:///{tmp_path}/h.db",
-                        admin_token=TOKEN, reload_poll_seconds=0)
+    settings = Settings(
+        parquet_dir=live,
+        history_url=f"sqlite:///{tmp_path}/h.db",
+        admin_token=TOKEN,
+        reload_poll_seconds=0,
+    )
     user = offline_user(live)
     run_a = json.loads((live / io.MANIFEST).read_text())["run_id"]
     with TestClient(create_app(settings)) as client:
@@ -122,8 +134,9 @@ def test_admin_reload_in_process(sets: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_admin_endpoint_is_off_without_a_token(sets: dict[str, Path], tmp_path: Path) -> None:
-    settings = Settings(parquet_dir=sets["a"], history_url=f"sqlite:///{tmp_path}/h.db",
-                        reload_poll_seconds=0)
+    settings = Settings(
+        parquet_dir=sets["a"], history_url=f"sqlite:///{tmp_path}/h.db", reload_poll_seconds=0
+    )
     with TestClient(create_app(settings)) as client:
         response = client.post("/admin/reload", headers=AUTH)
         assert response.status_code == 403
@@ -137,8 +150,9 @@ def test_reload_under_load_never_mixes_sets(sets: dict[str, Path], tmp_path: Pat
     live = copy_artefacts(sets["a"], tmp_path / "live")
     user = offline_user(live)
     url_path = f"/recommendations/{user}?k=20&details=true"
-    with Service(live, tmp_path / "h.db", tmp_path / "server.log",
-                 MUSICREC_ADMIN_TOKEN=TOKEN) as service:
+    with Service(
+        live, tmp_path / "h.db", tmp_path / "server.log", MUSICREC_ADMIN_TOKEN=TOKEN
+    ) as service:
         service.start()
         answer_a = requests.get(service.url + url_path, timeout=10).json()
         stop = threading.Event()
@@ -185,8 +199,13 @@ def test_manifest_watch_with_two_workers(sets: dict[str, Path], tmp_path: Path) 
     """Both workers follow a new manifest; a broken new run is refused by both, which keep
     serving the last good one."""
     live = copy_artefacts(sets["a"], tmp_path / "live")
-    with Service(live, tmp_path / "h.db", tmp_path / "server.log", workers=2,
-                 MUSICREC_RELOAD_POLL_SECONDS="0.2") as service:
+    with Service(
+        live,
+        tmp_path / "h.db",
+        tmp_path / "server.log",
+        workers=2,
+        MUSICREC_RELOAD_POLL_SECONDS="0.2",
+    ) as service:
         service.start()
         service.wait_healthy(workers=2)
 
@@ -217,9 +236,12 @@ def test_manifest_watch_with_two_workers(sets: dict[str, Path], tmp_path: Path) 
             if all(h["reload_error"] for h in states.values()):
                 break
             time.sleep(0.2)
-        assert all(h["code"] == 200 and h["run_id"] == "run-b"
-                   and "similar.parquet" in h["reload_error"] for h in states.values()), states
+        assert all(
+            h["code"] == 200 and h["run_id"] == "run-b" and "similar.parquet" in h["reload_error"]
+            for h in states.values()
+        ), states
         user = offline_user(live)
-        detailed = requests.get(f"{service.url}/recommendations/{user}?details=true",
-                                timeout=10).json()
+        detailed = requests.get(
+            f"{service.url}/recommendations/{user}?details=true", timeout=10
+        ).json()
         assert all(x["name"].startswith("B ") for x in detailed)

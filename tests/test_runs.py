@@ -28,9 +28,12 @@ def _publish(folder: Path, run_id: str, files: dict[str, str], built_at: str) ->
     for name, text in files.items():
         (folder / ".tmp").write_text(text)
         os.replace(folder / ".tmp", folder / name)
-    manifest = {"run_id": run_id, "built_at": built_at,
-                "selection": {"winner": "ranker"},
-                "metrics": [{"source": "served", "k": 10, "segment": "all", "ndcg": 0.2}]}
+    manifest = {
+        "run_id": run_id,
+        "built_at": built_at,
+        "selection": {"winner": "ranker"},
+        "metrics": [{"source": "served", "k": 10, "segment": "all", "ndcg": 0.2}],
+    }
     io.write_json(manifest, folder / io.MANIFEST)
     runs.archive(folder, manifest)
     return manifest
@@ -42,17 +45,28 @@ def folder(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / io.EVENTS).write_text("the input events")
     (folder / "history.db").write_text("online history")
-    _publish(folder, "r1", {"recommendations.parquet": "lists of r1", io.ITEMS: "items"},
-             "2026-01-01T00:00:00+00:00")
-    _publish(folder, "r2", {"recommendations.parquet": "lists of r2", "ranker.cbm": "trees"},
-             "2026-01-02T00:00:00+00:00")
+    _publish(
+        folder,
+        "r1",
+        {"recommendations.parquet": "lists of r1", io.ITEMS: "items"},
+        "2026-01-01T00:00:00+00:00",
+    )
+    _publish(
+        folder,
+        "r2",
+        {"recommendations.parquet": "lists of r2", "ranker.cbm": "trees"},
+        "2026-01-02T00:00:00+00:00",
+    )
     return folder
 
 
 def test_each_run_is_kept_with_a_current_pointer(folder: Path) -> None:
     r1, r2 = folder / "runs" / "r1", folder / "runs" / "r2"
     assert sorted(p.name for p in r1.iterdir()) == [
-        io.ITEMS, io.MANIFEST, "recommendations.parquet"]  # no events, no history database
+        io.ITEMS,
+        io.MANIFEST,
+        "recommendations.parquet",
+    ]  # no events, no history database
     assert (r1 / "recommendations.parquet").read_text() == "lists of r1"  # kept its bytes
     assert (r2 / "recommendations.parquet").read_text() == "lists of r2"
     assert os.path.samefile(r2 / "ranker.cbm", folder / "ranker.cbm")  # a link, not a copy
@@ -60,7 +74,9 @@ def test_each_run_is_kept_with_a_current_pointer(folder: Path) -> None:
     assert (folder / "runs" / "current").is_symlink()
     listed = runs.list_runs(folder)
     assert [(r["run_id"], r["current"], r["winner"], r["ndcg@10"]) for r in listed] == [
-        ("r1", False, "ranker", 0.2), ("r2", True, "ranker", 0.2)]
+        ("r1", False, "ranker", 0.2),
+        ("r2", True, "ranker", 0.2),
+    ]
 
 
 def test_rollback_serves_a_kept_run_manifest_last(folder: Path) -> None:
@@ -92,8 +108,7 @@ def test_rollback_refuses_an_unknown_or_damaged_run(folder: Path) -> None:
 
 
 def test_prune_keeps_the_newest_and_the_current(folder: Path) -> None:
-    _publish(folder, "r3", {"recommendations.parquet": "lists of r3"},
-             "2026-01-03T00:00:00+00:00")
+    _publish(folder, "r3", {"recommendations.parquet": "lists of r3"}, "2026-01-03T00:00:00+00:00")
     runs.use_run(folder, "r1")  # current: the oldest
     assert runs.prune(folder, keep=1) == ["r2"]
     assert [r["run_id"] for r in runs.list_runs(folder)] == ["r1", "r3"]
@@ -121,14 +136,17 @@ def test_a_pipeline_run_records_code_and_input_and_is_kept(tmp_path: Path) -> No
     folder = tmp_path / "parquet"
     shutil.copytree(tiny_artefacts(), folder, symlinks=True)
     manifest = io.read_json(folder / io.MANIFEST)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert manifest["code"]["git_commit"] == commit
     assert manifest["code"]["package_version"]
     for name in (io.EVENTS, io.ITEMS):
         digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        assert manifest["input"][name] == {"sha256": digest,
-                                           "bytes": (folder / name).stat().st_size}
+        assert manifest["input"][name] == {
+            "sha256": digest,
+            "bytes": (folder / name).stat().st_size,
+        }
     run_id = manifest["run_id"]
     assert runs.current_run(folder) == run_id
     kept = folder / "runs" / run_id
@@ -136,8 +154,6 @@ def test_a_pipeline_run_records_code_and_input_and_is_kept(tmp_path: Path) -> No
     assert io.read_json(kept / io.MANIFEST) == manifest
     # rollback onto itself re-checks the real served files' checksums and changes nothing
     assert runs.use_run(folder, run_id)["run_id"] == run_id
-
-
 
 
 def test_runs_travel_through_s3_under_their_id_pointer_last(
@@ -154,25 +170,45 @@ def test_runs_travel_through_s3_under_their_id_pointer_last(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="runs-bucket")
-    settings = Settings(parquet_dir=folder, s3_bucket="runs-bucket", s3_endpoint_url=endpoint,
-                        s3_prefix="team")
+    settings = Settings(
+        parquet_dir=folder, s3_bucket="runs-bucket", s3_endpoint_url=endpoint, s3_prefix="team"
+    )
     keys = runs.push_run(settings)
     assert keys[-2:] == ["team/runs/r2/manifest.json", "team/runs/current"]  # pointer last
-    assert set(keys[:-2]) == {"team/runs/r2/recommendations.parquet", "team/runs/r2/ranker.cbm",
-                              "team/runs/r2/items.parquet"}
+    assert set(keys[:-2]) == {
+        "team/runs/r2/recommendations.parquet",
+        "team/runs/r2/ranker.cbm",
+        "team/runs/r2/items.parquet",
+    }
     assert not any(io.EVENTS in key for key in keys)
     runs.push_run(settings, "r1")  # an older run; the pointer follows the last push
     assert runs.remote_current(settings) == "r1"
 
     fresh = tmp_path / "fresh"
-    pulled = Settings(parquet_dir=fresh, s3_bucket="runs-bucket", s3_endpoint_url=endpoint,
-                      s3_prefix="team")
+    pulled = Settings(
+        parquet_dir=fresh, s3_bucket="runs-bucket", s3_endpoint_url=endpoint, s3_prefix="team"
+    )
     runs.pull_run(pulled, "r2")  # a given run
     assert io.read_json(fresh / io.MANIFEST)["run_id"] == "r2"
     assert (fresh / "ranker.cbm").read_text() == "trees"
     assert runs.current_run(fresh) == "r2"
-    assert main(["s3", "pull", "--parquet-dir", str(fresh), "--set", "s3_bucket=runs-bucket",
-                 "--set", f"s3_endpoint_url={endpoint}", "--set", "s3_prefix=team"]) == 0
+    assert (
+        main(
+            [
+                "s3",
+                "pull",
+                "--parquet-dir",
+                str(fresh),
+                "--set",
+                "s3_bucket=runs-bucket",
+                "--set",
+                f"s3_endpoint_url={endpoint}",
+                "--set",
+                "s3_prefix=team",
+            ]
+        )
+        == 0
+    )
     assert json.loads((fresh / io.MANIFEST).read_text())["run_id"] == "r1"  # the pointer's
     assert not (fresh / "ranker.cbm").exists()
     assert [r["run_id"] for r in runs.list_runs(fresh)] == ["r1", "r2"]

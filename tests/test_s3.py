@@ -23,8 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIX = "ym"
 
 
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Test credentials, no profile files or instance metadata, no stray settings or .env."""

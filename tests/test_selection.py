@@ -14,8 +14,12 @@ from musicrec.settings import Settings
 from musicrec.sources import Lists, Source
 
 N_TRACKS = 10
-TRUTH = Truth(users=np.arange(3, dtype=np.int64), keys=np.arange(3, dtype=np.int64) * N_TRACKS,
-              counts=np.ones(3, np.int64), n_tracks=N_TRACKS)  # each user's answer: track 0
+TRUTH = Truth(
+    users=np.arange(3, dtype=np.int64),
+    keys=np.arange(3, dtype=np.int64) * N_TRACKS,
+    counts=np.ones(3, np.int64),
+    n_tracks=N_TRACKS,
+)  # each user's answer: track 0
 
 
 class ScriptedSource(Source):
@@ -51,27 +55,38 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> type[ScriptedSource]:
 
 
 def test_ndcg_per_user_hand_computed() -> None:
-    lists = Lists(np.array([0, 2, 4, 4]), np.array([5, 0, 0, 7], np.int32),
-                  np.array([2, 1, 2, 1], np.float32))
+    lists = Lists(
+        np.array([0, 2, 4, 4]), np.array([5, 0, 0, 7], np.int32), np.array([2, 1, 2, 1], np.float32)
+    )
     np.testing.assert_allclose(ndcg_per_user(lists, TRUTH, k=10), [1 / np.log2(3), 1.0, 0.0])
 
 
 def test_search_steps_from_the_best_so_far_and_skips_repeats(
-        scripted: type[ScriptedSource]) -> None:
+    scripted: type[ScriptedSource],
+) -> None:
     settings = Settings(search_trials=4, search_seconds=600)
     choice = search(None, TRUTH, settings, ["scripted"])["scripted"]
     # {a0 b0} -> {a1 b0} better -> {a1 b1} better -> ({a1 b1} again: skipped) -> {a0 b1} worse
-    assert scripted.fitted == [{"a": 0, "b": 0}, {"a": 1, "b": 0}, {"a": 1, "b": 1},
-                               {"a": 0, "b": 1}]
+    assert scripted.fitted == [
+        {"a": 0, "b": 0},
+        {"a": 1, "b": 0},
+        {"a": 1, "b": 1},
+        {"a": 0, "b": 1},
+    ]
     assert choice.params == {"a": 1, "b": 1}
     assert choice.ndcg == pytest.approx(1 / np.log2(4))
     assert [round(t.ndcg, 4) for t in choice.trials] == [
-        round(1 / np.log2(6), 4), round(1 / np.log2(5), 4), round(1 / np.log2(4), 4),
-        round(1 / np.log2(5), 4)]
+        round(1 / np.log2(6), 4),
+        round(1 / np.log2(5), 4),
+        round(1 / np.log2(4), 4),
+        round(1 / np.log2(5), 4),
+    ]
 
 
 def test_search_time_budget_keeps_only_the_first_configuration(
-        scripted: type[ScriptedSource]) -> None:
-    choice = search(None, TRUTH, Settings(search_trials=6, search_seconds=0),
-                    ["scripted"])["scripted"]
+    scripted: type[ScriptedSource],
+) -> None:
+    choice = search(None, TRUTH, Settings(search_trials=6, search_seconds=0), ["scripted"])[
+        "scripted"
+    ]
     assert len(choice.trials) == 1 and choice.params == {"a": 0, "b": 0}

@@ -54,12 +54,19 @@ def test_publish_records_checksums_and_the_service_maps_the_files(tmp_path: Path
         entry = manifest["artefacts"][name]
         assert entry["bytes"] == (folder / name).stat().st_size
         assert entry["crc32"] == served.file_crc32(folder / name)
-    assert manifest[served.SERVED_FROM][io.RECOMMENDATIONS] == (
-        folder / io.RECOMMENDATIONS).stat().st_size
+    assert (
+        manifest[served.SERVED_FROM][io.RECOMMENDATIONS]
+        == (folder / io.RECOMMENDATIONS).stat().st_size
+    )
     art = load_artefacts(folder)
     assert art.mapped
-    for array in (art.offline.values, art.offline.keys, art.similar.values, art.similar.scores,
-                  art.popular):
+    for array in (
+        art.offline.values,
+        art.offline.keys,
+        art.similar.values,
+        art.similar.scores,
+        art.popular,
+    ):
         assert _mapped(array) and not array.flags.writeable
     # the mapped set is the same as the one read from parquet
     for name in served.SERVED_FILES:
@@ -85,8 +92,10 @@ def test_a_damaged_served_file_is_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(DataError, match=f"{name}: CRC-32 .* the served file is damaged"):
         load_artefacts(folder)
     path.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(DataError, match=f"{name}: .* bytes, but manifest.json records"), \
-            TestClient(create_app(make_settings(folder))):
+    with (
+        pytest.raises(DataError, match=f"{name}: .* bytes, but manifest.json records"),
+        TestClient(create_app(make_settings(folder))),
+    ):
         pass
 
 
@@ -131,9 +140,14 @@ def test_the_pipeline_publishes_the_served_form() -> None:
     assert load_artefacts(folder).mapped
 
 
-@pytest.mark.parametrize("name", [served.ALS_FILES["item_factors"],
-                                  served.ALS_FILES["user_factors"],
-                                  served.ALS_FILES["heard_rows"]])
+@pytest.mark.parametrize(
+    "name",
+    [
+        served.ALS_FILES["item_factors"],
+        served.ALS_FILES["user_factors"],
+        served.ALS_FILES["heard_rows"],
+    ],
+)
 def test_the_als_factor_files_are_checksummed_and_mapped(tmp_path: Path, name: str) -> None:
     """The pipeline's ALS files are in the manifest with CRC-32, mapped by the service, and a
     damaged one is refused like any served file."""
@@ -198,9 +212,14 @@ print(json.dumps({{"mapped": art.mapped, "anon": after["RssAnon"] - before["RssA
 
 
 def _child_memory(folder: Path) -> dict[str, int]:
-    done = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), folder=str(folder))],
-                          capture_output=True, text=True, timeout=300, check=True,
-                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), folder=str(folder))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -212,10 +231,18 @@ def test_processes_share_the_mapped_arrays(tmp_path: Path) -> None:
     tracks = np.arange(10, 130, 10, dtype=np.int32)
     users = np.arange(1, 60_001, dtype=np.int32)
     rank = np.tile(np.arange(1, 101, dtype=np.int16), users.size)
-    io.write_table(pa.table({
-        "user_id": np.repeat(users, 100), "track_id": rng.choice(tracks, users.size * 100),
-        "score": (1.0 / rank).astype(np.float32), "rank": rank,
-    }), folder / io.RECOMMENDATIONS, io.RECS_SCHEMA)
+    io.write_table(
+        pa.table(
+            {
+                "user_id": np.repeat(users, 100),
+                "track_id": rng.choice(tracks, users.size * 100),
+                "score": (1.0 / rank).astype(np.float32),
+                "rank": rank,
+            }
+        ),
+        folder / io.RECOMMENDATIONS,
+        io.RECS_SCHEMA,
+    )
     served.publish(folder)
     values_bytes = users.size * 100 * 4  # 24 MB of offline recommendations
     first, second = _child_memory(folder), _child_memory(folder)
@@ -226,8 +253,9 @@ def test_processes_share_the_mapped_arrays(tmp_path: Path) -> None:
     assert first["total"] == second["total"]
 
 
-def test_fast_path_answers_as_the_declared_route(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_path_answers_as_the_declared_route(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = published(tmp_path)
     app = create_app(make_settings(folder))
     fast = app.router.routes[0].endpoint
@@ -250,8 +278,10 @@ def test_fast_path_answers_as_the_declared_route(tmp_path: Path,
                 declared = client.get(f"/recommendations/{user}?{query}&via=declared")
                 assert plain.status_code == declared.status_code == 200
                 assert plain.content == declared.content, (user, query)
-                assert plain.headers["x-recommendation-source"] == \
-                    declared.headers["x-recommendation-source"]
+                assert (
+                    plain.headers["x-recommendation-source"]
+                    == declared.headers["x-recommendation-source"]
+                )
                 assert plain.headers["content-type"] == declared.headers["content-type"]
         assert all("via=declared" in q for q in declared_calls), declared_calls
         declared_calls.clear()
@@ -261,6 +291,7 @@ def test_fast_path_answers_as_the_declared_route(tmp_path: Path,
             assert response.status_code in (200, 422), query
         assert client.get("/recommendations/1?k=0").status_code == 422
         assert "k" in client.get("/recommendations/1?k=0").json()["message"]
-        assert client.get("/recommendations/007").content == client.get(
-            "/recommendations/7").content
+        assert (
+            client.get("/recommendations/007").content == client.get("/recommendations/7").content
+        )
         assert len(declared_calls) >= 7

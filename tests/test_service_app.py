@@ -24,39 +24,60 @@ OFFLINE = {1: [100, 90, 80, 70], 2: [30, 20]}
 
 def write_artefacts(folder: Path) -> Path:
     """The four artefacts the service reads, following the contracts of io.py."""
-    items = pa.table({
-        "track_id": pa.array(TRACKS[::-1], pa.int32()),  # any order on disk
-        "name": [f"track {t}" for t in TRACKS[::-1]],
-        "album_ids": pa.array([[t + 1] for t in TRACKS[::-1]], pa.list_(pa.int64())),
-        "artist_ids": pa.array([[t % 3] for t in TRACKS[::-1]], pa.list_(pa.int64())),
-        "genre_ids": pa.array([[] for _ in TRACKS], pa.list_(pa.int64())),
-        "albums": [[f"album {t + 1}"] for t in TRACKS[::-1]],
-        "artists": [[f"artist {t % 3}"] for t in TRACKS[::-1]],
-        "genres": pa.array([[] for _ in TRACKS], pa.list_(pa.string())),
-    })
+    items = pa.table(
+        {
+            "track_id": pa.array(TRACKS[::-1], pa.int32()),  # any order on disk
+            "name": [f"track {t}" for t in TRACKS[::-1]],
+            "album_ids": pa.array([[t + 1] for t in TRACKS[::-1]], pa.list_(pa.int64())),
+            "artist_ids": pa.array([[t % 3] for t in TRACKS[::-1]], pa.list_(pa.int64())),
+            "genre_ids": pa.array([[] for _ in TRACKS], pa.list_(pa.int64())),
+            "albums": [[f"album {t + 1}"] for t in TRACKS[::-1]],
+            "artists": [[f"artist {t % 3}"] for t in TRACKS[::-1]],
+            "genres": pa.array([[] for _ in TRACKS], pa.list_(pa.string())),
+        }
+    )
     io.write_table(items, folder / io.ITEMS)
     io.write_table(
-        pd.DataFrame({"track_id": POPULAR, "listeners": [100 - i for i in range(len(POPULAR))],
-                      "score": [1.0 - i / 10 for i in range(len(POPULAR))],
-                      "rank": range(1, len(POPULAR) + 1)}).iloc[::-1],  # any order on disk
-        folder / io.TOP_POPULAR, io.POPULAR_SCHEMA,
+        pd.DataFrame(
+            {
+                "track_id": POPULAR,
+                "listeners": [100 - i for i in range(len(POPULAR))],
+                "score": [1.0 - i / 10 for i in range(len(POPULAR))],
+                "rank": range(1, len(POPULAR) + 1),
+            }
+        ).iloc[::-1],  # any order on disk
+        folder / io.TOP_POPULAR,
+        io.POPULAR_SCHEMA,
     )
     rows = [(t, s, score, r) for t, lst in SIMILAR.items() for r, (s, score) in enumerate(lst, 1)]
-    io.write_table(pd.DataFrame(rows, columns=["track_id", "similar_track_id", "score", "rank"]),
-                   folder / io.SIMILAR, io.SIMILAR_SCHEMA)
+    io.write_table(
+        pd.DataFrame(rows, columns=["track_id", "similar_track_id", "score", "rank"]),
+        folder / io.SIMILAR,
+        io.SIMILAR_SCHEMA,
+    )
     rows = [(u, t, 1.0 / r, r) for u, lst in OFFLINE.items() for r, t in enumerate(lst, 1)]
-    io.write_table(pd.DataFrame(rows, columns=["user_id", "track_id", "score", "rank"]),
-                   folder / io.RECOMMENDATIONS, io.RECS_SCHEMA)
-    io.write_json({"run_id": "test-run", "built_at": "2024-01-02T03:04:05+00:00"},
-                  folder / io.MANIFEST)
+    io.write_table(
+        pd.DataFrame(rows, columns=["user_id", "track_id", "score", "rank"]),
+        folder / io.RECOMMENDATIONS,
+        io.RECS_SCHEMA,
+    )
+    io.write_json(
+        {"run_id": "test-run", "built_at": "2024-01-02T03:04:05+00:00"}, folder / io.MANIFEST
+    )
     return folder
 
 
 def make_settings(folder: Path) -> Settings:
     # hand-computed lists: uncapped (the artist cap is tested in tests/test_online.py)
-    return Settings(parquet_dir=folder, history_url=f"sqlite:///{folder}/history.db",
-                    default_k=5, max_k=10, online_history_window=10, reload_poll_seconds=0,
-                    artist_cap=0)
+    return Settings(
+        parquet_dir=folder,
+        history_url=f"sqlite:///{folder}/history.db",
+        default_k=5,
+        max_k=10,
+        online_history_window=10,
+        reload_poll_seconds=0,
+        artist_cap=0,
+    )
 
 
 @pytest.fixture()
@@ -80,8 +101,13 @@ def test_root_and_health(client: TestClient) -> None:
     assert root["run_id"] == "test-run"
     health = client.get("/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "artefacts_loaded": True, "history_store": True,
-                             "run_id": "test-run", "reload_error": None}
+    assert health.json() == {
+        "status": "ok",
+        "artefacts_loaded": True,
+        "history_store": True,
+        "run_id": "test-run",
+        "reload_error": None,
+    }
 
 
 def test_top_popular(client: TestClient) -> None:
@@ -91,10 +117,20 @@ def test_top_popular(client: TestClient) -> None:
     assert client.get("/top_popular/9").json() == POPULAR + [80, 90]
     detailed = client.get("/top_popular/2?details=true").json()
     assert detailed == [
-        {"track_id": 50, "name": "track 50", "artists": ["artist 2"], "albums": ["album 51"],
-         "genres": []},
-        {"track_id": 40, "name": "track 40", "artists": ["artist 1"], "albums": ["album 41"],
-         "genres": []},
+        {
+            "track_id": 50,
+            "name": "track 50",
+            "artists": ["artist 2"],
+            "albums": ["album 51"],
+            "genres": [],
+        },
+        {
+            "track_id": 40,
+            "name": "track 40",
+            "artists": ["artist 1"],
+            "albums": ["album 41"],
+            "genres": [],
+        },
     ]
 
 
@@ -153,8 +189,9 @@ def test_four_kinds_of_user_and_stats(client: TestClient) -> None:
     first = client.get("/recommendations/1?blend=probability&p=0.5&k=7").json()
     assert sorted(first) == [20, 30, 40, 70, 80, 90, 100]
     assert client.get("/recommendations/1?blend=probability&p=0.5&k=7").json() == first
-    post = client.post("/recommendations", json={"user_id": 1, "blend": "probability",
-                                                 "p": 0.5, "k": 7})
+    post = client.post(
+        "/recommendations", json={"user_id": 1, "blend": "probability", "p": 0.5, "k": 7}
+    )
     assert post.json() == first
 
     stats = client.get("/stats").json()
@@ -233,8 +270,9 @@ def test_bad_input(client: TestClient, method: str, url: str, body: object, word
 
 
 def test_malformed_json_body(client: TestClient) -> None:
-    response = client.post("/history/8", content=b"[10, 20", headers={"content-type":
-                                                                      "application/json"})
+    response = client.post(
+        "/history/8", content=b"[10, 20", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert "JSON" in response.json()["message"]
     assert client.get("/history/8").json() == []
@@ -242,8 +280,9 @@ def test_malformed_json_body(client: TestClient) -> None:
 
 def test_undecodable_body_is_a_422(client: TestClient) -> None:
     """Bytes that are not even text (found by the fuzzer): 422 like malformed JSON, not 400."""
-    response = client.post("/similar/5", content=b"\xff\x11\x1a\xfe",
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/similar/5", content=b"\xff\x11\x1a\xfe", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert response.json()["message"].startswith("body: malformed body")
 
@@ -285,34 +324,52 @@ def test_missing_artefact_refuses_to_start(folder: Path, name: str) -> None:
 
 def test_bad_artefacts_refuse_to_start(folder: Path) -> None:
     (folder / io.SIMILAR).write_bytes(b"not parquet")
-    with pytest.raises(DataError, match="similar.parquet: not a readable parquet"), \
-            TestClient(create_app(make_settings(folder))):
+    with (
+        pytest.raises(DataError, match="similar.parquet: not a readable parquet"),
+        TestClient(create_app(make_settings(folder))),
+    ):
         pass
     write_artefacts(folder)
     recs = pd.read_parquet(folder / io.RECOMMENDATIONS).iloc[::-1]
     io.write_table(recs, folder / io.RECOMMENDATIONS, io.RECS_SCHEMA)
-    with pytest.raises(DataError, match="not sorted by user_id, rank"), \
-            TestClient(create_app(make_settings(folder))):
+    with (
+        pytest.raises(DataError, match="not sorted by user_id, rank"),
+        TestClient(create_app(make_settings(folder))),
+    ):
         pass
     io.write_table(recs.drop(columns="track_id"), folder / io.RECOMMENDATIONS)
-    with pytest.raises(DataError, match="column 'track_id' is missing"), \
-            TestClient(create_app(make_settings(folder))):
+    with (
+        pytest.raises(DataError, match="column 'track_id' is missing"),
+        TestClient(create_app(make_settings(folder))),
+    ):
         pass
 
 
 def test_unknown_history_url_refuses_to_start(folder: Path) -> None:
     settings = make_settings(folder).model_copy(update={"history_url": "memcached://x"})
-    with pytest.raises(ValueError, match="unsupported history store URL"), \
-            TestClient(create_app(settings)):
+    with (
+        pytest.raises(ValueError, match="unsupported history store URL"),
+        TestClient(create_app(settings)),
+    ):
         pass
 
 
 def test_openapi_has_every_endpoint_with_examples(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
-    for path in ("/", "/top_popular", "/top_popular/{k}", "/similar/{k}", "/history/{user_id}",
-                 "/recommendations/{user_id}", "/recommendations", "/stats", "/health"):
+    for path in (
+        "/",
+        "/top_popular",
+        "/top_popular/{k}",
+        "/similar/{k}",
+        "/history/{user_id}",
+        "/recommendations/{user_id}",
+        "/recommendations",
+        "/stats",
+        "/health",
+    ):
         assert path in paths
     assert {"get", "post"} <= set(paths["/similar/{k}"]) and {"get", "post"} <= set(
-        paths["/history/{user_id}"])
+        paths["/history/{user_id}"]
+    )
     assert "examples" in schema["components"]["schemas"]["RecommendationRequest"]

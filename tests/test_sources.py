@@ -31,8 +31,7 @@ def small_params(name: str) -> dict:
 @pytest.fixture(scope="module")
 def tiny(tiny_prepared: Path) -> tuple[pd.DataFrame, pa.Table, int]:
     events = io.read_events(tiny_prepared / io.EVENTS)
-    items = pq.read_table(tiny_prepared / io.ITEMS, columns=["track_id", "genre_ids",
-                                                             "artist_ids"])
+    items = pq.read_table(tiny_prepared / io.ITEMS, columns=["track_id", "genre_ids", "artist_ids"])
     days = events["day"].to_numpy()
     cutoff = int(np.quantile(days, 0.9))
     return events, items, cutoff
@@ -55,10 +54,16 @@ def test_source_contract(name: str, tiny: tuple[pd.DataFrame, pa.Table, int]) ->
     assert np.diff(lists.indptr).sum() > 0, "a source must propose something"
     local = lists.local()
     # unheard: no entry is in the user's history
-    heard = set(zip(np.repeat(np.arange(h.n_users), h.counts()).tolist(),
-                    h.track_codes.tolist(), strict=True))
-    assert not any((int(users[u]), int(t)) in heard
-                   for u, t in zip(local, lists.tracks, strict=True))
+    heard = set(
+        zip(
+            np.repeat(np.arange(h.n_users), h.counts()).tolist(),
+            h.track_codes.tolist(),
+            strict=True,
+        )
+    )
+    assert not any(
+        (int(users[u]), int(t)) in heard for u, t in zip(local, lists.tracks, strict=True)
+    )
     # no duplicates, best first, ranks from 1
     keys = local.astype(np.int64) * h.n_tracks + lists.tracks
     assert np.unique(keys).size == keys.size
@@ -69,39 +74,57 @@ def test_source_contract(name: str, tiny: tuple[pd.DataFrame, pa.Table, int]) ->
     later = events[events["day"].to_numpy() >= cutoff].copy()
     later["track_id"] = later["track_id"].to_numpy()[::-1]
     noisy = pd.concat([events, later], ignore_index=True)
-    again = make_source(name, SETTINGS, small_params(name)).fit(
-        _data(noisy, items, cutoff)).recommend(users, 20)
+    again = (
+        make_source(name, SETTINGS, small_params(name))
+        .fit(_data(noisy, items, cutoff))
+        .recommend(users, 20)
+    )
     np.testing.assert_array_equal(again.tracks, lists.tracks)
     np.testing.assert_array_equal(again.indptr, lists.indptr)
 
 
-def _hand_history(rows: list[tuple[int, int, int]], cutoff: int = 20,
-                  artists: dict[int, list[int]] | None = None) -> TrainData:
+def _hand_history(
+    rows: list[tuple[int, int, int]], cutoff: int = 20, artists: dict[int, list[int]] | None = None
+) -> TrainData:
     user, track, day = zip(*rows, strict=True)
-    events = pd.DataFrame({"user_id": np.array(user, np.int32),
-                           "track_id": np.array(track, np.int32),
-                           "day": np.array(day, np.int16)})
+    events = pd.DataFrame(
+        {
+            "user_id": np.array(user, np.int32),
+            "track_id": np.array(track, np.int32),
+            "day": np.array(day, np.int16),
+        }
+    )
     items = None
     if artists is not None:
         ids = sorted(artists)
-        items = pa.table({"track_id": pa.array(ids, pa.int32()),
-                          "artist_ids": pa.array([artists[i] for i in ids],
-                                                 pa.list_(pa.int64())),
-                          "genre_ids": pa.array([[1] for _ in ids], pa.list_(pa.int64()))})
+        items = pa.table(
+            {
+                "track_id": pa.array(ids, pa.int32()),
+                "artist_ids": pa.array([artists[i] for i in ids], pa.list_(pa.int64())),
+                "genre_ids": pa.array([[1] for _ in ids], pa.list_(pa.int64())),
+            }
+        )
     return TrainData.build(build_listens(events, cutoff), items)
 
 
 def random_rows(seed: int, users: int, tracks: int, n: int) -> list[tuple[int, int, int]]:
     """``n`` random (user, track, day) events over 20 days."""
     rng = np.random.default_rng(seed)
-    return list(zip(rng.integers(0, users, n).tolist(), rng.integers(0, tracks, n).tolist(),
-                    rng.integers(0, 20, n).tolist(), strict=True))
+    return list(
+        zip(
+            rng.integers(0, users, n).tolist(),
+            rng.integers(0, tracks, n).tolist(),
+            rng.integers(0, 20, n).tolist(),
+            strict=True,
+        )
+    )
 
 
 def test_popular_counts_recent_listeners_then_all_time() -> None:
     # tracks 10 (3 old listeners), 11 (2 recent), 12 (1 recent); user 4 heard 11
-    data = _hand_history([(1, 10, 0), (2, 10, 1), (3, 10, 2), (1, 11, 18), (4, 11, 19),
-                          (2, 12, 19)])
+    data = _hand_history(
+        [(1, 10, 0), (2, 10, 1), (3, 10, 2), (1, 11, 18), (4, 11, 19), (2, 12, 19)]
+    )
     source = make_source("popular", SETTINGS, {"window": 0.1}).fit(data)  # 2-day window
     codes = data.listens.tracks.codes(np.array([11, 12, 10]))
     np.testing.assert_array_equal(source.order, codes)
@@ -113,15 +136,14 @@ def test_als_alpha_zero_is_plain_implicit_on_the_binary_matrix() -> None:
     data = _hand_history(random_rows(seed=0, users=30, tracks=40, n=400))
     params = {"factors": 4, "regularization": 0.01, "alpha": 0.0, "half_life": None}
     ours = make_source("als", SETTINGS, params).fit(data).model.model
-    plain = AlternatingLeastSquares(factors=4, regularization=0.01, iterations=3,
-                                    random_state=SETTINGS.seed, num_threads=1)
+    plain = AlternatingLeastSquares(
+        factors=4, regularization=0.01, iterations=3, random_state=SETTINGS.seed, num_threads=1
+    )
     plain.fit(data.binary(), show_progress=False)
     np.testing.assert_allclose(ours.item_factors, plain.item_factors, rtol=1e-4, atol=1e-5)
 
 
-def test_als_confidence_is_one_plus_alpha_times_strength(
-    monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_als_confidence_is_one_plus_alpha_times_strength(monkeypatch: pytest.MonkeyPatch) -> None:
     import musicrec.sources as sources_module
 
     fitted_on: list = []
@@ -132,26 +154,30 @@ def test_als_confidence_is_one_plus_alpha_times_strength(
             return super().fit(user_items, show_progress=show_progress)
 
     monkeypatch.setattr(sources_module, "AlternatingLeastSquares", Spy)
-    data = _hand_history([(1, 10, 19), (1, 11, 9), (2, 10, 19), (2, 12, 8), (2, 13, 10),
-                          (2, 14, 11)], cutoff=20)
-    source = make_source("als", SETTINGS, {"factors": 2, "regularization": 0.1, "alpha": 4.0,
-                                           "half_life": 0.5}).fit(data)
+    data = _hand_history(
+        [(1, 10, 19), (1, 11, 9), (2, 10, 19), (2, 12, 8), (2, 13, 10), (2, 14, 11)], cutoff=20
+    )
+    source = make_source(
+        "als", SETTINGS, {"factors": 2, "regularization": 0.1, "alpha": 4.0, "half_life": 0.5}
+    ).fit(data)
     # the model keeps only what was heard (the shared 0/1 matrix), not the confidences
     assert source.model.user_items is data.binary()
     # daily dates, span 12 days -> half-life 6 days; ages 0 and 10 days
     matrix = fitted_on[0]
     expected = 1 + 4 * 0.5 ** (10 / 6)
     assert matrix[0, data.listens.tracks.codes(np.array([10]))[0]] == pytest.approx(5.0)
-    assert matrix[0, data.listens.tracks.codes(np.array([11]))[0]] == pytest.approx(expected,
-                                                                                    rel=1e-5)
+    assert matrix[0, data.listens.tracks.codes(np.array([11]))[0]] == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_item_knn_scores_are_weighted_sums_of_neighbour_similarities() -> None:
     data = _hand_history(random_rows(seed=1, users=40, tracks=25, n=500))
-    source = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 100,
-                                                "half_life": None}).fit(data)
+    source = make_source(
+        "item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 100, "half_life": None}
+    ).fit(data)
     x = data.binary().toarray()
-    norms = np.sqrt((x ** 2).sum(axis=0))
+    norms = np.sqrt((x**2).sum(axis=0))
     cosine = (x.T @ x) / np.outer(norms, norms)
     np.fill_diagonal(cosine, 0)
     np.testing.assert_allclose(source.similarity.toarray(), cosine, rtol=1e-4, atol=1e-6)
@@ -177,9 +203,17 @@ def test_ease_matches_the_closed_form() -> None:
 def test_artist_source_ranks_unheard_tracks_of_played_artists() -> None:
     # user 1 plays artist 100 twice and artist 200 once; tracks 12 (artist 100, 2 listeners),
     # 13 (artist 100, 1 listener), 22 (artist 200, 2 listeners), 30 (artist 300)
-    rows = [(1, 10, 15), (1, 11, 16), (1, 20, 17),
-            (2, 12, 18), (3, 12, 18), (4, 13, 18), (2, 22, 18), (3, 22, 18),
-            (5, 30, 18)]
+    rows = [
+        (1, 10, 15),
+        (1, 11, 16),
+        (1, 20, 17),
+        (2, 12, 18),
+        (3, 12, 18),
+        (4, 13, 18),
+        (2, 22, 18),
+        (3, 22, 18),
+        (5, 30, 18),
+    ]
     artists = {10: [100], 11: [100], 12: [100], 13: [100], 20: [200], 22: [200], 30: [300]}
     data = _hand_history(rows, artists=artists)
     source = make_source("artist", SETTINGS, {"window": None, "per_artist": 30}).fit(data)
@@ -191,8 +225,11 @@ def test_artist_source_ranks_unheard_tracks_of_played_artists() -> None:
 
 
 def test_lists_head_and_ranks() -> None:
-    lists = Lists(np.array([0, 3, 3, 5]), np.array([5, 6, 7, 8, 9], np.int32),
-                  np.array([3, 2, 1, 2, 1], np.float32))
+    lists = Lists(
+        np.array([0, 3, 3, 5]),
+        np.array([5, 6, 7, 8, 9], np.int32),
+        np.array([3, 2, 1, 2, 1], np.float32),
+    )
     np.testing.assert_array_equal(lists.ranks(), [1, 2, 3, 1, 2])
     head = lists.head(2)
     np.testing.assert_array_equal(head.indptr, [0, 2, 2, 4])
@@ -201,19 +238,26 @@ def test_lists_head_and_ranks() -> None:
 
 def test_item_knn_counts_co_listening_and_scores_from_the_last_events_only() -> None:
     # user 1 heard 10 long ago, then 11 and 12; user 2 heard 10 and 13
-    data = _hand_history([(1, 10, 1), (1, 11, 5), (1, 12, 6), (2, 10, 7), (2, 13, 8),
-                          (3, 11, 8), (3, 13, 9)])
+    data = _hand_history(
+        [(1, 10, 1), (1, 11, 5), (1, 12, 6), (2, 10, 7), (2, 13, 8), (3, 11, 8), (3, 13, 9)]
+    )
     codes = data.listens.tracks.codes
-    recent = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 10,
-                                                "half_life": None, "recent": 2}).fit(data)
+    recent = make_source(
+        "item_knn",
+        SETTINGS,
+        {"weighting": "cosine", "neighbours": 10, "half_life": None, "recent": 2},
+    ).fit(data)
     sim = recent.similarity.toarray()  # every track is in the head here
     assert sim[codes(np.array([10]))[0], codes(np.array([11]))[0]] == 0  # 10 is not recent
     assert sim[codes(np.array([11]))[0], codes(np.array([12]))[0]] > 0
     lists = recent.recommend(data.listens.users.codes(np.array([2])).astype(np.int64), 5)
     # user 2 scores from 10 and 13; 13 -> 11 (user 3), 10 has no recent co-listening
     assert list(data.listens.tracks.ids[lists.tracks]) == [11]
-    whole = make_source("item_knn", SETTINGS, {"weighting": "cosine", "neighbours": 10,
-                                               "half_life": None, "recent": 500}).fit(data)
+    whole = make_source(
+        "item_knn",
+        SETTINGS,
+        {"weighting": "cosine", "neighbours": 10, "half_life": None, "recent": 500},
+    ).fit(data)
     assert whole.similarity[codes(np.array([10]))[0], codes(np.array([11]))[0]] > 0
 
 
@@ -221,8 +265,11 @@ def test_item_knn_learns_neighbours_among_the_most_listened_tracks_only() -> Non
     rows = random_rows(seed=4, users=40, tracks=30, n=600)
     data = _hand_history(rows)
     settings = SETTINGS.model_copy(update={"knn_max_items": 10})
-    source = make_source("item_knn", settings, {"weighting": "cosine", "neighbours": 100,
-                                                "half_life": None, "recent": 500}).fit(data)
+    source = make_source(
+        "item_knn",
+        settings,
+        {"weighting": "cosine", "neighbours": 100, "half_life": None, "recent": 500},
+    ).fit(data)
     head = data.head_tracks(10)
     np.testing.assert_array_equal(source.head, head)
     assert source.similarity.shape == (10, 10) and source.similarity.nnz > 0
@@ -241,8 +288,14 @@ def test_sparse_top_matches_a_full_sort() -> None:
     data = _hand_history(random_rows(seed=5, users=30, tracks=200, n=1500))
     users = np.arange(data.listens.n_users, dtype=np.int64)
     rng = np.random.default_rng(0)
-    scores = sparse.random(users.size, data.listens.n_tracks, density=0.3, random_state=1,
-                           format="csr", dtype=np.float32)
+    scores = sparse.random(
+        users.size,
+        data.listens.n_tracks,
+        density=0.3,
+        random_state=1,
+        format="csr",
+        dtype=np.float32,
+    )
     scores.data -= 0.2  # some non-positive entries, never recommended
     got = _sparse_top(scores, data.heard(users), 7)
     dense = scores.toarray()
@@ -292,8 +345,9 @@ def test_als_warm_start_carries_known_factors_and_refits_in_a_few_iterations() -
     old = {int(t): i for i, t in enumerate(state["track_ids"])}
     for code, track in enumerate(later.listens.tracks.ids):
         if int(track) in old:
-            np.testing.assert_array_equal(seen["items"][code],
-                                          state["item_factors"][old[int(track)]])
+            np.testing.assert_array_equal(
+                seen["items"][code], state["item_factors"][old[int(track)]]
+            )
         else:  # a new track starts as implicit starts a cold fit
             assert seen["items"][code].max() < 0.01
     assert warm.model.model.item_factors.shape == (later.listens.n_tracks, 4)

@@ -33,19 +33,23 @@ JAVA = "openjdk-17-jre-headless"
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     if shutil.which("java") is None:
-        pytest.fail(f"java not found: install the Debian package {JAVA} "
-                    "(./run_tests.sh does it when run as root)")
+        pytest.fail(
+            f"java not found: install the Debian package {JAVA} "
+            "(./run_tests.sh does it when run as root)"
+        )
     from musicrec.spark_engine import spark_session
 
-    session = spark_session(Settings(spark_master="local[2]", spark_partitions=2,
-                                     spark_driver_memory="1g"))
+    session = spark_session(
+        Settings(spark_master="local[2]", spark_partitions=2, spark_driver_memory="1g")
+    )
     yield session
     session.stop()
 
 
 @pytest.fixture(scope="module")
-def folders(spark: object, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> dict[str, Path]:
+def folders(
+    spark: object, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     """The tiny data prepared by both engines, and the Spark run on the Spark folder."""
     from musicrec.spark_engine import prepare_spark, run_spark
 
@@ -59,10 +63,18 @@ def folders(spark: object, tiny_data: Path, tmp_path_factory: pytest.TempPathFac
 
 
 def _settings(data: Path, parquet: Path) -> Settings:
-    return Settings(data_dir=data, parquet_dir=parquet, spark_master="local[2]",
-                    spark_partitions=2, als_iterations=2, als_factors=8, n_recommendations=20,
-                    n_similar=10, history_url=f"sqlite:///{parquet}/history.db",
-                    reload_poll_seconds=0)
+    return Settings(
+        data_dir=data,
+        parquet_dir=parquet,
+        spark_master="local[2]",
+        spark_partitions=2,
+        als_iterations=2,
+        als_factors=8,
+        n_recommendations=20,
+        n_similar=10,
+        history_url=f"sqlite:///{parquet}/history.db",
+        reload_poll_seconds=0,
+    )
 
 
 def test_prepare_writes_the_same_files(folders: dict[str, Path]) -> None:
@@ -100,7 +112,8 @@ def test_als_lists_leave_heard_tracks_out(folders: dict[str, Path]) -> None:
     firsts = frame[frame[C.rank] == 1][C.track]
     assert firsts.nunique() > 10  # personal, not one chart for everyone
     assert (folders["spark"] / io.RECOMMENDATIONS).read_bytes() == (
-        folders["spark"] / io.PERSONAL_ALS).read_bytes()  # ALS is what is served
+        folders["spark"] / io.PERSONAL_ALS
+    ).read_bytes()  # ALS is what is served
 
 
 def test_the_service_starts_on_the_spark_folder(folders: dict[str, Path]) -> None:
@@ -125,8 +138,9 @@ def test_the_service_starts_on_the_spark_folder(folders: dict[str, Path]) -> Non
     assert np.allclose(sim[sim[C.rank] == 1][C.score], 1.0)
 
 
-def test_the_command_line_selects_the_engine(monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_the_command_line_selects_the_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """`run --engine spark` and `prepare --engine spark` reach the Spark engine (which is
     replaced here: the module's fixtures run the real one)."""
     import musicrec.spark_engine as engine
@@ -135,8 +149,13 @@ def test_the_command_line_selects_the_engine(monkeypatch: pytest.MonkeyPatch,
     calls: list[tuple[str, str]] = []
     monkeypatch.setattr(engine, "run_spark", lambda s: calls.append(("run", s.engine)))
     monkeypatch.setattr(engine, "spark_session", lambda s: None)
-    monkeypatch.setattr(engine, "prepare_spark", lambda spark, data, out, s: calls.append(
-        ("prepare", s.engine)) or {"tracks": 0, "events": 0, "users": 0})
+    monkeypatch.setattr(
+        engine,
+        "prepare_spark",
+        lambda spark, data, out, s: (
+            calls.append(("prepare", s.engine)) or {"tracks": 0, "events": 0, "users": 0}
+        ),
+    )
     assert main(["run", "--engine", "spark", "--parquet-dir", str(tmp_path)]) == 0
     assert main(["prepare", "--engine", "spark", "--parquet-dir", str(tmp_path)]) == 0
     monkeypatch.setenv("MUSICREC_ENGINE", "spark")

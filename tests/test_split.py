@@ -18,11 +18,13 @@ START = date_to_day("2031-03-01")  # nothing may depend on 2022
 def ten_days(per_day: int = 10) -> pd.DataFrame:
     """``per_day`` events on each of ten days, user = event number, track = day."""
     days = np.repeat(np.arange(10), per_day) + START
-    return pd.DataFrame({
-        "user_id": np.arange(days.size, dtype=np.int32),
-        "track_id": (days - START).astype(np.int32),
-        "day": days.astype(np.int16),
-    })
+    return pd.DataFrame(
+        {
+            "user_id": np.arange(days.size, dtype=np.int32),
+            "track_id": (days - START).astype(np.int32),
+            "day": days.astype(np.int16),
+        }
+    )
 
 
 def test_dates_follow_from_the_data() -> None:
@@ -68,8 +70,13 @@ def test_month_granular_dates_get_a_label_period_with_events() -> None:
     days before it (one day) would hold no event; the label period reaches the previous date."""
     months = np.array([date(2021, m, 1) for m in range(1, 13)], dtype="datetime64[D]")
     days = np.repeat(months.astype(np.int64), [10] * 11 + [30]).astype(np.int16)
-    events = pd.DataFrame({"user_id": np.arange(days.size, dtype=np.int32),
-                           "track_id": np.zeros(days.size, np.int32), "day": days})
+    events = pd.DataFrame(
+        {
+            "user_id": np.arange(days.size, dtype=np.int32),
+            "track_id": np.zeros(days.size, np.int32),
+            "day": days,
+        }
+    )
     dates = split_dates(events, Settings(test_share=0.2))
     assert io.day_to_date(dates.test_start) == np.datetime64("2021-12-01")
     assert io.day_to_date(dates.label_start) == np.datetime64("2021-11-01")

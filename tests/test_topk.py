@@ -51,11 +51,13 @@ def test_probing_fewer_clusters_can_miss_but_scores_stay_exact() -> None:
     codes, scores = index.search(queries, k=10)
     exact = queries @ items.T
     found = codes >= 0
-    np.testing.assert_allclose(scores[found], np.take_along_axis(exact, np.where(found, codes, 0),
-                                                                 axis=1)[found], rtol=1e-5)
+    np.testing.assert_allclose(
+        scores[found],
+        np.take_along_axis(exact, np.where(found, codes, 0), axis=1)[found],
+        rtol=1e-5,
+    )
     best = np.argsort(-exact, axis=1)[:, :10]
-    recall = np.mean([len(set(c[c >= 0]) & set(b)) / 10 for c, b in zip(codes, best,
-                                                                         strict=True)])
+    recall = np.mean([len(set(c[c >= 0]) & set(b)) / 10 for c, b in zip(codes, best, strict=True)])
     assert 0.3 < recall <= 1.0
 
 
@@ -68,8 +70,13 @@ def model_with_history(n_users: int = 30, n_tracks: int = 200, seed: int = 5):
     rng = np.random.default_rng(seed)
     users = np.repeat(np.arange(n_users, dtype=np.int32) + 100, 12)
     tracks = np.concatenate([rng.choice(n_tracks, 12, replace=False) for _ in range(n_users)])
-    events = pd.DataFrame({"user_id": users, "track_id": (tracks + 1000).astype(np.int32),
-                           "day": np.full(users.size, 50, np.int16)})
+    events = pd.DataFrame(
+        {
+            "user_id": users,
+            "track_id": (tracks + 1000).astype(np.int32),
+            "day": np.full(users.size, 50, np.int16),
+        }
+    )
     history = build_listens(events, cutoff=51)
     settings = Settings(als_iterations=3, threads=1, seed=3, topk_method="exact")
     params = {"factors": 6, "regularization": 0.1, "alpha": 4.0, "half_life": None}
@@ -110,25 +117,31 @@ def test_item_index_follows_the_settings() -> None:
     model, _ = model_with_history()
     assert item_index(model, Settings(topk_method="exact")) is None
     assert item_index(model, Settings(topk_method="auto", ann_min_tracks=10_000)) is None
-    assert isinstance(item_index(model, Settings(topk_method="auto", ann_min_tracks=100)),
-                      IvfIndex)
+    assert isinstance(item_index(model, Settings(topk_method="auto", ann_min_tracks=100)), IvfIndex)
     assert item_index(model, Settings(topk_method="ann"), "cosine").metric == "cosine"
 
 
 def test_similar_tracks_with_a_full_probe_index_equal_exact_ones() -> None:
     items = random_factors(300, 6, seed=8)
-    model = als_from_factors(np.ones((1, 6), np.float32), items, np.array([1], np.int32),
-                             np.arange(300, dtype=np.int32) * 3, None)
+    model = als_from_factors(
+        np.ones((1, 6), np.float32),
+        items,
+        np.array([1], np.int32),
+        np.arange(300, dtype=np.int32) * 3,
+        None,
+    )
     exact = similar_tracks(model, n=7)
     approx = similar_tracks(model, n=7, index=IvfIndex(items, "cosine", nlist=6, nprobe=6))
-    pd.testing.assert_frame_equal(approx[["track_id", "similar_track_id", "rank"]],
-                                  exact[["track_id", "similar_track_id", "rank"]])
+    pd.testing.assert_frame_equal(
+        approx[["track_id", "similar_track_id", "rank"]],
+        exact[["track_id", "similar_track_id", "rank"]],
+    )
     np.testing.assert_allclose(approx["score"], exact["score"], atol=1e-5)
     assert (approx["track_id"] != approx["similar_track_id"]).all()
 
 
 def test_short_ann_lists_scan_more_clusters_before_the_exact_path(
-    caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model, history = model_with_history()
     rows = np.arange(history.n_users)
@@ -145,7 +158,7 @@ def test_short_ann_lists_scan_more_clusters_before_the_exact_path(
 
 
 def test_mostly_short_ann_lists_go_straight_to_the_exact_path(
-    caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """When most lists come out short the clustering does not suit the factors: a wider scan
     would cost more than the exact path, which serves them."""

@@ -34,11 +34,12 @@ WAIT = 15  # seconds for the page to show an answer (a few ms each, on a busy ma
 
 def _browser_paths() -> tuple[str, str]:
     chromium = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
-    driver = shutil.which("chromedriver") or (CHROMEDRIVER if Path(CHROMEDRIVER).exists()
-                                              else None)
+    driver = shutil.which("chromedriver") or (CHROMEDRIVER if Path(CHROMEDRIVER).exists() else None)
     if chromium is None or driver is None:
-        pytest.fail("the browser test needs Debian's packages chromium and chromium-driver: "
-                    "apt-get install -y chromium chromium-driver (./run_tests.sh does it as root)")
+        pytest.fail(
+            "the browser test needs Debian's packages chromium and chromium-driver: "
+            "apt-get install -y chromium chromium-driver (./run_tests.sh does it as root)"
+        )
     return chromium, driver
 
 
@@ -48,8 +49,12 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     # the whole set, served form included: the ALS files tell what a user heard offline
     parquet = base / "parquet"
     shutil.copytree(tiny_artefacts(), parquet, ignore=shutil.ignore_patterns("work", "*.db*"))
-    with Service(parquet, base / "history.db", base / "service.log",
-                 MUSICREC_METRICS_DIR=str(base / "metrics")) as svc:
+    with Service(
+        parquet,
+        base / "history.db",
+        base / "service.log",
+        MUSICREC_METRICS_DIR=str(base / "metrics"),
+    ) as svc:
         svc.start()
         yield svc
 
@@ -59,8 +64,15 @@ def browser() -> Iterator[webdriver.Chrome]:
     chromium, driver_path = _browser_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1100,700", "--no-first-run", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1100,700",
+        "--no-first-run",
+        "--disable-extensions",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=DriverService(executable_path=driver_path))
     try:
@@ -75,7 +87,8 @@ def _list(browser: webdriver.Chrome, element_id: str) -> list[tuple[int, str]]:
     rows = browser.execute_script(
         "return [...document.querySelectorAll(arguments[0])].map("
         "li => [Number(li.dataset.trackId), li.querySelector('.name').textContent])",
-        f"#{element_id} li[data-track-id]")
+        f"#{element_id} li[data-track-id]",
+    )
     return [(int(track), name) for track, name in rows]
 
 
@@ -84,8 +97,9 @@ def _wait(browser: webdriver.Chrome, condition, what: str):  # noqa: ANN001, ANN
         return WebDriverWait(browser, WAIT, poll_frequency=0.05).until(lambda _: condition())
     except TimeoutException:
         error = browser.find_element(By.ID, "error").text
-        raise AssertionError(f"the page did not show {what} within {WAIT} s "
-                             f"(error line: {error!r})") from None
+        raise AssertionError(
+            f"the page did not show {what} within {WAIT} s (error line: {error!r})"
+        ) from None
 
 
 def test_the_page_shows_a_users_list_and_follows_an_event(
@@ -97,8 +111,9 @@ def test_the_page_shows_a_users_list_and_follows_an_event(
     field.send_keys(str(user), Keys.ENTER)
 
     shown = _wait(browser, lambda: _list(browser, "recs"), "the list")
-    expected = requests.get(f"{service.url}/recommendations/{user}",
-                            params={"k": 10, "details": "true"}, timeout=5).json()
+    expected = requests.get(
+        f"{service.url}/recommendations/{user}", params={"k": 10, "details": "true"}, timeout=5
+    ).json()
     # the page shows the service's list, in order, with the catalogue's names
     assert [t for t, _ in shown] == [item["track_id"] for item in expected]
     assert [name for _, name in shown] == [item["name"] for item in expected]
@@ -110,22 +125,28 @@ def test_the_page_shows_a_users_list_and_follows_an_event(
     # heard track is never recommended), the history and the source show it
     first = shown[0][0]
     browser.find_element(By.CSS_SELECTOR, "#recs li[data-track-id] .listen").click()
-    after = _wait(browser, lambda: (lambda now: now if now and now[0][0] != first else None)(
-        _list(browser, "recs")), "a changed list")
+    after = _wait(
+        browser,
+        lambda: (lambda now: now if now and now[0][0] != first else None)(_list(browser, "recs")),
+        "a changed list",
+    )
     assert first not in [t for t, _ in after]
     assert [t for t, _ in _list(browser, "history")] == [first]
     assert requests.get(f"{service.url}/history/{user}", timeout=5).json() == [first]
-    source = requests.get(f"{service.url}/recommendations/{user}", params={"k": 10},
-                          timeout=5).headers["x-recommendation-source"]
+    source = requests.get(
+        f"{service.url}/recommendations/{user}", params={"k": 10}, timeout=5
+    ).headers["x-recommendation-source"]
     assert browser.find_element(By.ID, "source").text == source != "personal"
     assert browser.find_elements(By.CSS_SELECTOR, "#recs li.new"), "new tracks are marked"
     # reasons, when the service gives them (?details=true), are on the page with the names of
     # the user's tracks they name
-    detailed = requests.get(f"{service.url}/recommendations/{user}",
-                            params={"k": 10, "details": "true"}, timeout=5).json()
+    detailed = requests.get(
+        f"{service.url}/recommendations/{user}", params={"k": 10, "details": "true"}, timeout=5
+    ).json()
     reasons = browser.execute_script(
         "return [...document.querySelectorAll('#recs li[data-track-id]')].map("
-        "li => (li.querySelector('.reason') || {}).textContent || null)")
+        "li => (li.querySelector('.reason') || {}).textContent || null)"
+    )
     first_name = shown[0][1]
     for item, shown_reason in zip(detailed, reasons, strict=True):
         reason = item.get("reason")
@@ -142,18 +163,24 @@ def test_the_page_shows_a_users_list_and_follows_an_event(
     k.send_keys("5", Keys.TAB)
     _wait(browser, lambda: len(_list(browser, "recs")) == 5, "five tracks")
     Select(browser.find_element(By.ID, "blend")).select_by_value("probability")
-    probability = requests.get(f"{service.url}/recommendations/{user}",
-                               params={"k": 5, "blend": "probability"}, timeout=5).json()
-    _wait(browser, lambda: [t for t, _ in _list(browser, "recs")] == probability,
-          "the probability blend")
+    probability = requests.get(
+        f"{service.url}/recommendations/{user}", params={"k": 5, "blend": "probability"}, timeout=5
+    ).json()
+    _wait(
+        browser,
+        lambda: [t for t, _ in _list(browser, "recs")] == probability,
+        "the probability blend",
+    )
 
     # a click on a name shows that track's similar tracks
     track = _list(browser, "recs")[0]
     browser.find_element(By.CSS_SELECTOR, "#recs li[data-track-id] .name").click()
-    similar = requests.get(f"{service.url}/similar/10", params={"track_id": track[0]},
-                           timeout=5).json()
-    _wait(browser, lambda: [t for t, _ in _list(browser, "similar")] == similar,
-          "the similar tracks")
+    similar = requests.get(
+        f"{service.url}/similar/10", params={"track_id": track[0]}, timeout=5
+    ).json()
+    _wait(
+        browser, lambda: [t for t, _ in _list(browser, "similar")] == similar, "the similar tracks"
+    )
     assert browser.find_element(By.ID, "similar-to").text == track[1]
     assert browser.find_element(By.ID, "error").text == ""
 
@@ -163,8 +190,7 @@ def test_the_page_shows_a_users_list_and_follows_an_event(
     assert shot.stat().st_size > 10_000
 
 
-def test_a_bad_user_id_is_named_on_the_page(service: Service, browser: webdriver.Chrome
-                                            ) -> None:
+def test_a_bad_user_id_is_named_on_the_page(service: Service, browser: webdriver.Chrome) -> None:
     browser.get(service.url + "/ui")
     browser.find_element(By.ID, "user-input").send_keys("x7", Keys.ENTER)
     _wait(browser, lambda: browser.find_element(By.ID, "error").text, "an error")
@@ -188,15 +214,17 @@ def test_the_pages_endpoints(service: Service) -> None:
     assert all(t["name"] for t in summary["offline_list"]["tracks"])
     assert summary["online_history"] == {"length": 0, "total": 0, "recent": []}
     heard = summary["offline_history"]  # None only for a set without the served ALS files
-    assert heard is None or (heard["distinct_tracks"] > 0
-                             and all(t["name"] for t in heard["tracks"]))
+    assert heard is None or (
+        heard["distinct_tracks"] > 0 and all(t["name"] for t in heard["tracks"])
+    )
     popular = requests.get(service.url + "/top_popular/4", timeout=5).json()
     requests.post(f"{service.url}/history/{user}", json=popular, timeout=5).raise_for_status()
     summary = requests.get(f"{service.url}/users/{user}?n=3", timeout=5).json()
     assert summary["online_history"]["length"] == 4
     assert [t["track_id"] for t in summary["online_history"]["recent"]] == popular[::-1][:3]
-    named = requests.get(service.url + "/tracks", params={"track_id": popular[:2]},
-                         timeout=5).json()
+    named = requests.get(
+        service.url + "/tracks", params={"track_id": popular[:2]}, timeout=5
+    ).json()
     assert [t["track_id"] for t in named] == popular[:2] and all(t["name"] for t in named)
     assert requests.get(service.url + "/tracks", timeout=5).status_code == 422
     assert requests.get(service.url + "/users/-1", timeout=5).status_code == 422
@@ -207,7 +235,8 @@ def test_offline_heard_reads_the_users_rows_of_the_als_files() -> None:
         user_ids=np.array([3, 8, 20], dtype=np.int32),
         heard_offsets=np.array([0, 2, 2, 5], dtype=np.int64),
         heard_rows=np.array([1, 0, 2, 1, 0], dtype=np.int32),
-        track_ids=np.array([100, 200, 300], dtype=np.int32))
+        track_ids=np.array([100, 200, 300], dtype=np.int32),
+    )
     art = SimpleNamespace(foldin=model)
     assert offline_heard(art, 3) == [200, 100]
     assert offline_heard(art, 8) == []  # in the model, heard nothing
