@@ -24,4 +24,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 .venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
+.venv/bin/codespell
+.venv/bin/python -m mypy
 .venv/bin/python -m pytest -q "$@"

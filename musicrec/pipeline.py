@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORK_DIR = "work"
+WORK_DIR = runs.WORK_DIR
 SPLIT_JSON = "split.json"
 SEARCH_JSON = "search.json"
 SELECTION_JSON = "selection.json"

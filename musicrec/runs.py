@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"
 CURRENT = "current"
+WORK_DIR = "work"  # the pipeline's work folder (musicrec.pipeline.WORK_DIR)
 
 
 def _kept(name: str) -> bool:
@@ -125,6 +126,12 @@ def archive(parquet_dir: Path, manifest: dict[str, Any]) -> Path:
     names = sorted(p.name for p in parquet.iterdir() if p.is_file() and _kept(p.name))
     for name in sorted(names, key=lambda n: n == io.MANIFEST):
         _link_or_copy(parquet / name, staging / name)
+    work = parquet / WORK_DIR  # the stages' choices and model states, for a later rollback
+    if work.is_dir():
+        (staging / WORK_DIR).mkdir()
+        for path in work.iterdir():
+            if path.is_file() and _kept(path.name):
+                _link_or_copy(path, staging / WORK_DIR / path.name)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     _point_current(runs, run_id)
@@ -211,9 +218,30 @@ def use_run(parquet_dir: Path, run_id: str) -> dict[str, Any]:
         os.replace(staging / io.MANIFEST, parquet / io.MANIFEST)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _restore_work(folder / WORK_DIR, parquet / WORK_DIR)
     _point_current(parquet / RUNS_DIR, run_id)
     log.info("now serving run %s from %s", run_id, parquet)
     return manifest
+
+
+def _restore_work(kept: Path, work: Path) -> None:
+    """Put a kept run's work files (split, search and selection choices, the ALS states the
+    next run warm-starts from) back in place of the current ones, so a stage run after a
+    rollback continues from the run being served. A run kept without them leaves ``work``
+    as it is."""
+    if not kept.is_dir():
+        log.warning("%s: the run kept no work files; %s is left as it is", kept.parent, work)
+        return
+    work.mkdir(exist_ok=True)
+    names = {p.name for p in kept.iterdir() if p.is_file()}
+    for name in sorted(names):
+        temporary = work / f".{name}.restore.tmp"
+        temporary.unlink(missing_ok=True)
+        _link_or_copy(kept / name, temporary)
+        os.replace(temporary, work / name)
+    for path in work.iterdir():
+        if path.is_file() and _kept(path.name) and path.name not in names:
+            path.unlink()
 
 
 def prune(parquet_dir: Path, keep: int) -> list[str]:
@@ -246,37 +274,18 @@ def push_run(settings: Any, run_id: str | None = None) -> list[str]:
     if run_id is None:
         raise DataError(f"{parquet}: no kept run to push; run the pipeline first")
     folder = _run_folder(parquet, run_id)
-    client, bucket, where = s3._artefact_bucket(settings)
-    keys = []
-    for name in s3._manifest_last([p.name for p in folder.iterdir() if p.is_file()]):
-        key = s3._key(settings.s3_prefix, f"{RUNS_DIR}/{run_id}/{name}")
-        size = (folder / name).stat().st_size
-        log.info("uploading %s (%s bytes) to s3://%s/%s", folder / name, f"{size:,}", bucket, key)
-        with s3._progress(size, name) as bar, s3._s3_errors(f"s3://{bucket}/{key} at {where}"):
-            client.upload_file(str(folder / name), bucket, key, Callback=bar.update)
-        keys.append(key)
-    pointer = s3._key(settings.s3_prefix, f"{RUNS_DIR}/{CURRENT}")
-    with s3._s3_errors(f"s3://{bucket}/{pointer} at {where}"):
-        client.put_object(Bucket=bucket, Key=pointer, Body=run_id.encode())
-    keys.append(pointer)
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    keys = s3.upload_files(settings, folder, names, f"{RUNS_DIR}/{run_id}/")
+    keys.append(s3.put_text(settings, f"{RUNS_DIR}/{CURRENT}", run_id))
     return keys
 
 
 def remote_current(settings: Any) -> str | None:
     """The run id ``<prefix>/runs/current`` names in the bucket; None when there is none (a
     bucket pushed before runs were versioned holds the flat layout only)."""
-    from botocore.exceptions import ClientError
-
     from musicrec import s3
 
-    client, bucket, where = s3._artefact_bucket(settings)
-    pointer = s3._key(settings.s3_prefix, f"{RUNS_DIR}/{CURRENT}")
-    try:
-        return client.get_object(Bucket=bucket, Key=pointer)["Body"].read().decode().strip()
-    except ClientError as exc:
-        if s3._error_code(exc) in s3._MISSING:
-            return None
-        raise DataError(s3._describe(exc, f"s3://{bucket}/{pointer} at {where}")) from exc
+    return s3.get_text(settings, f"{RUNS_DIR}/{CURRENT}")
 
 
 def pull_run(settings: Any, run_id: str | None = None) -> list[str]:
@@ -285,31 +294,17 @@ def pull_run(settings: Any, run_id: str | None = None) -> list[str]:
     local paths written."""
     from musicrec import s3
 
-    client, bucket, where = s3._artefact_bucket(settings)
     if run_id is None:
         run_id = remote_current(settings)
         if run_id is None:
             raise DataError(
-                f"s3://{bucket}/{settings.s3_prefix}/{RUNS_DIR}/{CURRENT} at "
-                f"{where}: no current run; push one first"
+                f"{s3.location(settings, f'{RUNS_DIR}/{CURRENT}')}: no current run; push one first"
             )
-    prefix = s3._key(settings.s3_prefix, f"{RUNS_DIR}/{run_id}/")
-    sizes: dict[str, int] = {}
-    with s3._s3_errors(f"s3://{bucket}/{prefix} at {where}"):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                sizes[obj["Key"][len(prefix) :]] = int(obj["Size"])
+    prefix = f"{RUNS_DIR}/{run_id}/"
+    sizes = s3.list_files(settings, prefix)
     if io.MANIFEST not in sizes:
-        raise DataError(f"s3://{bucket}/{prefix} at {where}: no such run (no {io.MANIFEST})")
+        raise DataError(f"{s3.location(settings, prefix)}: no such run (no {io.MANIFEST})")
     parquet = Path(settings.parquet_dir)
-    folder = parquet / RUNS_DIR / run_id
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in s3._manifest_last(list(sizes)):
-        key = prefix + name
-        s3._download(
-            client, bucket, key, sizes[name], folder / name, f"s3://{bucket}/{key} at {where}"
-        )
-        paths.append(str(folder / name))
+    paths = s3.download_files(settings, prefix, sizes, parquet / RUNS_DIR / run_id)
     use_run(parquet, run_id)
     return paths

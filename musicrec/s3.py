@@ -24,7 +24,7 @@ from dotenv import dotenv_values
 from tqdm import tqdm
 
 from musicrec.errors import DataError
-from musicrec.io import INPUT_FILES, MANIFEST, atomic_path, read_json
+from musicrec.io import EVENTS, INPUT_FILES, MANIFEST, atomic_path, read_json
 from musicrec.served import verify_files
 from musicrec.settings import Settings
 
@@ -247,32 +247,105 @@ def _is_artefact(name: str) -> bool:
     return not name.startswith(".") and ".db" not in name and not name.endswith(".tmp")
 
 
-def push_artefacts(settings: Settings) -> list[str]:
-    """Upload every artefact of ``settings.parquet_dir`` to ``s3://bucket/prefix/NAME``.
-
-    ``manifest.json`` goes last. Returns the keys written, in upload order.
-    """
-    folder = Path(settings.parquet_dir)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder; run the pipeline first")
-    names = _manifest_last(
-        [p.name for p in folder.iterdir() if p.is_file() and _is_artefact(p.name)]
-    )
-    if not names:
-        raise DataError(f"{folder}: no artefacts to push; run the pipeline first")
-    if MANIFEST not in names:
-        log.warning("%s has no %s; pushing the files anyway", folder, MANIFEST)
+def upload_files(settings: Settings, folder: Path, names: list[str], key_prefix: str) -> list[str]:
+    """Upload ``folder/NAME`` for each name to ``s3://bucket/<s3_prefix>/<key_prefix>NAME``,
+    the manifest last (whoever sees it sees the whole set). Returns the keys written."""
     client, bucket, where = _artefact_bucket(settings)
     keys = []
-    for name in names:
+    for name in _manifest_last(names):
         path = folder / name
-        key = _key(settings.s3_prefix, name)
+        key = _key(settings.s3_prefix, key_prefix + name)
         size = path.stat().st_size
         log.info("uploading %s (%s bytes) to s3://%s/%s", path, f"{size:,}", bucket, key)
         with _progress(size, name) as bar, _s3_errors(f"s3://{bucket}/{key} at {where}"):
             client.upload_file(str(path), bucket, key, Callback=bar.update)
         keys.append(key)
     return keys
+
+
+def download_files(
+    settings: Settings, key_prefix: str, sizes: dict[str, int], folder: Path
+) -> list[str]:
+    """Download the objects ``sizes`` names (as :func:`list_files` gives them) under
+    ``s3://bucket/<s3_prefix>/<key_prefix>`` into ``folder``: each to a temporary name
+    renamed once complete, the manifest last. Returns the local paths written."""
+    client, bucket, where = _artefact_bucket(settings)
+    prefix = _key(settings.s3_prefix, key_prefix)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in _manifest_last(list(sizes)):
+        key = prefix + name
+        log.info("downloading s3://%s/%s (%s bytes)", bucket, key, f"{sizes[name]:,}")
+        _download(
+            client, bucket, key, sizes[name], folder / name, f"s3://{bucket}/{key} at {where}"
+        )
+        paths.append(str(folder / name))
+    return paths
+
+
+def list_files(settings: Settings, key_prefix: str, recursive: bool = True) -> dict[str, int]:
+    """Artefact names under ``<s3_prefix>/<key_prefix>`` and their sizes."""
+    client, bucket, where = _artefact_bucket(settings)
+    prefix = _key(settings.s3_prefix, key_prefix)
+    sizes: dict[str, int] = {}
+    with _s3_errors(f"s3://{bucket}/{prefix} at {where}"):
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, **({} if recursive else {"Delimiter": "/"})
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix) :]
+                if name and _is_artefact(name):
+                    sizes[name] = int(obj["Size"])
+    return sizes
+
+
+def location(settings: Settings, key_prefix: str) -> str:
+    """``s3://bucket/key at endpoint`` of a key, for messages."""
+    where = settings.s3_endpoint_url or "AWS"
+    return f"s3://{settings.s3_bucket}/{_key(settings.s3_prefix, key_prefix)} at {where}"
+
+
+def put_text(settings: Settings, key_suffix: str, text: str) -> str:
+    """Write a small text object (a pointer) at ``<s3_prefix>/<key_suffix>``; its key."""
+    client, bucket, where = _artefact_bucket(settings)
+    key = _key(settings.s3_prefix, key_suffix)
+    with _s3_errors(f"s3://{bucket}/{key} at {where}"):
+        client.put_object(Bucket=bucket, Key=key, Body=text.encode())
+    return key
+
+
+def get_text(settings: Settings, key_suffix: str) -> str | None:
+    """The small text object at ``<s3_prefix>/<key_suffix>``; None when there is none."""
+    client, bucket, where = _artefact_bucket(settings)
+    key = _key(settings.s3_prefix, key_suffix)
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode().strip()
+    except ClientError as exc:
+        if _error_code(exc) in _MISSING:
+            return None
+        raise DataError(_describe(exc, f"s3://{bucket}/{key} at {where}")) from exc
+
+
+def push_artefacts(settings: Settings) -> list[str]:
+    """Upload every artefact of ``settings.parquet_dir`` to ``s3://bucket/prefix/NAME``.
+
+    ``manifest.json`` goes last. The pipeline's input (``events.parquet``) is not an artefact
+    and stays behind. Returns the keys written, in upload order.
+    """
+    folder = Path(settings.parquet_dir)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; run the pipeline first")
+    names = [
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and _is_artefact(p.name) and p.name != EVENTS
+    ]
+    if not names:
+        raise DataError(f"{folder}: no artefacts to push; run the pipeline first")
+    if MANIFEST not in names:
+        log.warning("%s has no %s; pushing the files anyway", folder, MANIFEST)
+    return upload_files(settings, folder, names, "")
 
 
 def pull_artefacts(settings: Settings) -> list[str]:
@@ -283,32 +356,13 @@ def pull_artefacts(settings: Settings) -> list[str]:
     checksums the manifest records once all is down. Returns the local paths written, in
     download order.
     """
-    client, bucket, where = _artefact_bucket(settings)
-    prefix = _key(settings.s3_prefix, "")
-    sizes: dict[str, int] = {}
-    with _s3_errors(f"s3://{bucket}/{prefix} at {where}"):
-        pages = client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, Delimiter="/"
-        )
-        for page in pages:
-            for obj in page.get("Contents", []):
-                name = obj["Key"][len(prefix) :]
-                if name and _is_artefact(name):
-                    sizes[name] = int(obj["Size"])
+    sizes = list_files(settings, "", recursive=False)
     if not sizes:
-        raise DataError(f"s3://{bucket}/{prefix} at {where}: no artefacts there; push first")
+        raise DataError(f"{location(settings, '')}: no artefacts there; push first")
     if MANIFEST not in sizes:
-        log.warning("s3://%s/%s has no %s; pulling the files anyway", bucket, prefix, MANIFEST)
+        log.warning("%s has no %s; pulling the files anyway", location(settings, ""), MANIFEST)
     folder = Path(settings.parquet_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in _manifest_last(list(sizes)):
-        key = prefix + name
-        log.info("downloading s3://%s/%s (%s bytes)", bucket, key, f"{sizes[name]:,}")
-        _download(
-            client, bucket, key, sizes[name], folder / name, f"s3://{bucket}/{key} at {where}"
-        )
-        paths.append(str(folder / name))
+    paths = download_files(settings, "", sizes, folder)
     if MANIFEST in sizes:  # the served (memory-mapped) files: checked now, not at start-up
         checked = verify_files(folder, read_json(folder / MANIFEST))
         log.info("%d served files match their checksums in %s", len(checked), MANIFEST)

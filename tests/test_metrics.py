@@ -209,7 +209,7 @@ def _brute_force(reco_: pd.DataFrame, test: pd.DataFrame, train: pd.DataFrame, k
     n_train = len(train_users)
     lists = reco_.sort_values(["user_id", "rank"]).groupby("user_id").track_id.apply(list)
     users = [u for u in test_sets.index if u in train_users]
-    p = r = nd = ap = 0.0
+    p = r = ndcg_sum = ap = 0.0
     nov, bits = [], []
     for u in users:
         rel = test_sets[u]
@@ -218,7 +218,7 @@ def _brute_force(reco_: pd.DataFrame, test: pd.DataFrame, train: pd.DataFrame, k
         ideal = min(k, len(rel))
         p += sum(hits) / k
         r += sum(hits) / ideal
-        nd += sum(h / math.log2(i + 2) for i, h in enumerate(hits)) / sum(
+        ndcg_sum += sum(h / math.log2(i + 2) for i, h in enumerate(hits)) / sum(
             1 / math.log2(i + 2) for i in range(ideal)
         )
         ap += sum(sum(hits[: i + 1]) / (i + 1) for i, h in enumerate(hits) if h) / ideal
@@ -229,7 +229,7 @@ def _brute_force(reco_: pd.DataFrame, test: pd.DataFrame, train: pd.DataFrame, k
     return {
         "precision": p / n,
         "recall": r / n,
-        "ndcg": nd / n,
+        "ndcg": ndcg_sum / n,
         "map": ap / n,
         "novelty": float(np.mean(nov)),
         "novelty_bits": float(np.mean(bits)),

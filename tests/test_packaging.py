@@ -39,6 +39,11 @@ NOT_IMPORTED = {
     "httpx": "the HTTP client fastapi.testclient uses",
     "ipykernel": "the notebook's kernel",
     "wheel": "bdist_wheel for the venv's setuptools 65.5 (the wheel test builds without isolation)",
+    "mypy": "the type checker, run as a command",
+    "pandas-stubs": "pandas' types, read by mypy",
+    "scipy-stubs": "scipy's types, read by mypy",
+    "codespell": "the spelling check, run as a command",
+    "pre-commit": "runs the checks before each commit, a command",
 }
 
 

@@ -23,8 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _publish(folder: Path, run_id: str, files: dict[str, str], built_at: str) -> dict:
-    """What run_all does: each file replaced (never written in place), the manifest last,
-    then the run archived."""
+    """What run_all does: the stages' work files and each artefact replaced (never written in
+    place), the manifest last, then the run archived."""
+    (folder / "work").mkdir(exist_ok=True)
+    for name, text in {
+        "selection.json": f"choice of {run_id}",
+        "search-als.npz": f"state of {run_id}",
+    }.items():
+        (folder / "work" / ".tmp").write_text(text)
+        os.replace(folder / "work" / ".tmp", folder / "work" / name)
     for name, text in files.items():
         (folder / ".tmp").write_text(text)
         os.replace(folder / ".tmp", folder / name)
@@ -66,7 +73,9 @@ def test_each_run_is_kept_with_a_current_pointer(folder: Path) -> None:
         io.ITEMS,
         io.MANIFEST,
         "recommendations.parquet",
+        "work",
     ]  # no events, no history database
+    assert (r1 / "work" / "search-als.npz").read_text() == "state of r1"
     assert (r1 / "recommendations.parquet").read_text() == "lists of r1"  # kept its bytes
     assert (r2 / "recommendations.parquet").read_text() == "lists of r2"
     assert os.path.samefile(r2 / "ranker.cbm", folder / "ranker.cbm")  # a link, not a copy
@@ -88,10 +97,15 @@ def test_rollback_serves_a_kept_run_manifest_last(folder: Path) -> None:
     assert (folder / io.EVENTS).read_text() == "the input events"  # the input is not touched
     assert (folder / "history.db").read_text() == "online history"
     assert runs.current_run(folder) == "r1"
+    # the next stage run continues from r1's choices and warm-start states
+    assert (folder / "work" / "selection.json").read_text() == "choice of r1"
+    assert (folder / "work" / "search-als.npz").read_text() == "state of r1"
     assert (folder / "runs" / "r2" / "ranker.cbm").read_text() == "trees"  # r2 still kept
     assert not list(folder.glob(".staging*"))
     runs.use_run(folder, "r2")
     assert (folder / "ranker.cbm").read_text() == "trees"
+    assert (folder / "work" / "search-als.npz").read_text() == "state of r2"
+    assert not list((folder / "work").glob(".*"))
 
 
 def test_rollback_refuses_an_unknown_or_damaged_run(folder: Path) -> None:
