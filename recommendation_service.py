@@ -321,7 +321,7 @@ class Artefacts:
         rows_of = self._rows(ids)
         rows = self.items.take(pa.array(rows_of[rows_of >= 0])).to_pylist()
         by_id = {row[C.track]: row for row in rows}
-        empty = {C.name: None, C.artists: [], C.albums: [], C.genres: []}
+        empty: dict[str, Any] = {C.name: None, C.artists: [], C.albums: [], C.genres: []}
         return [
             {
                 C.track: int(t),
@@ -695,7 +695,7 @@ class Recommendations:
         if state[0] == current or state == tried:
             return tried
         result = self.reload(reason=f"manifest.json names run {state[0]}")
-        if result["error"] is not None and not result.get("transient"):
+        if result["error"] is not None and not result.get("transient") and self.watch is not None:
             self.watch.update(last_error=_short_error(result["error"]), last_error_at=result["at"])
         return tried if result.get("transient") else state
 
@@ -1348,7 +1348,7 @@ def install_fast_path(app: FastAPI, router: APIRouter) -> None:
         for route in router.routes
         if isinstance(route, APIRoute)
         and route.path == FastRecommendations.PATH
-        and "GET" in route.methods
+        and "GET" in (route.methods or ())
     )
     app.router.routes.insert(
         0, Route(FastRecommendations.PATH, FastRecommendations(declared), include_in_schema=False)
@@ -1463,7 +1463,8 @@ def install_error_handlers(app: FastAPI) -> None:
             ]
             return _problem_response(422, problems)
         problems = [{"loc": [], "msg": str(exc.detail), "type": f"http_{exc.status_code}"}]
-        return _problem_response(exc.status_code, problems, headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        return _problem_response(exc.status_code, problems, headers=headers)
 
     async def on_service_error(request: Request, exc: Exception) -> JSONBytes:
         status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
@@ -1494,8 +1495,9 @@ def install_error_handlers(app: FastAPI) -> None:
             500, [{"loc": [], "msg": f"internal error: {type(exc).__name__}", "type": "internal"}]
         )
 
-    app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    # starlette types a handler as taking any Exception; each of ours takes the one it is for
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(HistoryStoreError, on_service_error)
     app.add_exception_handler(IdempotencyKeyReused, on_service_error)
@@ -1520,7 +1522,7 @@ def check_admin(recs: Recs, authorization: str | None) -> None:
         )
 
 
-RECOMMENDATION_HEADERS = {
+RECOMMENDATION_HEADERS: dict[int | str, dict[str, Any]] = {
     200: {
         "headers": {
             SOURCE_HEADER: {
@@ -1660,6 +1662,7 @@ async def history_get(
         art,
         page.tracks,
         details,
+        None,
         **{
             "X-History-First-Position": str(page.first_position),
             "X-History-Total": str(page.total),
@@ -2029,14 +2032,17 @@ def main() -> None:
 
     settings = Settings()
     configure_logging(settings.log_format, LOG_FORMAT)
+    options: dict[str, Any] = {}
+    if settings.log_format == "json":
+        # uvicorn's loggers go through the root's JSON handler (no config of its own)
+        options["log_config"] = None
     uvicorn.run(
         "recommendation_service:app",
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         access_log=settings.access_log,
-        # json: uvicorn's loggers go through the root's JSON handler (no config of its own)
-        **({"log_config": None} if settings.log_format == "json" else {}),
+        **options,
     )
 
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pandas as pd
 import requests
@@ -203,12 +203,12 @@ class ServiceTest(unittest.TestCase):
             cls.parquet / "recommendations.parquet", columns=["user_id", "track_id", "rank"]
         )
         recs = recs.sort_values(["user_id", "rank"], kind="stable")
-        cls.recs = {int(u): g.tolist() for u, g in recs.groupby("user_id")["track_id"]}
+        cls.recs = {int(cast(int, u)): g.tolist() for u, g in recs.groupby("user_id")["track_id"]}
         sim = pd.read_parquet(cls.parquet / "similar.parquet").sort_values(
             ["track_id", "rank"], kind="stable"
         )
         cls.similar = {
-            int(t): list(
+            int(cast(int, t)): list(
                 zip(g["similar_track_id"].astype(int), g["score"].astype(float), strict=True)
             )
             for t, g in sim.groupby("track_id")
@@ -549,7 +549,7 @@ class ServiceTest(unittest.TestCase):
         user = self.online_user
         unknown = max(self.catalogue) + 1
         known = self.catalogue[0]
-        cases = [
+        cases: list[tuple[str, str, dict[str, Any]]] = [
             ("GET", "/recommendations/abc", {}),
             ("GET", "/recommendations/-5", {}),
             ("GET", f"/recommendations/{user}", {"params": {"k": 0}}),

@@ -44,7 +44,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
@@ -219,13 +219,13 @@ class RedisHistoryStore:
         """What survives a crash, from the server's AOF settings (CONFIG may be disabled on
         managed services: then 'unknown')."""
         try:
-            config = self._writer.config_get("append*")
+            config: dict[Any, Any] = self._writer.config_get("append*")
         except redis.ResponseError as exc:
             log.warning(
                 "history store %s: cannot read the persistence settings (%s)", self.url, exc
             )
             return "durability unknown (CONFIG GET refused)"
-        values = {_text(k): _text(v) for k, v in config.items()}
+        values = {_text(k): _text(v) for k, v in config.items() if v is not None}
         aof, fsync = values.get("appendonly", ""), values.get("appendfsync", "")
         if aof == "yes" and fsync == "always":
             return "durable: appendonly yes, appendfsync always (fsync before each answer)"
@@ -286,7 +286,14 @@ class RedisHistoryStore:
         else:
             key, ttl = f"{self.prefix}:k:{idempotency_key}", self.idempotency_seconds
         nonce = uuid.uuid4().hex
-        args = [self.max_events, len(ids), fingerprint, max(int(ttl * 1000), 1), nonce, *kept]
+        args: list[Any] = [
+            self.max_events,
+            len(ids),
+            fingerprint,
+            max(int(ttl * 1000), 1),
+            nonce,
+            *kept,
+        ]
         keys = [self._events_key(user_id), self._total_key(user_id), key]
         for attempt in range(WRITE_ATTEMPTS):
             try:

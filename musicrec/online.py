@@ -270,7 +270,7 @@ def cluster_rows(
     cluster = assigned.ravel()[order]
     grouped = order[np.argsort(cluster, kind="stable")]
     offsets = np.searchsorted(np.sort(cluster), np.arange(n_lists + 1)).astype(np.int64)
-    centroids = kmeans.centroids.astype(np.float32)
+    centroids = np.asarray(kmeans.centroids, dtype=np.float32)
     return (
         grouped,
         offsets,
@@ -466,7 +466,7 @@ def replay(
     search.json``) when there is one, else the configured ALS and item-kNN settings."""
     from musicrec import io
     from musicrec.listens import IdIndex, build_listens
-    from musicrec.sources import TrainData, make_source
+    from musicrec.sources import AlsSource, TrainData, make_source
     from musicrec.split import events_before, split_dates
 
     started = time.perf_counter()
@@ -493,8 +493,9 @@ def replay(
 
     # configured ALS; BM25 item-kNN with a decay (what validation keeps on small)
     als = make_source("als", settings, params("als", 2)).fit(data)
+    assert isinstance(als, AlsSource)
     knn = make_source("item_knn", settings, params("item_knn", 3)).fit(data)
-    similar = _SimilarRows(*knn.similar(settings.n_similar), h.n_tracks)
+    similar = _SimilarRows(*knn.similar_pairs(settings.n_similar), h.n_tracks)
     listeners = data.listeners(None)
     arrays = fold_in_arrays(
         als.model, listeners, als.params["regularization"], als.params["alpha"], settings.seed

@@ -151,7 +151,9 @@ class RunContext:
             path.unlink(missing_ok=True)
             return
         with io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, params=np.array(json.dumps(params, sort_keys=True)), **state)
+            arrays: dict[str, Any] = {"params": np.array(json.dumps(params, sort_keys=True))}
+            arrays.update(state)
+            np.savez(fh, **arrays)
 
     def load_state(self, stage: str, source: str, params: dict) -> dict[str, np.ndarray] | None:
         """The state a stage saved for this source, if it was fitted with the same params."""
@@ -500,10 +502,11 @@ def stage_serve(run: RunContext) -> None:
         ``sources``: the ranker knows only the sources it was trained on)."""
         return sources.get(name) or make_source(name, s, SOURCES[name].space(s)[0]).fit(data)
 
-    io.write_table(
-        _popular_table(chosen_or_plain("popular")), run.out / io.TOP_POPULAR, io.POPULAR_SCHEMA
-    )
+    popular = chosen_or_plain("popular")
+    assert isinstance(popular, PopularSource)
+    io.write_table(_popular_table(popular), run.out / io.TOP_POPULAR, io.POPULAR_SCHEMA)
     als = chosen_or_plain("als")
+    assert isinstance(als, AlsSource)
     winner = run.selection()["winner"]
     n = s.n_recommendations
     if winner == RANKER:
@@ -538,7 +541,7 @@ def stage_serve(run: RunContext) -> None:
         run.out,
     )
     item_to_item = sources.get("item_knn") or als
-    query, similar, score = item_to_item.similar(s.n_similar)
+    query, similar, score = item_to_item.similar_pairs(s.n_similar)
     # each track's neighbours scaled to its best one: the service sums the lists of several
     # recent tracks, and BM25 similarities of a popular track would outweigh every other
     best = np.zeros(item_to_item.data.listens.n_tracks, dtype=np.float32)
@@ -576,8 +579,8 @@ def _timed(stage: str, run: RunContext) -> float:
     return elapsed
 
 
-def _file_stats(folder: Path) -> dict[str, dict[str, int]]:
-    stats = {}
+def _file_stats(folder: Path) -> dict[str, dict[str, int | None]]:
+    stats: dict[str, dict[str, int | None]] = {}
     for name in ARTEFACTS:
         path = folder / name
         if not path.exists():

@@ -166,7 +166,7 @@ def plot_events_per_user(events: pd.DataFrame) -> Figure:
     ax: Axes = axes[0][0]
     top = max(int(per_user.max()), 2)
     bins = np.unique(np.geomspace(1, top + 1, 50).round())
-    ax.hist(per_user, bins=bins, color="tab:blue", alpha=0.8)
+    ax.hist(per_user, bins=bins.tolist(), color="tab:blue", alpha=0.8)
     mean, median = float(per_user.mean()), float(np.median(per_user))
     ax.axvline(mean, color="tab:red", linestyle="--", label=f"mean {mean:,.1f}")
     ax.axvline(median, color="tab:green", linestyle="-", label=f"median {median:,.1f}")

@@ -522,7 +522,7 @@ def _merge_repeats(path: Path, events: Events) -> None:
             "repeat (%d events keep a plays count > 1)",
             path,
             merged,
-            int(np.count_nonzero(events.plays > 1)),
+            int(np.count_nonzero(events.plays > 1)) if events.plays is not None else 0,
         )
     if other_days:
         log.info(

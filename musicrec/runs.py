@@ -144,7 +144,7 @@ def list_runs(parquet_dir: Path) -> list[dict[str, Any]]:
     NDCG@10 on the test period, the commit."""
     runs = Path(parquet_dir) / RUNS_DIR
     current = current_run(parquet_dir)
-    found = []
+    found: list[dict[str, Any]] = []
     if not runs.is_dir():
         return found
     for folder in sorted(
@@ -154,7 +154,7 @@ def list_runs(parquet_dir: Path) -> list[dict[str, Any]]:
     ):
         manifest_path = folder / io.MANIFEST
         manifest = io.read_json(manifest_path) if manifest_path.exists() else {}
-        served = next(
+        served: dict[str, Any] = next(
             (
                 row
                 for row in manifest.get("metrics") or []

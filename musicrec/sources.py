@@ -124,7 +124,10 @@ class HeardFilter:
 
 
 def _sparse_top(
-    scores: sp.spmatrix, heard: HeardFilter, n: int, columns: np.ndarray | None = None
+    scores: sp.csr_matrix | sp.csc_matrix | sp.coo_matrix,
+    heard: HeardFilter,
+    n: int,
+    columns: np.ndarray | None = None,
 ) -> Lists:
     """Top-``n`` unheard positive entries of each row of a batch x tracks score matrix.
 
@@ -168,7 +171,7 @@ def _granularity_days(days: np.ndarray) -> int:
 def _attribute_matrix(items: pa.Table | None, column: str, tracks: IdIndex) -> sp.csr_matrix:
     """tracks x attribute 0/1 matrix from a list column of the catalogue (no per-row Python)."""
     if items is None or column not in items.column_names:
-        return sp.csr_matrix((len(tracks), 1), dtype=np.float32)
+        return sp.csr_matrix(np.zeros((len(tracks), 1), dtype=np.float32))
     lists = items.column(column).combine_chunks()
     codes = tracks.codes(items.column(C.track).to_numpy())
     offsets = lists.offsets.to_numpy()
@@ -329,7 +332,14 @@ class Source:
     def __init__(self, settings: Settings, **params: Any) -> None:
         self.settings = settings
         self.params = params
-        self.data: TrainData | None = None
+        self._data: TrainData | None = None
+
+    @property
+    def data(self) -> TrainData:
+        """The data the source was fitted on."""
+        if self._data is None:
+            raise RuntimeError(f"{self!r} is not fitted")
+        return self._data
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
@@ -371,6 +381,13 @@ class Source:
         first, never the track itself; None when the source has no item-to-item notion."""
         return None
 
+    def similar_pairs(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``similar``, for a source that must have it (ALS, item-kNN)."""
+        pairs = self.similar(n)
+        if pairs is None:
+            raise ValueError(f"{self!r} has no item-to-item similarity")
+        return pairs
+
 
 class PopularSource(Source):
     """Tracks with the most distinct listeners in a recent window (all time breaks ties)."""
@@ -382,7 +399,7 @@ class PopularSource(Source):
         return [{"window": 1 / 12}, {"window": 1 / 52}, {"window": 1 / 4}, {"window": None}]
 
     def fit(self, data: TrainData) -> PopularSource:
-        self.data = data
+        self._data = data
         window = data.window(self.params["window"])
         all_time = data.listeners(None)
         recent = data.listeners(window) if window is not None else all_time
@@ -432,7 +449,7 @@ class AlsSource(Source):
         ]
 
     def fit(self, data: TrainData) -> AlsSource:
-        self.data = data
+        self._data = data
         p, s = self.params, self.settings
         half_life = data.window(p["half_life"])
         matrix = data.listens.matrix(half_life)
@@ -539,7 +556,7 @@ class ItemKnnSource(Source):
         ]
 
     def fit(self, data: TrainData) -> ItemKnnSource:
-        self.data = data
+        self._data = data
         p = self.params
         affordable = data.knn_window(self.settings.knn_max_pairs)
         self.recent = recent = min(p.get("recent") or affordable, affordable)
@@ -604,7 +621,7 @@ class EaseSource(Source):
         return [{"l2": 500.0}, {"l2": 100.0}, {"l2": 2000.0}, {"l2": 20.0}, {"l2": 8000.0}]
 
     def fit(self, data: TrainData) -> EaseSource:
-        self.data = data
+        self._data = data
         m = min(self.settings.ease_max_items, data.listens.n_tracks)
         if ("ease", m) not in data._cache:  # trials of other l2 share the Gram matrix
             head = data.head_tracks(m)
@@ -654,7 +671,7 @@ class ArtistSource(Source):
         ]
 
     def fit(self, data: TrainData) -> ArtistSource:
-        self.data = data
+        self._data = data
         popularity = np.log1p(data.listeners(data.window(self.params["window"])))
         popularity += np.log1p(data.listeners(None)) * 1e-3  # breaks ties between quiet tracks
         by_artist = data.artists.T.tocoo()  # artists x tracks

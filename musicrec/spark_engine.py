@@ -182,7 +182,7 @@ def prepare_spark(
     high_day = (datetime.now(UTC).date() - date(1970, 1, 1)).days
     implausible_day = (day < low_day) | (day > high_day)
     # one pass over the log for every check: nulls, ranges, dates, users
-    checks = (
+    row = (
         raw.agg(
             F.count(F.lit(1)).alias("rows"),
             F.sum(implausible_day.cast("long")).alias("implausible"),
@@ -202,9 +202,9 @@ def prepare_spark(
             F.min(C.seq).alias("min_seq"),
             F.max(C.seq).alias("max_seq"),
         )
-        .first()
-        .asDict()
-    )
+    ).first()
+    assert row is not None  # an aggregate has one row, even over no rows
+    checks = row.asDict()
     if not checks["rows"]:
         raise DataError(f"{path}: the file holds no rows")
     for column in (C.user, C.track, C.seq, C.started_at):
@@ -441,7 +441,7 @@ def score_users(
         for frame in batches:
             for start in range(0, len(frame), SCORE_BATCH):
                 part = frame.iloc[start : start + SCORE_BATCH]
-                user = np.stack(part["features"].to_numpy()).astype(np.float32)
+                user = np.stack(list(part["features"])).astype(np.float32)
                 scores = user @ item.T
                 for row, listened in enumerate(part["heard"].to_numpy()):
                     if listened is not None and len(listened):

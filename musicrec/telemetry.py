@@ -278,7 +278,7 @@ class ServiceMetrics:
                     continue
                 labels = (key[0], key[1], str(key[2]))
                 histogram = self.latency.labels(*labels)
-                added = 0
+                added = 0.0
                 # prometheus_client keeps a histogram child's values in _buckets and _sum
                 for bucket, new, old in zip(histogram._buckets, now[:-1], done[:-1], strict=True):
                     if new != old:
