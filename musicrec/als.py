@@ -247,9 +247,8 @@ def recs_frame(user_ids: np.ndarray, track_ids: np.ndarray, scores: np.ndarray) 
     if np.all(user_ids[1:] >= user_ids[:-1]) and np.all(
         scores[1:][same_user] <= scores[:-1][same_user]
     ):
-        order: slice | np.ndarray = slice(
-            None
-        )  # already grouped and best first (top-k output): skip the sort
+        # already grouped and best first (top-k output): skip the sort
+        order: slice | np.ndarray = slice(None)
     else:
         order = np.lexsort((track_ids, -scores.astype(np.float64), user_ids))
     users = user_ids[order]

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,12 +99,28 @@ def write_table(
     """Write a table as parquet atomically, cast to ``schema`` when one is given."""
     if isinstance(table, pd.DataFrame):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    if schema is not None:
-        table = table.select(schema.names).cast(schema)
-    with atomic_path(path) as tmp:
-        # page checksums: a reader that verifies them (the service) refuses a damaged page
-        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
-    log.debug("wrote %s (%d rows)", path, table.num_rows)
+    return write_batches([table], path, schema or table.schema)
+
+
+def write_batches(
+    batches: Iterable[pa.Table | pd.DataFrame], path: Path, schema: pa.Schema
+) -> Path:
+    """Write tables one after another into one parquet file, atomically, each cast to
+    ``schema``: only one batch is in memory at a time (the served lists of every user are
+    ~140 M rows at full scale; as one table they cost several GB at the write)."""
+    rows = 0
+    # page checksums: a reader that verifies them (the service) refuses a damaged page; the
+    # writer closes before the file is renamed into place
+    with (
+        atomic_path(path) as tmp,
+        pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as out,
+    ):
+        for batch in batches:
+            if isinstance(batch, pd.DataFrame):
+                batch = pa.Table.from_pandas(batch, preserve_index=False)
+            out.write_table(batch.select(schema.names).cast(schema))
+            rows += batch.num_rows
+    log.debug("wrote %s (%d rows)", path, rows)
     return Path(path)
 
 

@@ -242,6 +242,22 @@ def _validation(run: RunContext) -> tuple[TrainData, Truth, tuple[np.ndarray, ..
     return data, truth, validation_split(truth, run.settings)
 
 
+def _write_lists(
+    lists: Lists, listens: Listens, users: np.ndarray, path: Path, batch_users: int = 100_000
+) -> None:
+    """``_frame`` of ``lists`` written to ``path`` a batch of users at a time: the lists of
+    every user as one frame cost several GB at full scale."""
+    batches = (
+        _frame(
+            lists.rows(start, min(start + batch_users, lists.n_users)),
+            listens,
+            users[start : start + batch_users],
+        )
+        for start in range(0, lists.n_users, batch_users)
+    )
+    io.write_batches(batches, path, io.RECS_SCHEMA)
+
+
 def _frame(lists: Lists, listens: Listens, users: np.ndarray) -> pd.DataFrame:
     """A recs table (input ids) of ``lists`` for the user codes ``users``."""
     return recs_frame(
@@ -528,9 +544,9 @@ def stage_serve(run: RunContext) -> None:
         personal = lists if winner == "als" else None
     if personal is None:
         personal = recommend_batched(als, users, n)
-    io.write_table(_frame(personal, h, users), run.out / io.PERSONAL_ALS, io.RECS_SCHEMA)
+    _write_lists(personal, h, users, run.out / io.PERSONAL_ALS)
     del personal
-    io.write_table(_frame(lists, h, users), run.out / io.RECOMMENDATIONS, io.RECS_SCHEMA)
+    _write_lists(lists, h, users, run.out / io.RECOMMENDATIONS)
     del lists
     log.info("served lists (%s) for %d users", winner, h.n_users)
     # the ALS model for the service's fold-in of online events (musicrec.online)

@@ -66,6 +66,11 @@ class Lists:
         """1-based position of each entry in its list."""
         return (rank_in_rows(self.indptr) + 1).astype(np.int32)
 
+    def rows(self, start: int, stop: int) -> Lists:
+        """The lists of users ``start`` to ``stop`` (exclusive), sharing this one's arrays."""
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        return Lists(self.indptr[start : stop + 1] - lo, self.tracks[lo:hi], self.scores[lo:hi])
+
     def head(self, n: int) -> Lists:
         """The first ``n`` entries of each list."""
         keep = self.ranks() <= n

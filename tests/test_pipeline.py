@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -238,3 +239,34 @@ def test_refits_start_from_the_previous_cut_off(
     saved = run.load_state("evaluate", "als", params)
     np.testing.assert_array_equal(saved["item_factors"], state["item_factors"])
     assert run.load_state("evaluate", "als", {**params, "factors": 3}) is None
+
+
+def test_lists_are_written_a_batch_of_users_at_a_time(tmp_path: Path) -> None:
+    from musicrec.listens import IdIndex, Listens
+    from musicrec.sources import Lists
+
+    listens = Listens(
+        IdIndex(np.array([10, 20, 30, 40, 50])),
+        IdIndex(np.array([7, 8, 9])),
+        np.zeros(6, np.int64),
+        np.zeros(0, np.int32),
+        np.zeros(0, np.int16),
+        5,
+    )
+    lists = Lists(
+        np.array([0, 2, 2, 5, 6, 8]),  # the second user has an empty list
+        np.array([2, 0, 1, 2, 0, 1, 0, 2], np.int32),
+        np.array([0.9, 0.5, 0.8, 0.7, 0.1, 0.3, 0.6, 0.2], np.float32),
+    )
+    users = np.arange(5)
+    assert lists.rows(2, 4).indptr.tolist() == [0, 3, 4]
+    whole = pipeline._frame(lists, listens, users)
+    pipeline._write_lists(lists, listens, users, tmp_path / "recs.parquet", batch_users=2)
+    written = pq.read_table(tmp_path / "recs.parquet")
+    assert written.schema.equals(io.RECS_SCHEMA)
+    assert pq.ParquetFile(tmp_path / "recs.parquet").metadata.num_row_groups == 3
+    pd.testing.assert_frame_equal(
+        written.to_pandas(),
+        pd.DataFrame(pa.Table.from_pandas(whole).cast(io.RECS_SCHEMA).to_pandas()),
+    )
+    assert written.column("rank").to_pylist() == [1, 2, 1, 2, 3, 1, 1, 2]
