@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from catboost import CatBoostRanker
 
 from musicrec.listens import build_listens
 from musicrec.ranker import (
@@ -157,12 +158,22 @@ def test_no_ranker_without_enough_positives(fitted: tuple[TrainData, dict]) -> N
     assert train_ranker(train, train, strict) is None
 
 
-def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict]) -> None:
+@pytest.fixture(scope="module")
+def trained(fitted: tuple[TrainData, dict]) -> CatBoostRanker:
+    """A ranker trained on the later listens of ``fitted``'s users."""
     data, sources = fitted
     truth = Truth.build(data.listens, frame(LATER))
     train = training_set(data, sources, truth, SETTINGS.model_copy(update={"ranker_negatives": 5}))
     model = train_ranker(train, train, SETTINGS)
     assert model is not None
+    return model
+
+
+def test_final_lists_are_unheard_ranked_and_capped(
+    fitted: tuple[TrainData, dict], trained: CatBoostRanker
+) -> None:
+    data, sources = fitted
+    model = trained
     users = np.arange(data.listens.n_users, dtype=np.int64)
     lists = rank(model, data, sources, users, 2, 3)
     assert np.all(np.diff(lists.indptr) <= 2)
@@ -183,13 +194,10 @@ def test_final_lists_are_unheard_ranked_and_capped(fitted: tuple[TrainData, dict
 
 
 def test_one_pass_keeps_the_longer_source_lists_and_ranks_the_same(
-    fitted: tuple[TrainData, dict],
+    fitted: tuple[TrainData, dict], trained: CatBoostRanker
 ) -> None:
     data, sources = fitted
-    truth = Truth.build(data.listens, frame(LATER))
-    train = training_set(data, sources, truth, SETTINGS.model_copy(update={"ranker_negatives": 5}))
-    model = train_ranker(train, train, SETTINGS)
-    assert model is not None
+    model = trained
     users = np.arange(data.listens.n_users, dtype=np.int64)
     name = next(iter(sources))
     alone = rank(model, data, sources, users, 2, 2, batch_users=3)
