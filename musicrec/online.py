@@ -208,7 +208,12 @@ class FoldInModel:
         heard = np.concatenate([self.heard_of(position).astype(np.int64), rows])
         v32 = vector.astype(np.float32)
         candidates = self.candidate_rows(vector, nprobe)
-        if candidates is not None and candidates.size >= n + heard.size:
+        while candidates is not None and candidates.size < n + heard.size:
+            # too few rows in the nearest clusters (small clusters, or a heavy listener's
+            # heard tracks): widen the probe before scoring every track (30-55 ms at 1 M)
+            nprobe *= 4
+            candidates = self.candidate_rows(vector, nprobe)  # None: every cluster, exact
+        if candidates is not None:
             scores = self.item_factors[candidates] @ v32
             if heard.size:  # a binary search per candidate (np.isin sorts both: 3x slower)
                 scores[in_sorted(np.sort(heard), candidates)] = -np.inf

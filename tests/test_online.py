@@ -104,6 +104,15 @@ def test_the_fold_in_model_never_recommends_heard_tracks(tiny_model) -> None:
     assert rows is not None and 0 < rows.size < 60
     probed = fm.recommend(999, online, 5, 1)
     assert set(probed) <= set(fm.track_ids[rows].tolist()) and len(probed) == 5
+    # too few rows in the probed cluster for 50: the probe widens (x4) before the exact path
+    wide, widest = 1, rows
+    while widest is not None and widest.size < 50 + len(online):
+        wide *= 4
+        widest = fm.candidate_rows(vector, wide)
+    widened = fm.recommend(999, online, 50, 1)
+    assert len(widened) == 50 and not set(online) & set(widened)
+    if widest is not None:
+        assert set(widened) <= set(fm.track_ids[widest].tolist())
     assert fm.candidate_rows(vector, 0) is None  # 0: every row, exact
     reasons = fm.explain_tracks(100 + user, online, after[:5])
     assert all(1 <= len(r) <= 3 and set(r) <= heard | set(online) for r in reasons)
