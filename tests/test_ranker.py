@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from catboost import CatBoostRanker
 
-from musicrec.listens import build_listens
+from musicrec.listens import Listens, build_listens
 from musicrec.ranker import (
     TrackFeatures,
     candidates,
@@ -61,6 +61,12 @@ def frame(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
     )
 
 
+def heard_pairs(listens: Listens) -> set[tuple[int, int]]:
+    """Every (user code, track code) the log holds."""
+    users = np.repeat(np.arange(listens.n_users), listens.counts())
+    return set(zip(users.tolist(), listens.track_codes.tolist(), strict=True))
+
+
 @pytest.fixture(scope="module")
 def fitted() -> tuple[TrainData, dict]:
     ids = sorted(ARTISTS)
@@ -85,14 +91,7 @@ def test_union_without_duplicates_or_heard_tracks(fitted: tuple[TrainData, dict]
     cand = candidates(data, sources, TrackFeatures.build(data), users, 3)
     keys = cand.local.astype(np.int64) * data.listens.n_tracks + cand.tracks
     assert np.unique(keys).size == keys.size
-    h = data.listens
-    heard = set(
-        zip(
-            np.repeat(np.arange(h.n_users), h.counts()).tolist(),
-            h.track_codes.tolist(),
-            strict=True,
-        )
-    )
+    heard = heard_pairs(data.listens)
     assert not any(
         (int(users[u]), int(t)) in heard for u, t in zip(cand.local, cand.tracks, strict=True)
     )
@@ -180,14 +179,7 @@ def test_final_lists_are_unheard_ranked_and_capped(
     local = lists.local()
     same = local[1:] == local[:-1]
     assert np.all(lists.scores[1:][same] <= lists.scores[:-1][same])
-    h = data.listens
-    heard = set(
-        zip(
-            np.repeat(np.arange(h.n_users), h.counts()).tolist(),
-            h.track_codes.tolist(),
-            strict=True,
-        )
-    )
+    heard = heard_pairs(data.listens)
     assert not any(
         (int(users[u]), int(t)) in heard for u, t in zip(local, lists.tracks, strict=True)
     )
