@@ -27,4 +27,5 @@ fi
 .venv/bin/python -m ruff format --check .
 .venv/bin/codespell
 .venv/bin/python -m mypy
-.venv/bin/python -m pytest -q "$@"
+# one test file per worker (--dist loadfile): a module's fixtures are built once
+.venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadfile "$@"

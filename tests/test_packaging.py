@@ -44,6 +44,7 @@ NOT_IMPORTED = {
     "scipy-stubs": "scipy's types, read by mypy",
     "codespell": "the spelling check, run as a command",
     "pre-commit": "runs the checks before each commit, a command",
+    "pytest-xdist": "a pytest plugin: run_tests.sh spreads the files over two workers",
 }
 
 
