@@ -252,6 +252,12 @@ class Artefacts:
     # artist of each catalogue row as a code (-1: none), for the per-artist cap
     foldin: online.FoldInModel | None = None
     artist_codes: np.ndarray | None = None
+    # answers computed from this set, per (user, k, blend, p), with the history they were
+    # computed from (``Recommendations.recommend``); dies with the set, so a reload never
+    # serves an answer of the old one
+    answers: dict[tuple[int, int, str, float], tuple[tuple[int, int], Answer]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def from_served(cls, arrays: dict[str, Any], **fields: Any) -> Artefacts:
@@ -579,6 +585,7 @@ class Recommendations:
         self._artefacts: Artefacts | None = None
         self._stats = dict.fromkeys(KINDS, 0)
         self._stats_lock = threading.Lock()
+        self._answers_lock = threading.Lock()
         self._reload_lock = threading.Lock()  # one load at a time (watcher, admin, signal)
         self.last_reload: dict[str, Any] | None = None
         self.watch: dict[str, Any] | None = None  # the manifest watch's state, for /health
@@ -708,6 +715,7 @@ class Recommendations:
                 read_timeout_ms=s.history_read_timeout_ms,
                 write_timeout_ms=s.history_write_timeout_ms,
                 idempotency_seconds=s.idempotency_seconds,
+                cache_events=s.history_cache_events,
             )
         if self._read_pool is None:
             self._read_pool = ThreadPoolExecutor(
@@ -731,6 +739,15 @@ class Recommendations:
             raise HistoryStoreBusy(
                 f"{self.store!r}: a read got no answer within {limit:.2f} s (locked?)"
             ) from exc
+
+    async def user_history(self, user_id: int) -> list[int]:
+        """The user's online history: from this worker's cache when no write to the user was
+        acknowledged since it was read (no thread hop, no query), else read in the read
+        threads (``read_store``)."""
+        hit = self.history.cached(user_id)
+        if hit is not None:
+            return hit
+        return await self.read_store(self.get_user_history, user_id)
 
     def close(self) -> None:
         if self.store is not None:
@@ -867,6 +884,44 @@ class Recommendations:
         art = art or self.artefacts
         if history is None:
             history = self.get_user_history(user_id)
+        key = (user_id, k, blend, p)
+        stamp = (len(history), hash(tuple(history)))
+        cached = art.answers.get(key)
+        if cached is not None and cached[0] == stamp:
+            answer = cached[1]
+        else:
+            answer = self._answer(art, user_id, k, blend, p, history)
+            self._keep_answer(art, key, stamp, answer)
+        with self._stats_lock:
+            for kind in answer.kinds:
+                self._stats[kind] += 1
+        if self.metrics is not None:
+            self.metrics.served(answer.kinds)
+        return Answer(list(answer.tracks), answer.kinds)
+
+    def _keep_answer(
+        self,
+        art: Artefacts,
+        key: tuple[int, int, str, float],
+        stamp: tuple[int, int],
+        answer: Answer,
+    ) -> None:
+        """Remember an answer for the same request with the same history (``answer_cache_users``
+        of them per worker, the oldest dropped first)."""
+        limit = self.settings.answer_cache_users
+        if limit <= 0:
+            return
+        with self._answers_lock:
+            answers = art.answers
+            answers.pop(key, None)
+            answers[key] = (stamp, answer)
+            while len(answers) > limit:
+                del answers[next(iter(answers))]
+
+    def _answer(
+        self, art: Artefacts, user_id: int, k: int, blend: str, p: float, history: list[int]
+    ) -> Answer:
+        """The list ``recommend`` serves, computed."""
         row = art.offline.values_of(user_id)  # None: no offline list for the user
         heard: set[int] | frozenset[int] = NOTHING_HEARD
         cap = self.settings.artist_cap
@@ -909,11 +964,6 @@ class Recommendations:
         tracks = self._fill(art, tracks[:n], heard, n)
         if cap > 0:
             tracks = online.cap_per_artist(tracks, art.artists_of(tracks), cap, k)
-        with self._stats_lock:
-            for kind in kinds:
-                self._stats[kind] += 1
-        if self.metrics is not None:
-            self.metrics.served(kinds)
         return Answer(tracks, kinds)
 
     def top_popular(self, k: int | None = None, art: Artefacts | None = None) -> list[int]:
@@ -1269,7 +1319,7 @@ class FastRecommendations:
             return
         user_id = int(user)
         art = recs._artefacts  # taken once: a reload mid-request does not mix two sets
-        history = await recs.read_store(recs.get_user_history, user_id)
+        history = await recs.user_history(user_id)
         answer = recs.recommend(user_id, query[0], query[1], query[2], art=art, history=history)
         body = orjson.dumps(answer.tracks)
         await send(
@@ -1736,7 +1786,7 @@ async def recommendations_get(
     details: Details = False,
 ) -> JSONBytes:
     recs, art = current(http)  # the hot path: no dependency resolution
-    history = await recs.read_store(recs.get_user_history, user_id)
+    history = await recs.user_history(user_id)
     answer = recs.recommend(user_id, k, blend, p, art=art, history=history)
     return _list_response(
         art,
@@ -1758,7 +1808,7 @@ async def recommendations_post(
 ) -> JSONBytes:
     recs, art = current(http)
     recs.check_k(request.k, ("body", "k"))
-    history = await recs.read_store(recs.get_user_history, request.user_id)
+    history = await recs.user_history(request.user_id)
     answer = recs.recommend(
         request.user_id, request.k, request.blend, request.p, art=art, history=history
     )

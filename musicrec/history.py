@@ -27,6 +27,15 @@ the OS page cache, which outlives the process) and is a few times faster per wri
 disks, but a power cut could then drop the last acknowledged events, which API.md forbids.
 It can be chosen per URL: ``sqlite:///history.db?synchronous=NORMAL``.
 
+Reads without SQLite: each process keeps the histories it read lately (``HistoryCache``),
+each valid while the change counter of its user's bucket is unchanged. The counters live in a
+small file beside the database (``<db>-changes``), mapped by every process that opens the
+store, and ``append`` adds one to the user's counter after its commit and before it answers.
+So a history read from the cache is never older than the last write any process acknowledged:
+the service answers a user whose history did not change without a thread hop and a query. A
+write made outside this class (the sqlite3 shell) is not counted; restart the service after
+one. WAL already needs every process on one machine, and so does the mapped file.
+
 Failures are typed so the service can answer each one properly: ``HistoryStoreBusy`` (the
 file is locked longer than the busy timeout: 503 with Retry-After), ``HistoryStoreFull`` (disk
 or ``max_page_count`` full: 507), ``HistoryStoreError`` (anything else: 503). Their messages
@@ -35,9 +44,12 @@ carry the path and SQLite's words for the log, not for clients.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import mmap
+import os
 import sqlite3
 import threading
 import time
@@ -54,6 +66,9 @@ SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 DEFAULT_MAX_EVENTS = 1_000
 DEFAULT_IDEMPOTENCY_SECONDS = 86_400.0
 MAX_KEY_LENGTH = 255
+
+CHANGE_BUCKETS = 1 << 18  # 2 MiB of counters: users share a bucket only ~1 in 262,144
+CHANGES_SUFFIX = "-changes"
 
 # primary result codes (https://sqlite.org/rescode.html); the extended code's low byte
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_FULL = 5, 6, 13
@@ -133,6 +148,11 @@ class HistoryStore(Protocol):
         added; ``[]`` for an unknown user."""
         ...
 
+    def cached(self, user_id: int) -> list[int] | None:
+        """``get``'s answer when this process can give it without the store (it never waits
+        for anything: safe on the event loop), else None."""
+        ...
+
     def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
         """The latest ``limit`` kept events with a position below ``before`` (all when None)."""
         ...
@@ -144,6 +164,82 @@ class HistoryStore(Protocol):
     def close(self) -> None:
         """Release the connections."""
         ...
+
+
+class ChangeCounters:
+    """One 64-bit change counter per bucket of users, in a file every process of the store
+    maps (``CHANGE_BUCKETS`` of them; a user's bucket is ``user_id % CHANGE_BUCKETS``). A
+    bump is a read-add-write under ``flock``, so two processes never lose one; a read is one
+    load from shared memory (8-byte aligned: never torn)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            size = CHANGE_BUCKETS * 8
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(self._fd).st_size < size:  # new (or short): zeros, never shrunk
+                    os.ftruncate(self._fd, size)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._map = mmap.mmap(self._fd, size)
+        except OSError:
+            os.close(self._fd)
+            raise
+        self._counts = memoryview(self._map).cast("Q")
+
+    def value(self, user_id: int) -> int:
+        return self._counts[user_id % CHANGE_BUCKETS]
+
+    def bump(self, user_id: int) -> None:
+        bucket = user_id % CHANGE_BUCKETS
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            self._counts[bucket] = (self._counts[bucket] + 1) & 0xFFFF_FFFF_FFFF_FFFF
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._counts.release()
+        self._map.close()
+        os.close(self._fd)
+
+
+class HistoryCache:
+    """The histories this process read lately, each with the change counter its user's
+    bucket had before the read: an entry is served only while that counter is unchanged,
+    i.e. no write to the bucket was acknowledged since (a write committed between the
+    counter and the read only makes the entry look stale sooner). At most ``max_events``
+    events are kept in all (an entry counts one more); the oldest entries go first."""
+
+    def __init__(self, counters: ChangeCounters, max_events: int) -> None:
+        self.counters = counters
+        self.max_events = int(max_events)
+        self._entries: dict[int, tuple[int, list[int]]] = {}
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, user_id: int) -> list[int] | None:
+        """The user's history (a copy) when the cached one is current, else None."""
+        entry = self._entries.get(user_id)
+        if entry is None or entry[0] != self.counters.value(user_id):
+            return None
+        return list(entry[1])
+
+    def put(self, user_id: int, version: int, history: list[int]) -> None:
+        """Keep ``history``, read after the counter was ``version``."""
+        if self.max_events <= 0:
+            return
+        with self._lock:
+            old = self._entries.pop(user_id, None)
+            if old is not None:
+                self._size -= len(old[1]) + 1
+            self._entries[user_id] = (version, history)
+            self._size += len(history) + 1
+            while self._size > self.max_events and self._entries:
+                oldest = next(iter(self._entries))
+                self._size -= len(self._entries.pop(oldest)[1]) + 1
 
 
 _TABLES = (
@@ -201,6 +297,7 @@ class SQLiteHistoryStore:
         read_timeout_ms: int = 20,
         max_events: int = DEFAULT_MAX_EVENTS,
         idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
+        cache_events: int = 0,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
@@ -234,13 +331,17 @@ class SQLiteHistoryStore:
                 raise HistoryStoreError(f"{self.path}: cannot switch to WAL (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self._create_schema(conn)
+            counters = ChangeCounters(self.path.with_name(self.path.name + CHANGES_SUFFIX))
         except (sqlite3.Error, OSError) as exc:
             raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
         self._conn: sqlite3.Connection | None = conn
+        self._counters = counters
+        self._cache = HistoryCache(counters, cache_events)
         try:
             self._read_connection()  # fail at start-up, not at the first request
         except HistoryStoreError:
             conn.close()
+            counters.close()
             raise
         log.info(
             "history store %s (WAL, synchronous=%s, at most %d events per user)",
@@ -349,6 +450,8 @@ class SQLiteHistoryStore:
                     raise
             except sqlite3.Error as exc:
                 raise self._error(exc, f"adding {len(ids)} events of user {user_id}") from exc
+            finally:  # before the answer: no cache serves this user's older history after it
+                self._counters.bump(user_id)
         return added
 
     def _append_in_transaction(
@@ -408,18 +511,22 @@ class SQLiteHistoryStore:
     # -- reads -------------------------------------------------------------------------------
 
     def get(self, user_id: int) -> list[int]:
+        user_id = int(user_id)
+        conn = self._read_connection()  # raises once the store is closed
+        version = self._counters.value(user_id)  # before the read (see HistoryCache)
         try:
-            rows = (
-                self._read_connection()
-                .execute(
-                    "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC LIMIT ?",
-                    (int(user_id), self.max_events),
-                )
-                .fetchall()
-            )
+            rows = conn.execute(
+                "SELECT track_id FROM history WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+                (user_id, self.max_events),
+            ).fetchall()
         except sqlite3.Error as exc:
             raise self._error(exc, f"reading the history of user {user_id}") from exc
-        return [row[0] for row in reversed(rows)]
+        history = [row[0] for row in reversed(rows)]
+        self._cache.put(user_id, version, history)
+        return list(history)
+
+    def cached(self, user_id: int) -> list[int] | None:
+        return None if self._closed else self._cache.get(int(user_id))
 
     def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
         conn = self._read_connection()
@@ -464,6 +571,8 @@ class SQLiteHistoryStore:
                 self._conn.close()
                 self._conn = None
         with self._readers_lock:
+            if not self._closed:
+                self._counters.close()
             self._closed = True
             for reader in self._readers:
                 reader.close()
@@ -481,6 +590,7 @@ def open_history_store(
     read_timeout_ms: int = 20,
     write_timeout_ms: int = 10_000,
     idempotency_seconds: float = DEFAULT_IDEMPOTENCY_SECONDS,
+    cache_events: int = 0,
 ) -> HistoryStore:
     """Open the store a URL names.
 
@@ -524,4 +634,5 @@ def open_history_store(
         read_timeout_ms=read_timeout_ms,
         max_events=max_events,
         idempotency_seconds=idempotency_seconds,
+        cache_events=cache_events,
     )

@@ -329,6 +329,11 @@ class RedisHistoryStore:
         )
         return [int(r) for r in rows]
 
+    def cached(self, user_id: int) -> list[int] | None:
+        """Never: replicas on other machines write to the same Redis, and this process
+        cannot see their writes without asking Redis."""
+        return None
+
     def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
         user_id = int(user_id)
         args = [int(limit), "" if before is None else int(before), self.max_events]

@@ -269,6 +269,20 @@ class Settings(BaseSettings):
         description="events kept per user; a write beyond it drops the oldest "
         "(retention by count, in the same transaction); reads never return more",
     )
+    history_cache_events: int = Field(
+        1_000_000,
+        ge=0,
+        description="events of recently read histories each worker keeps to answer "
+        "without the store while no write to the user was acknowledged (SQLite only: "
+        "change counters in a file beside it); about 40 bytes an event; 0: off",
+    )
+    answer_cache_users: int = Field(
+        100_000,
+        ge=0,
+        description="answers each worker keeps per (user, k, blend, p), served again "
+        "while the user's online history and the artefact set are unchanged (a few "
+        "hundred bytes each); 0: every request computed",
+    )
     history_page_default: int = Field(
         1_000, ge=1, description="events per GET /history page when no limit is given"
     )
