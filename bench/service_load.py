@@ -6,7 +6,10 @@ exist, then measures with ``wrk`` (bounded by duration; localhost only), in each
 rounds:
 
 * ``/recommendations/{user_id}`` for each kind of user alone — offline list only, offline +
-  online history (blend), online history only, neither (popular) — at 4 and 16 connections;
+  online history (blend), online history only, neither (popular) — at 4 and 16 connections,
+  on the service as configured (its read caches answer a user who asks again with the same
+  history) and on a second one with both caches off (every request reads the store and
+  computes its list: the cost of a user whose history just changed);
 * the bare ``async def`` endpoint (``bench/bare_app.py``, same uvicorn settings) before and
   after each connection block, so every ratio is to the bare rate measured in the same round
   on the same (shared, noisy) machine;
@@ -274,13 +277,15 @@ KIND_NAMES = {
 
 def measure_round(
     service: Server,
+    uncached: Server,
     bare: Server,
     kinds: dict[str, list[str]],
     others: dict[str, list[str]],
     args: argparse.Namespace,
     work: Path,
 ) -> dict[str, Any]:
-    """One round: per connection count the bare endpoint, each kind alone, the bare again."""
+    """One round: per connection count the bare endpoint, each kind alone (with the read
+    caches, then on the server without them), the bare again."""
     row: dict[str, Any] = {}
     bare_paths = [f"/bare/{i}" for i in range(1000)]
     for connections in (4, 16):
@@ -288,6 +293,9 @@ def measure_round(
         for kind, paths in kinds.items():
             row[f"{kind}_c{connections}"] = wrk(
                 service.url, paths, connections, args.duration, work
+            )
+            row[f"{kind}_uncached_c{connections}"] = wrk(
+                uncached.url, paths, connections, args.duration, work
             )
         after = wrk(bare.url, bare_paths, connections, args.duration, work)
         row[f"bare_c{connections}"] = {
@@ -355,6 +363,9 @@ def main() -> None:
         "OPENBLAS_NUM_THREADS": "1",
     }
     service = Server("recommendation_service:app", env, 1, work / "service.log")
+    # the same service with both read caches off: every request reads the store and computes
+    no_caches = {"MUSICREC_ANSWER_CACHE_USERS": "0", "MUSICREC_HISTORY_CACHE_EVENTS": "0"}
+    uncached = Server("recommendation_service:app", {**env, **no_caches}, 1, work / "u.log")
     bare = Server("bench.bare_app:app", env, 1, work / "bare.log")
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     results: dict[str, Any] = {
@@ -378,6 +389,7 @@ def main() -> None:
             flush=True,
         )
         bare.start("/bare/1")
+        uncached.start("/health")
         kinds = user_mix(args.parquet_dir, service, seed=0)
         tracks = requests.get(service.url + "/top_popular/100", timeout=10).json()
         others = {
@@ -392,7 +404,7 @@ def main() -> None:
             row = {
                 "run": run + 1,
                 "loadavg": os.getloadavg(),
-                **measure_round(service, bare, kinds, others, args, work),
+                **measure_round(service, uncached, bare, kinds, others, args, work),
             }
             rounds.append(row)
             print(
@@ -405,6 +417,7 @@ def main() -> None:
         mix = [p for group in zip(*kinds.values(), strict=True) for p in group]
     finally:
         service.stop()
+        uncached.stop()
         bare.stop()
     if args.memory_workers > 0:
         # the history written above stays in the same store: the workers see the same users
@@ -431,25 +444,35 @@ def report(results: dict[str, Any]) -> None:
         f"{results['startup_rss_gib']} GiB (peak {results['startup_peak_rss_gib']} GiB); "
         f"after the load {results['rss_after_gib']} GiB\n"
     )
-    print(
-        "| kind of user | rps c16 | x bare async (same round) | p99 c4 ms | p99 c16 ms | errors |"
-    )
-    print("|---|---|---|---|---|---|")
-    for kind in (*KIND_NAMES, "bare"):
-        c4 = [r[f"{kind}_c4"] for r in rounds]
-        c16 = [r[f"{kind}_c16"] for r in rounds]
-        ratios = [r[f"{kind}_c16"]["rps"] / r["bare_c16"]["rps"] for r in rounds]
-        errors = sum(x["non_2xx"] for x in c4 + c16)
-        name = KIND_NAMES.get(kind, "bare `async def`, 25 ints")
+    for suffix, title in (
+        ("", "with the read caches (the defaults): a user asking again, history unchanged"),
+        ("_uncached", "caches off: every request reads the store and computes its list"),
+    ):
+        print(f"\n{title}\n")
         print(
-            f"| {name} | {median_of(c16, 'rps'):.0f} | {statistics.median(ratios):.2f} "
-            f"({', '.join(f'{x:.2f}' for x in ratios)}) | {median_of(c4, 'p99_ms'):.2f} | "
-            f"{median_of(c16, 'p99_ms'):.2f} | {errors} |"
+            "| kind of user | rps c16 | x bare async (same round) | p99 c4 ms | p99 c16 ms "
+            "| errors |"
         )
+        print("|---|---|---|---|---|---|")
+        for kind in (*KIND_NAMES, "bare"):
+            key = kind if kind == "bare" else kind + suffix
+            c4 = [r[f"{key}_c4"] for r in rounds]
+            c16 = [r[f"{key}_c16"] for r in rounds]
+            ratios = [r[f"{key}_c16"]["rps"] / r["bare_c16"]["rps"] for r in rounds]
+            errors = sum(x["non_2xx"] for x in c4 + c16)
+            name = KIND_NAMES.get(kind, "bare `async def`, 25 ints")
+            print(
+                f"| {name} | {median_of(c16, 'rps'):.0f} | {statistics.median(ratios):.2f} "
+                f"({', '.join(f'{x:.2f}' for x in ratios)}) | {median_of(c4, 'p99_ms'):.2f} | "
+                f"{median_of(c16, 'p99_ms'):.2f} | {errors} |"
+            )
     others = [
         k[:-3]
         for k in rounds[0]
-        if k.endswith("_c4") and k[:-3] not in KIND_NAMES and k != "bare_c4"
+        if k.endswith("_c4")
+        and k[:-3] not in KIND_NAMES
+        and k != "bare_c4"
+        and not k.endswith("_uncached_c4")
     ]
     if others:
         print("\n| other endpoint | rps c4 | p99 c4 ms |\n|---|---|---|")

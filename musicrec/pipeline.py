@@ -688,18 +688,58 @@ def run_stage(stage: str, settings: Settings) -> None:
         served.publish(run.parquet)
 
 
+def new_staging(parquet: Path, run_id: str) -> Path:
+    """An empty staging folder ``.staging-<run_id>`` for a run's files, beside the artefacts
+    (same file system: moving a file in is a rename); folders left by killed runs are removed."""
+    for stale in parquet.glob(".staging-*"):  # left by a run that was killed
+        log.warning("removing %s, left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = parquet / f".staging-{run_id}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish_staged(
+    settings: Settings,
+    staging: Path,
+    run_id: str,
+    timings: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Publish the run staged in ``staging`` once all its stages succeeded (``run_all`` and
+    the Spark engine): the served form written beside its tables, every artefact moved in
+    (one this run did not make is removed: no stale copy stays), the work files it staged in
+    ``staging/work`` moved into ``work/``, then the manifest (with ``extra``) written last and
+    the run archived (``runs/<run_id>/``, ``runs/current``). The caller removes ``staging``."""
+    parquet = Path(settings.parquet_dir)
+    served_entries = _write_served(parquet, staging)
+    for name in (*ARTEFACTS, *served.SERVED_FILES, *served.ALS_NAMES):
+        if (staging / name).exists():
+            os.replace(staging / name, parquet / name)
+        else:  # not made by this run (e.g. no ranker was trained): no stale copy stays
+            (parquet / name).unlink(missing_ok=True)
+    staged_work = staging / WORK_DIR
+    if staged_work.is_dir():
+        (parquet / WORK_DIR).mkdir(exist_ok=True)
+        for path in sorted(p for p in staged_work.iterdir() if p.is_file()):
+            os.replace(path, parquet / WORK_DIR / path.name)
+    manifest = build_manifest(settings, run_id, timings, served_entries)
+    manifest.update(extra or {})
+    manifest["code"] = runs.code_version()  # versioned runs (musicrec.runs)
+    manifest["input"] = runs.input_fingerprint(parquet)
+    io.write_json(manifest, parquet / io.MANIFEST)
+    runs.archive(parquet, manifest)  # runs/<run_id>/ (hard links) and runs/current
+    return manifest
+
+
 def run_all(settings: Settings) -> dict:
     """Every stage from prepared data to metrics; the new artefact set replaces the old one
     only when all stages succeeded. Returns the manifest."""
     parquet = Path(settings.parquet_dir)
     if not (parquet / io.EVENTS).exists():
         raise DataError(f"{parquet / io.EVENTS} not found: run `python -m musicrec prepare`")
-    for stale in parquet.glob(".staging-*"):  # left by a run that was killed
-        log.warning("removing %s, left by an interrupted run", stale)
-        shutil.rmtree(stale, ignore_errors=True)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    staging = parquet / f".staging-{run_id}"
-    staging.mkdir(parents=True)
+    staging = new_staging(parquet, run_id)
     run = RunContext(settings, staging, keep_events=True)
     timings: dict[str, float] = {}
     try:
@@ -708,19 +748,9 @@ def run_all(settings: Settings) -> dict:
                 steps.step(f"stage {stage}")
                 timings[stage] = _timed(stage, run)
         del run  # frees the event log before the served form is decoded
-        served_entries = _write_served(parquet, staging)
-        for name in (*ARTEFACTS, *served.SERVED_FILES, *served.ALS_NAMES):
-            if (staging / name).exists():
-                os.replace(staging / name, parquet / name)
-            else:  # not made by this run (e.g. no ranker was trained): no stale copy stays
-                (parquet / name).unlink(missing_ok=True)
+        manifest = publish_staged(settings, staging, run_id, timings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = build_manifest(settings, run_id, timings, served_entries)
-    manifest["code"] = runs.code_version()  # versioned runs (musicrec.runs)
-    manifest["input"] = runs.input_fingerprint(parquet)
-    io.write_json(manifest, parquet / io.MANIFEST)
-    runs.archive(parquet, manifest)  # runs/<run_id>/ (hard links) and runs/current
     log.info(
         "run %s: %s",
         run_id,

@@ -9,9 +9,13 @@ parquet and write the same files as the in-process engine — ``items.parquet``,
 ``events.parquet``, ``work/split.json``, ``top_popular.parquet``, ``personal_als.parquet`` —
 plus, so the service can start on the folder, ``similar.parquet`` (neighbours by the ALS item
 factors), ``recommendations.parquet`` (the ALS lists: the served model is ALS; the ranker
-and the other sources are in-process stages), the served (memory-mapped) form and the
-manifest with the same fields. The in-process stages (search, rank, evaluate, serve) can run
-afterwards on the same folder.
+and the other sources are in-process stages), the served (memory-mapped) form with the ALS
+model of the service's fold-in (``served.ALS_FILES``, :func:`fold_in_factors`) and the
+manifest with the same fields. Like ``run_all``, a run writes into a staging folder and is
+published only when every step succeeded (``pipeline.publish_staged``: files moved in, the
+manifest last, the run archived under ``runs/``), so a failed run leaves the previous set
+as it was. The in-process stages (search, rank, evaluate, serve) can run afterwards on the
+same folder.
 
 What still passes through one process (the driver), and why:
 
@@ -25,6 +29,10 @@ What still passes through one process (the driver), and why:
   at 1 M tracks x 64 factors); users are scored over partitions with ``mapInPandas``.
 - the similar-track lists and the served form (the service's arrays) are built by the driver
   from the item factors and the written files, like the in-process engine does.
+- the fold-in model (:func:`fold_in_factors`): every user's factors (users x factors floats,
+  350 MB at 1.37 M users x 64) and the (user, track) pairs of the ALS matrix (8 bytes a pair
+  as collected, 1.8 GB for the full log's pairs, plus 4 a pair for their codes) are collected
+  to the driver, which clusters the item factors and writes the service's arrays.
 """
 
 from __future__ import annotations
@@ -47,11 +55,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
 from musicrec import io, served
-from musicrec.als import recs_frame
+from musicrec.als import als_from_factors, recs_frame
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
+from musicrec.online import fold_in_arrays
 from musicrec.settings import Settings
 from musicrec.sources import AlsSource, PopularSource
 from musicrec.split import SplitDates, split_from_day_counts
@@ -65,6 +75,7 @@ WORK_DIR = "work"  # the pipeline's work folder (musicrec.pipeline.WORK_DIR)
 SPLIT_JSON = "split.json"
 SEARCH_JSON = "search.json"
 SELECTION_JSON = "selection.json"
+CODE_CHUNK = 8_000_000  # collected pairs turned into codes at once (bounded temporaries)
 SCORE_BATCH = 1_024  # users scored at once inside a task (a batch x tracks score matrix)
 JAVA_PACKAGE = "openjdk-17-jre-headless"
 
@@ -468,6 +479,113 @@ def score_users(
     return rows.mapInPandas(top, schema)
 
 
+def collect_table(frame: DataFrame, scratch: Path) -> pa.Table:
+    """A Spark DataFrame read into the driver as one Arrow table, in the frame's order: the
+    executors write parquet part files into ``scratch`` (shared storage, as ``write_single``),
+    the driver reads them with pyarrow (no pandas objects, no copy held by the JVM)."""
+    folder = Path(tempfile.mkdtemp(prefix=".collect.", dir=scratch))
+    try:
+        frame.write.mode("overwrite").parquet(str(folder / "parts"))
+        parts = sorted((folder / "parts").glob("part-*.parquet"))  # part numbers keep order
+        tables = [pq.read_table(part) for part in parts]
+        schema = tables[0].schema if tables else None
+        return pa.concat_tables(tables) if schema is not None else pa.table({})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def served_regularization(reg_param: float, ratings_per_user: np.ndarray) -> float:
+    """The one regularization the fold-in serves for a Spark model: Spark (ALS-WR) solved each
+    user's vector with ``reg_param * n_u`` (``n_u``: the user's tracks in the matrix), the
+    service's fold-in takes one number for everyone: the median user's, ``reg_param`` times
+    the median ``n_u`` (README, "Engines": what this changes)."""
+    if ratings_per_user.size == 0:
+        return float(reg_param)
+    return float(reg_param) * float(np.median(ratings_per_user))
+
+
+def _codes(ids: np.ndarray, values: np.ndarray, what: str) -> np.ndarray:
+    """Positions of ``values`` in the sorted ``ids``; DataError when one is not there."""
+    codes = np.searchsorted(ids, values)
+    inside = codes < ids.size
+    if not (inside.all() and np.array_equal(ids[codes], values)):
+        raise DataError(f"the ALS matrix holds {what} the Spark model has no factors of")
+    return codes
+
+
+def fold_in_factors(
+    model: Any,
+    matrix: DataFrame,
+    params: dict[str, Any],
+    scratch: Path,
+    items: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The service's fold-in arrays (keys of ``served.ALS_FILES``) of a Spark ALS model, made
+    by the in-process code (``online.fold_in_arrays`` over ``als.als_from_factors``): item
+    factors grouped by IVF cluster, YtY, the users' factors, the tracks each user heard in
+    ``matrix`` (the (user, track, strength) frame the model was fitted on), alpha (the same
+    confidence 1 + alpha * strength) and the regularization of :func:`served_regularization`.
+
+    Collected to the driver (for the service's files, which are one process's arrays): every
+    user's factors and the (user, track) pairs of the matrix, sorted by Spark. ``items``: the
+    (track ids, factors) of :func:`item_factors` when the caller has them. Returns the arrays
+    and what the regularization was made of (for the manifest)."""
+    from pyspark.sql import functions as F
+
+    started = time.perf_counter()
+    track_ids, factors = items if items is not None else item_factors(model)
+    users = collect_table(model.userFactors.orderBy("id"), scratch)
+    user_ids = users.column("id").to_numpy().astype(np.int32)
+    rank = factors.shape[1]
+    user_factors = (
+        users.column("features").combine_chunks().flatten().to_numpy().astype(np.float32)
+    ).reshape(user_ids.size, rank)
+    del users
+    pairs = collect_table(
+        matrix.select(F.col(C.user).cast("int"), F.col(C.track).cast("int")).orderBy(
+            C.user, C.track
+        ),
+        scratch,
+    )
+    # codes a chunk at a time into int32: 4 bytes a pair beside the collected 8, not 24
+    track_codes = np.empty(pairs.num_rows, dtype=np.int32)
+    per_user = np.zeros(user_ids.size, dtype=np.int64)
+    for start in range(0, pairs.num_rows, CODE_CHUNK):
+        chunk = pairs.slice(start, CODE_CHUNK)
+        users_of = _codes(user_ids, chunk.column(C.user).to_numpy(), "users")
+        per_user += np.bincount(users_of, minlength=user_ids.size)
+        tracks_of = _codes(track_ids, chunk.column(C.track).to_numpy(), "tracks")
+        track_codes[start : start + chunk.num_rows] = tracks_of
+    del pairs
+    offsets = np.zeros(user_ids.size + 1, dtype=np.int64)
+    np.cumsum(per_user, out=offsets[1:])
+    heard = sp.csr_matrix(
+        (np.ones(track_codes.size, dtype=np.int8), track_codes, offsets),
+        shape=(user_ids.size, track_ids.size),
+    )
+    ratings = np.diff(offsets)
+    log.info(
+        "fold-in: collected %d users' factors and %d (user, track) pairs in %.1f s",
+        user_ids.size,
+        track_codes.size,
+        time.perf_counter() - started,
+    )
+    regularization = served_regularization(float(params["regularization"]), ratings)
+    arrays = fold_in_arrays(
+        als_from_factors(user_factors, factors, user_ids, track_ids, heard),
+        np.bincount(track_codes, minlength=track_ids.size),  # listeners per track
+        regularization,
+        float(params["alpha"]),
+    )
+    info = {
+        "reg_param": float(params["regularization"]),
+        "median_tracks_per_user": float(np.median(ratings)) if ratings.size else 0.0,
+        "regularization": regularization,
+        "alpha": float(params["alpha"]),
+    }
+    return arrays, info
+
+
 def similar_from_factors(ids: np.ndarray, factors: np.ndarray, n: int) -> pd.DataFrame:
     """Each track's ``n`` nearest tracks by cosine of the ALS item factors, scaled to its best
     neighbour (as the serve stage does), in blocks of tracks (catalogue-sized, driver)."""
@@ -497,85 +615,91 @@ def similar_from_factors(ids: np.ndarray, factors: np.ndarray, n: int) -> pd.Dat
 
 def run_spark(settings: Settings, spark: SparkSession | None = None) -> dict:
     """Split, top popular and ALS on Spark from ``events.parquet``; writes the same artefacts
-    and manifest fields as ``musicrec run`` for them (the served model is ALS). Returns the
-    manifest."""
-    from musicrec.pipeline import build_manifest
+    and manifest fields as ``musicrec run`` for them (the served model is ALS), with the ALS
+    model of the service's fold-in. Every file is written into a staging folder and published
+    only when all steps succeeded (``pipeline.publish_staged``, as ``run_all``: the manifest
+    last, the run archived under ``runs/``); a failure leaves the previous set untouched.
+    Returns the manifest."""
+    from musicrec.pipeline import new_staging, publish_staged
 
     spark = spark or spark_session(settings)
     parquet = Path(settings.parquet_dir)
-    work = parquet / WORK_DIR
-    work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-spark-" + uuid.uuid4().hex[:6]
-    spark.sparkContext.setCheckpointDir(str(work / "spark-checkpoints"))
+    events = read_log(spark, parquet)  # raises before anything is made when not prepared
+    staging = new_staging(parquet, run_id)
+    work = staging / WORK_DIR  # moved into work/ on publishing
+    work.mkdir()
+    try:
+        spark.sparkContext.setCheckpointDir(str(staging / "spark-checkpoints"))
+        started = time.perf_counter()
+        events = events.persist()
+        counts = day_counts(events)
+        dates = split_from_counts(counts, settings)
+        io.write_json(dates.as_dict(), work / SPLIT_JSON)
+        timings["split"] = time.perf_counter() - started
+        log.info("spark split: %s", dates.as_dict())
 
-    started = time.perf_counter()
-    events = read_log(spark, parquet).persist()
-    counts = day_counts(events)
-    dates = split_from_counts(counts, settings)
-    io.write_json(dates.as_dict(), work / SPLIT_JSON)
-    timings["split"] = time.perf_counter() - started
-    log.info("spark split: %s", dates.as_dict())
+        started = time.perf_counter()
+        cutoff = dates.last_day + 1  # the whole log, as the serve stage
+        days = counts.index.to_numpy()
+        granularity = _granularity(days)
+        popular_params = PopularSource.space(settings)[0]
+        window = window_days(popular_params["window"], dates.first_day, cutoff, granularity)
+        io.write_table(
+            popular_spark(events, cutoff, window), staging / io.TOP_POPULAR, io.POPULAR_SCHEMA
+        )
+        timings["popular"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    cutoff = dates.last_day + 1  # the whole log, as the serve stage
-    days = counts.index.to_numpy()
-    granularity = _granularity(days)
-    popular_params = PopularSource.space(settings)[0]
-    window = window_days(popular_params["window"], dates.first_day, cutoff, granularity)
-    io.write_table(
-        popular_spark(events, cutoff, window), parquet / io.TOP_POPULAR, io.POPULAR_SCHEMA
-    )
-    timings["popular"] = time.perf_counter() - started
+        started = time.perf_counter()
+        params = AlsSource.space(settings)[1]  # the configured ALS
+        half_life = window_days(params["half_life"], dates.first_day, cutoff, granularity)
+        matrix = strength_matrix(events, cutoff, half_life)
+        model = fit_als(matrix, params, settings)
+        lists = score_users(model, events, cutoff, settings.n_recommendations)
+        write_single(lists.orderBy(C.user, C.rank), staging / io.PERSONAL_ALS, io.RECS_SCHEMA)
+        shutil.copyfile(staging / io.PERSONAL_ALS, staging / io.RECOMMENDATIONS)
+        ids, factors = item_factors(model)
+        io.write_table(
+            similar_from_factors(ids, factors, settings.n_similar),
+            staging / io.SIMILAR,
+            io.SIMILAR_SCHEMA,
+        )
+        timings["als"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    params = AlsSource.space(settings)[1]  # the configured ALS
-    half_life = window_days(params["half_life"], dates.first_day, cutoff, granularity)
-    model = fit_als(strength_matrix(events, cutoff, half_life), params, settings)
-    lists = score_users(model, events, cutoff, settings.n_recommendations).orderBy(C.user, C.rank)
-    write_single(lists, parquet / io.PERSONAL_ALS, io.RECS_SCHEMA)
-    shutil.copyfile(parquet / io.PERSONAL_ALS, parquet / io.RECOMMENDATIONS)
-    ids, factors = item_factors(model)
-    io.write_table(
-        similar_from_factors(ids, factors, settings.n_similar),
-        parquet / io.SIMILAR,
-        io.SIMILAR_SCHEMA,
-    )
-    timings["als"] = time.perf_counter() - started
-    events.unpersist()
+        started = time.perf_counter()
+        arrays, fold_in = fold_in_factors(model, matrix, params, staging, (ids, factors))
+        served.write_factors(arrays, staging)
+        del arrays
+        timings["fold_in"] = time.perf_counter() - started
+        events.unpersist()
 
-    io.write_json(
-        {
-            "popular": {"params": popular_params, "ndcg": None},
-            "als": {"params": params, "ndcg": None},
-        },
-        work / SEARCH_JSON,
-    )
-    io.write_json(
-        {
-            "winner": "als",
-            "reason": "engine spark: ALS lists are served (the "
-            "ranker and the other sources run in process)",
-            "engine": "spark",
-        },
-        work / SELECTION_JSON,
-    )
-    for stale in (
-        io.RANKER_MODEL,
-        io.METRICS,
-        io.CANDIDATE_RECALL,
-        io.METRICS_PNG,
-        *served.ALS_NAMES,
-    ):
-        (parquet / stale).unlink(missing_ok=True)  # not made by this run
-    entries = served.write_served({name: parquet / name for name in served.SOURCE_FILES}, parquet)
-    manifest = build_manifest(settings, run_id, timings, entries)
-    manifest["engine"] = {
-        "name": "spark",
-        "master": spark.sparkContext.master,
-        "spark_version": spark.version,
-    }
-    io.write_json(manifest, parquet / io.MANIFEST)
+        io.write_json(
+            {
+                "popular": {"params": popular_params, "ndcg": None},
+                "als": {"params": params, "ndcg": None},
+            },
+            work / SEARCH_JSON,
+        )
+        io.write_json(
+            {
+                "winner": "als",
+                "reason": "engine spark: ALS lists are served (the "
+                "ranker and the other sources run in process)",
+                "engine": "spark",
+            },
+            work / SELECTION_JSON,
+        )
+        engine = {
+            "name": "spark",
+            "master": spark.sparkContext.master,
+            "spark_version": spark.version,
+            "fold_in": fold_in,
+        }
+        manifest = publish_staged(settings, staging, run_id, timings, {"engine": engine})
+    finally:
+        events.unpersist()
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("spark run %s: %s", run_id, ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return json.loads(json.dumps(manifest, default=str))
 

@@ -1,6 +1,7 @@
 """The Spark engine in local mode on the tiny preset: the same prepared files as the in-process
 ``prepare``, the same split and top popular as the in-process code, ALS lists scored over user
-partitions that leave heard tracks out, and a folder the service starts on.
+partitions that leave heard tracks out, a folder the service starts on and serves fold-in
+from, and a run published all or nothing.
 
 One Spark session (local[2], 2 partitions) and one prepared + run folder serve every test of
 the module; ALS runs 2 iterations (the engine, not the model's quality, is tested here).
@@ -18,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from musicrec import io
+from musicrec import io, online, runs, served
 from musicrec.columns import Columns as C
 from musicrec.listens import build_listens
 from musicrec.pipeline import _popular_table
 from musicrec.prepare import prepare_files
 from musicrec.settings import Settings
-from musicrec.sources import PopularSource, TrainData
-from musicrec.split import split_dates
+from musicrec.sources import AlsSource, PopularSource, TrainData
+from musicrec.split import SplitDates, split_dates
 
 JAVA = "openjdk-17-jre-headless"
 
@@ -122,7 +123,7 @@ def test_the_service_starts_on_the_spark_folder(folders: dict[str, Path]) -> Non
     manifest = io.read_json(folders["spark"] / io.MANIFEST)
     assert manifest["engine"]["name"] == "spark"
     assert manifest["selection"]["winner"] == "als"
-    assert set(manifest["stage_seconds"]) == {"split", "popular", "als"}
+    assert set(manifest["stage_seconds"]) == {"split", "popular", "als", "fold_in"}
     assert manifest["split"] == io.read_json(folders["spark"] / "work" / "split.json")
     settings = _settings(folders["data"], folders["spark"])
     recs = pq.read_table(folders["spark"] / io.RECOMMENDATIONS).to_pandas()
@@ -161,3 +162,141 @@ def test_the_command_line_selects_the_engine(
     monkeypatch.setenv("MUSICREC_ENGINE", "spark")
     assert main(["run", "--parquet-dir", str(tmp_path)]) == 0
     assert calls == [("run", "spark"), ("prepare", "spark"), ("run", "spark")]
+
+
+def _fold_in_model(folder: Path) -> online.FoldInModel:
+    manifest = io.read_json(folder / io.MANIFEST)
+    assert served.verify_files(folder, manifest)  # sizes and CRC-32 of every served file
+    arrays, _ = served.open_served(folder, manifest)
+    factors = served.factor_arrays(arrays)
+    assert factors is not None, "no fold-in files"
+    return online.model_from_arrays(factors)
+
+
+def test_the_fold_in_files_are_published_with_checksums(folders: dict[str, Path]) -> None:
+    folder = folders["spark"]
+    artefacts = io.read_json(folder / io.MANIFEST)["artefacts"]
+    for name in served.ALS_NAMES:
+        assert (folder / name).exists(), name
+        assert artefacts[name]["crc32"] == served.file_crc32(folder / name), name
+    model = _fold_in_model(folder)
+    events = io.read_events(folders["local"] / io.EVENTS)
+    assert model.user_ids.tolist() == sorted(set(events[C.user]))
+    assert sorted(model.track_ids.tolist()) == sorted(set(events[C.track]))
+    heard = events.groupby(C.user)[C.track].apply(set)
+    for position, user in enumerate(model.user_ids.tolist()):  # the rows each user heard
+        assert set(model.track_ids[model.heard_of(position)].tolist()) == heard[user], user
+    y = np.asarray(model.item_factors, dtype=np.float64)
+    np.testing.assert_allclose(model.gram, y.T @ y, rtol=1e-6)
+
+
+def test_fold_in_solves_the_spark_users_as_spark_did(
+    spark: object, folders: dict[str, Path]
+) -> None:
+    """The served item factors, gram, heard rows and alpha reproduce Spark's own user vectors
+    with the regularization Spark applied (regParam x the user's tracks, ALS-WR); the served
+    scalar is that of the median user (``served_regularization``)."""
+    from musicrec.spark_engine import (
+        _granularity,
+        day_counts,
+        read_log,
+        strength_matrix,
+        window_days,
+    )
+
+    folder = folders["spark"]
+    settings = _settings(folders["data"], folder)
+    model = _fold_in_model(folder)
+    fold = io.read_json(folder / io.MANIFEST)["engine"]["fold_in"]
+    params = AlsSource.space(settings)[1]
+    assert fold["reg_param"] == params["regularization"] and model.alpha == params["alpha"]
+    lengths = np.diff(np.asarray(model.heard_offsets))
+    assert model.regularization == pytest.approx(params["regularization"] * np.median(lengths))
+    dates = SplitDates.from_dict(io.read_json(folder / "work" / "split.json"))
+    events = read_log(spark, folder)  # type: ignore[arg-type]
+    days = day_counts(events).index.to_numpy()
+    cutoff = dates.last_day + 1
+    half_life = window_days(params["half_life"], dates.first_day, cutoff, _granularity(days))
+    strengths = strength_matrix(events, cutoff, half_life).toPandas()
+    for position in (0, 7, len(model.user_ids) // 2, len(model.user_ids) - 1):
+        mine = strengths[strengths[C.user] == int(model.user_ids[position])]
+        rows = model.rows_of(mine[C.track].to_numpy())
+        confidence = 1.0 + model.alpha * mine["strength"].to_numpy()
+        spark_reg = params["regularization"] * len(mine)
+        vector, _ = online.fold_in(model.item_factors, model.gram, spark_reg, rows, confidence)
+        np.testing.assert_allclose(vector, model.user_factors[position], rtol=1e-4, atol=1e-6)
+
+
+def test_an_online_user_of_the_spark_folder_gets_fold_in(folders: dict[str, Path]) -> None:
+    from recommendation_service import Recommendations
+
+    folder = folders["spark"]
+    service = Recommendations(_settings(folders["data"], folder))
+    service.load(folder)
+    events = io.read_events(folders["local"] / io.EVENTS)
+    recs = pq.read_table(folder / io.RECOMMENDATIONS).to_pandas()
+    user = int(recs[C.user].iloc[0])
+    offline = recs[recs[C.user] == user][C.track].tolist()
+    history = offline[:3]  # online events: tracks the offline list proposed
+    answer = service.recommend(user, 10, history=history)
+    assert answer.kinds == ("fold-in",)
+    assert len(answer.tracks) == 10
+    heard = set(events[events[C.user] == user][C.track]) | set(history)
+    assert not heard & set(answer.tracks)  # nothing heard offline or online
+    new_user = int(events[C.user].max()) + 1  # not in the log: fold-in from the events alone
+    answer = service.recommend(new_user, 10, history=history)
+    assert answer.kinds == ("fold-in",) and not set(history) & set(answer.tracks)
+    assert len(answer.tracks) == 10
+
+
+def test_the_spark_run_is_archived(folders: dict[str, Path]) -> None:
+    folder = folders["spark"]
+    manifest = io.read_json(folder / io.MANIFEST)
+    assert runs.current_run(folder) == manifest["run_id"]
+    kept = folder / runs.RUNS_DIR / manifest["run_id"]
+    assert (kept / io.MANIFEST).read_bytes() == (folder / io.MANIFEST).read_bytes()
+    for name in (io.RECOMMENDATIONS, *served.ALS_NAMES):
+        assert (kept / name).samefile(folder / name), name  # hard links of the published files
+    assert not list(folder.glob(".staging-*"))
+    assert manifest["code"]["package_version"] and manifest["input"][io.EVENTS]["sha256"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.name.startswith("history.db")
+    }
+
+
+def test_a_failed_spark_run_leaves_the_previous_set(
+    spark: object, folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run failing in its ALS step (split and top popular already made, from a log that
+    changed since the last run) changes no file of the folder, manifest and work files
+    included, and leaves no staging folder."""
+    import pyarrow.compute as pc
+
+    import musicrec.spark_engine as engine
+
+    folder = tmp_path / "parquet"
+    shutil.copytree(folders["spark"], folder, symlinks=True)
+    events = pq.read_table(folder / io.EVENTS)
+    io.write_table(
+        events.filter(pc.not_equal(pc.bit_wise_and(events[C.user], 3), 0)), folder / io.EVENTS
+    )
+    before = _snapshot(folder)
+    assert io.MANIFEST in before and served.ALS_NAMES[0] in before
+
+    def fail(*args: object, **kwargs: object) -> None:
+        (staged,) = folder.glob(f".staging-*/{io.TOP_POPULAR}")  # made from the new log
+        assert staged.read_bytes() != before[io.TOP_POPULAR]
+        assert list(folder.glob(".staging-*/work/split.json"))
+        raise RuntimeError("ALS failed")
+
+    monkeypatch.setattr(engine, "fit_als", fail)
+    with pytest.raises(RuntimeError, match="ALS failed"):
+        engine.run_spark(_settings(folders["data"], folder), spark)  # type: ignore[arg-type]
+    assert _snapshot(folder) == before
+    assert not list(folder.glob(".staging-*"))
+    assert runs.current_run(folder) == io.read_json(folder / io.MANIFEST)["run_id"]
