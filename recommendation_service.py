@@ -742,11 +742,17 @@ class Recommendations:
 
     async def user_history(self, user_id: int) -> list[int]:
         """The user's online history: from this worker's cache when no write to the user was
-        acknowledged since it was read (no thread hop, no query), else read in the read
-        threads (``read_store``)."""
-        hit = self.history.cached(user_id)
+        acknowledged since it was read (SQLite: no thread hop, no query), from the store on
+        the event loop when it reads asynchronously (Redis), else in the read threads
+        (``read_store``)."""
+        store = self.history
+        hit = store.cached(user_id)
         if hit is not None:
             return hit
+        aget = getattr(store, "aget", None)
+        if aget is not None:
+            history: list[int] = await aget(user_id)
+            return history
         return await self.read_store(self.get_user_history, user_id)
 
     def close(self) -> None:
@@ -2050,6 +2056,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stop.set()
             app.state.recs = None
             app.state.metrics = None
+            aclose = getattr(recs.store, "aclose", None)
+            if aclose is not None:  # the store's asyncio connections, on this loop
+                await aclose()
             recs.close()
             if recs.metrics is not None:
                 recs.metrics.close()

@@ -40,6 +40,7 @@ AOF that cannot be written for lack of disk → ``HistoryStoreFull`` (507).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -48,6 +49,8 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import NoBackoff
 from redis.exceptions import BusyLoadingError, OutOfMemoryError
 from redis.retry import Retry
@@ -161,7 +164,9 @@ class RedisHistoryStore:
 
     Two connection pools per process: reads time out after ``read_timeout_ms`` (the service
     answers 503 rather than waiting), writes after ``write_timeout_ms`` (an fsync of the AOF
-    per write under ``appendfsync always``). redis-py's pools are thread-safe.
+    per write under ``appendfsync always``). redis-py's pools are thread-safe. ``aget`` reads
+    on the caller's event loop through a third, asyncio pool (made per loop, on first use),
+    with the reads' timeout: the service's list requests wait for Redis without a thread hop.
     """
 
     def __init__(
@@ -183,6 +188,8 @@ class RedisHistoryStore:
         # replaces; the service's own deadline (read timeout + margin) bounds the request
         read_timeout = max(read_timeout_ms, 100) / 1000
         write_timeout = max(write_timeout_ms, 100) / 1000
+        self._client_url, self._read_timeout = client_url, read_timeout
+        self._async: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
         self._reader = redis.Redis.from_url(
             client_url,
             socket_timeout=read_timeout,
@@ -328,6 +335,34 @@ class RedisHistoryStore:
             lambda: self._reader.lrange(self._events_key(user_id), -self.max_events, -1),
         )
         return [int(r) for r in rows]
+
+    async def aget(self, user_id: int) -> list[int]:
+        """``get`` on the running event loop: one LRANGE, bounded by the reads' timeout."""
+        self._check_open()
+        user_id = int(user_id)
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            client = redis.asyncio.Redis.from_url(
+                self._client_url,
+                socket_timeout=self._read_timeout,
+                socket_connect_timeout=self._read_timeout,
+                retry=redis.asyncio.retry.Retry(NoBackoff(), 1),
+                decode_responses=False,
+            )
+            self._async = (loop, client)
+        try:
+            rows = await self._async[1].lrange(self._events_key(user_id), -self.max_events, -1)
+        except redis.RedisError as exc:
+            raise self._error(exc, f"reading the history of user {user_id}") from exc
+        return [int(r) for r in rows]
+
+    async def aclose(self) -> None:
+        """Close the asyncio pool (on the loop that made it)."""
+        if self._async is not None:
+            loop, client = self._async
+            self._async = None
+            if loop is asyncio.get_running_loop():
+                await client.aclose()
 
     def cached(self, user_id: int) -> list[int] | None:
         """Never: replicas on other machines write to the same Redis, and this process

@@ -7,6 +7,7 @@ The contract tests common to both stores are in test_history.py (``backend`` fix
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -53,6 +54,27 @@ def test_durability_is_read_from_the_server(
     assert "appendfsync everysec" in caplog.text
     with pytest.raises(HistoryStoreError, match="cannot open history store"):
         open_history_store("redis://:secret@127.0.0.1:1/0")  # nothing listens on port 1
+
+
+def test_reads_on_the_event_loop_match_the_threaded_ones(tmp_path: Path) -> None:
+    """``aget`` (asyncio, the service's list path) gives ``get``'s answer, on every loop
+    that asks, and the typed error when Redis is gone."""
+    with RedisServer(tmp_path / "r") as own:
+        store = RedisHistoryStore(own.url, max_events=3)
+        store.add(1, [10, 20, 30, 40])
+
+        async def read(user: int) -> list[int]:
+            try:
+                return await store.aget(user)
+            finally:
+                await store.aclose()
+
+        assert asyncio.run(read(1)) == store.get(1) == [20, 30, 40]
+        assert asyncio.run(read(2)) == []  # a second loop gets a pool of its own
+        own.kill()
+        with pytest.raises(HistoryStoreError, match="reading the history of user 1"):
+            asyncio.run(read(1))
+        store.close()
 
 
 def test_the_password_stays_out_of_repr_and_errors(tmp_path: Path) -> None:
@@ -130,6 +152,7 @@ def test_redis_down_is_503_and_out_of_memory_507(
             own.start()
             assert client.post("/history/9", json=[50]).json()["history_length"] == 2
             assert client.get("/history/9").json() == [10, 50]
+            assert client.get("/recommendations/9").status_code == 200  # reads reconnect
             assert client.get("/health").status_code == 200
         assert "OutOfMemoryError" in caplog.text  # the cause is in the log
 
