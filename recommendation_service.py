@@ -890,14 +890,17 @@ class Recommendations:
         art = art or self.artefacts
         if history is None:
             history = self.get_user_history(user_id)
-        key = (user_id, k, blend, p)
-        stamp = (len(history), hash(tuple(history)))
-        cached = art.answers.get(key)
-        if cached is not None and cached[0] == stamp:
-            answer = cached[1]
+        if self.settings.answer_cache_users > 0:
+            key = (user_id, k, blend, p)
+            stamp = (len(history), hash(tuple(history)))
+            cached = art.answers.get(key)
+            if cached is not None and cached[0] == stamp:
+                answer = cached[1]
+            else:
+                answer = self._answer(art, user_id, k, blend, p, history)
+                self._keep_answer(art, key, stamp, answer)
         else:
             answer = self._answer(art, user_id, k, blend, p, history)
-            self._keep_answer(art, key, stamp, answer)
         with self._stats_lock:
             for kind in answer.kinds:
                 self._stats[kind] += 1
@@ -915,8 +918,6 @@ class Recommendations:
         """Remember an answer for the same request with the same history (``answer_cache_users``
         of them per worker, the oldest dropped first)."""
         limit = self.settings.answer_cache_users
-        if limit <= 0:
-            return
         with self._answers_lock:
             answers = art.answers
             answers.pop(key, None)
