@@ -59,6 +59,7 @@ import scipy.sparse as sp
 
 from musicrec import io, served
 from musicrec.als import als_from_factors, recs_frame
+from musicrec.arrays import lookup_sorted
 from musicrec.columns import Columns as C
 from musicrec.errors import DataError
 from musicrec.online import fold_in_arrays
@@ -506,9 +507,8 @@ def served_regularization(reg_param: float, ratings_per_user: np.ndarray) -> flo
 
 def _codes(ids: np.ndarray, values: np.ndarray, what: str) -> np.ndarray:
     """Positions of ``values`` in the sorted ``ids``; DataError when one is not there."""
-    codes = np.searchsorted(ids, values)
-    inside = codes < ids.size
-    if not (inside.all() and np.array_equal(ids[codes], values)):
+    codes = lookup_sorted(ids, values)
+    if (codes < 0).any():
         raise DataError(f"the ALS matrix holds {what} the Spark model has no factors of")
     return codes
 
