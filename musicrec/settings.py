@@ -93,6 +93,13 @@ class Settings(BaseSettings):
         "scored ones among them) and the tracks they heard; None = all. Larger logs keep the "
         "search a fraction of one fit (at full scale ~8 % of the events)",
     )
+    search_warm_iterations: int | None = Field(
+        8,
+        ge=1,
+        description="iterations of a search trial that starts from the factors of the best "
+        "trial so far (ALS, same factor count; a step changes one parameter, so the two are "
+        "close); None, or not fewer than als_iterations = every trial from scratch",
+    )
     search_users: int = Field(
         10_000, ge=1, description="validation users that score each search trial"
     )
@@ -200,8 +207,9 @@ class Settings(BaseSettings):
     )
     topk_method: Literal["auto", "exact", "ann"] = Field(
         "auto",
-        description="top-k over tracks: exact brute force, an IVF index (ann), or ann "
-        "from ann_min_tracks tracks on (auto)",
+        description="top-k over tracks: exact (tracks scanned by decreasing factor norm until "
+        "no track left can enter the list), an IVF index (ann), or ann from ann_min_tracks "
+        "tracks on (auto; the search's trials, which score few users, are always exact)",
     )
     ann_min_tracks: int = Field(200_000, ge=1, description="catalogue size where auto uses ann")
     ann_nprobe: int = Field(32, ge=1, description="IVF clusters scanned per query")

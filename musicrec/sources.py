@@ -468,6 +468,8 @@ class AlsSource(Source):
             num_threads=s.threads,
         )
         warm = getattr(self, "_warm", None)
+        if warm is not None and warm["user_factors"].shape[1] != p["factors"]:
+            warm = None  # factors of another size: nothing to carry over
         if warm is not None:
             # the factors of an earlier cut-off for the users and tracks it knew, small random
             # ones (implicit's own start) for the new; a few iterations reach the cold fit

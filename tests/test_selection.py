@@ -90,3 +90,47 @@ def test_search_time_budget_keeps_only_the_first_configuration(
         "scripted"
     ]
     assert len(choice.trials) == 1 and choice.params == {"a": 0, "b": 0}
+
+
+class StatefulSource(ScriptedSource):
+    """A scripted source with a state (its params), recording the state each fit started from."""
+
+    name: ClassVar[str] = "scripted"
+    starts: ClassVar[list[tuple[dict[str, Any] | None, int | None]]] = []
+
+    def fit(self, data: Any) -> StatefulSource:
+        warm = getattr(self, "_warm", None)
+        start = None if warm is None else (warm["params"].item(), self._warm_iterations)
+        self.starts.append(start or (None, None))
+        return super().fit(data)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"params": np.array(dict(self.params), dtype=object)}
+
+
+@pytest.mark.parametrize(("warm", "als_iterations"), [(2, 6), (None, 6), (6, 6)])
+def test_search_trials_start_from_the_best_trial_so_far(
+    monkeypatch: pytest.MonkeyPatch, warm: int | None, als_iterations: int
+) -> None:
+    monkeypatch.setitem(sources.SOURCES, "scripted", StatefulSource)
+    monkeypatch.setitem(selection.SOURCES, "scripted", StatefulSource)
+    StatefulSource.fitted, StatefulSource.starts = [], []
+    settings = Settings(
+        search_trials=4,
+        search_seconds=600,
+        search_warm_iterations=warm,
+        als_iterations=als_iterations,
+    )
+    search(None, TRUTH, settings, ["scripted"])
+    if warm is None or warm >= als_iterations:
+        # no iterations to save: every trial from scratch
+        assert StatefulSource.starts == [(None, None)] * 4
+        return
+    # trials: {a0 b0} cold, {a1 b0} from it, {a1 b1} from {a1 b0} (the best so far), and
+    # {a0 b1} from {a1 b1}
+    assert StatefulSource.starts == [
+        (None, None),
+        ({"a": 0, "b": 0}, 2),
+        ({"a": 1, "b": 0}, 2),
+        ({"a": 1, "b": 1}, 2),
+    ]

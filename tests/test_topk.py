@@ -4,6 +4,7 @@ and the cosine variant for similar tracks."""
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from musicrec import als as als_module
 from musicrec.als import als_from_factors, item_index, recommend_codes
@@ -170,3 +171,49 @@ def test_mostly_short_ann_lists_go_straight_to_the_exact_path(
         approx = recommend_codes(model, rows, 10, progress=False, index=index)
     assert "scanning" not in caplog.text and "served exactly" in caplog.text
     np.testing.assert_array_equal(approx[1], exact[1])
+
+
+def brute_force(model, rows: np.ndarray, n: int) -> list[list[int]]:
+    """Every track scored, heard ones dropped, best n (ties by code)."""
+    scores = model.model.user_factors[rows] @ model.model.item_factors.T
+    out = []
+    for row, user in zip(scores, rows, strict=True):
+        heard = set(model.user_items[user].indices.tolist())
+        order = np.lexsort((np.arange(row.size), -row))
+        out.append([int(c) for c in order if c not in heard][:n])
+    return out
+
+
+@pytest.mark.parametrize("spread", [0.0, 3.0])
+def test_the_norm_pruned_exact_scan_matches_brute_force(monkeypatch, spread: float) -> None:
+    # norms spread over orders of magnitude (as ALS gives) or all alike; some users have
+    # negative scores everywhere, so they must scan the whole catalogue
+    monkeypatch.setattr(als_module, "_FIRST_SCAN", 64)  # several passes on 3000 tracks
+    rng = np.random.default_rng(11)
+    n_users, n_tracks, d = 60, 3000, 8
+    items = random_factors(n_tracks, d, seed=12) * np.exp(spread * rng.random((n_tracks, 1)))
+    users = random_factors(n_users, d, seed=13)
+    users[:5] = -np.abs(users[:5])
+    items[: n_tracks // 2] = np.abs(items[: n_tracks // 2])  # half score < 0 for those 5
+    heard = sp.csr_matrix(
+        (
+            np.ones(n_users * 40, np.float32),
+            (np.repeat(np.arange(n_users), 40), rng.integers(0, n_tracks, n_users * 40)),
+        ),
+        shape=(n_users, n_tracks),
+    )
+    heard.sum_duplicates()
+    model = als_from_factors(
+        users, items.astype(np.float32), np.arange(n_users), np.arange(n_tracks), heard
+    )
+    rows = np.arange(n_users, dtype=np.int32)
+    got_rows, got_tracks, got_scores = recommend_codes(model, rows, 20, progress=False)
+    expected = brute_force(model, rows, 20)
+    for user in rows:
+        mine = got_tracks[got_rows == user]
+        assert mine.size == 20
+        assert not set(mine.tolist()) & set(heard[user].indices.tolist())
+        want = model.model.user_factors[user] @ model.model.item_factors[expected[user]].T
+        # the same scores in the same order (tracks may differ only between exact ties)
+        np.testing.assert_allclose(got_scores[got_rows == user], want, rtol=1e-5)
+    assert np.mean([set(got_tracks[got_rows == u]) == set(expected[u]) for u in rows]) == 1.0
