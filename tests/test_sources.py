@@ -10,12 +10,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 from implicit.cpu.als import AlternatingLeastSquares
 
 from musicrec import io
 from musicrec.listens import build_listens
 from musicrec.settings import Settings
-from musicrec.sources import SOURCES, Lists, TrainData, make_source
+from musicrec.sources import SOURCES, Lists, TrainData, _gram, make_source
 
 SETTINGS = Settings(als_iterations=3, ease_max_items=500, threads=1, seed=3)
 
@@ -361,3 +362,11 @@ def test_knn_window_is_the_largest_the_pair_budget_affords() -> None:
     assert data.with_listens(data.listens).knn_window(50) == 6  # 9 + 36 <= 50 < 9 + 49
     sample = data.with_listens(data.listens.subset(np.array([0])))
     assert sample.keep_knn_window_of(data.with_listens(data.listens), 50).knn_window(1e9) == 6
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_gram_matrix_in_blocks_of_rows_is_the_whole_product(threads: int) -> None:
+    rng = np.random.default_rng(4)
+    x = sp.random(101, 17, density=0.2, format="csr", random_state=rng, dtype=np.float32)
+    x.data[:] = 1.0
+    np.testing.assert_array_equal(_gram(x, threads), (x.T @ x).toarray())
