@@ -1,7 +1,8 @@
 """Top-k over a million tracks without scoring every track: an inverted-file (IVF) index.
 
 Brute-force top-k for every user or track costs users x tracks x factors (77 minutes for all
-users at full scale here), far more than fitting ALS. An IVF index clusters the tracks with
+users at full scale here), far more than fitting ALS; the norm-pruned exact scan of
+``musicrec.als`` cuts that 12-19x, and an IVF index about 2x more again. An IVF index clusters the tracks with
 k-means and scans only the ``nprobe`` clusters nearest to each query, so a query touches a few
 thousand tracks instead of a million. Scores of the returned tracks are recomputed exactly.
 
