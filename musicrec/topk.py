@@ -2,9 +2,10 @@
 
 Brute-force top-k for every user or track costs users x tracks x factors (77 minutes for all
 users at full scale here), far more than fitting ALS; the norm-pruned exact scan of
-``musicrec.als`` cuts that 12-19x, and an IVF index about 2x more again. An IVF index clusters the tracks with
-k-means and scans only the ``nprobe`` clusters nearest to each query, so a query touches a few
-thousand tracks instead of a million. Scores of the returned tracks are recomputed exactly.
+``musicrec.als`` cuts that 12-19x, and an IVF index about 2x more again. An IVF index
+clusters the tracks with k-means and scans only the ``nprobe`` clusters nearest to each query,
+so a query touches a few thousand tracks instead of a million. Scores of the returned tracks
+are recomputed exactly.
 
 Maximum inner product (ALS recommendations) is turned into a nearest-neighbour search by the
 usual extra coordinate: a track ``x`` becomes ``[x, sqrt(M^2 - |x|^2)]`` (M the largest norm)
