@@ -192,10 +192,16 @@ class RunContext:
 
 
 def _fit_sources(
-    run: RunContext, data: TrainData, start_from: str | None = None, save_as: str | None = None
+    run: RunContext,
+    data: TrainData,
+    start_from: str | None = None,
+    save_as: str | None = None,
+    judge: Truth | None = None,
 ) -> dict[str, Source]:
     """The chosen sources fitted on ``data``; those with a state (ALS factors) start from the
-    state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``."""
+    state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``.
+    With ``judge`` (validation listens after ``data``'s cut-off), a warm ALS fit stops once
+    its NDCG@10 on those users stops improving (``AlsSource.stop_when_flat``)."""
     s = run.settings
     sources = {}
     for name, choice in run.choices().items():
@@ -204,16 +210,22 @@ def _fit_sources(
         state = run.load_state(start_from, name, choice.params) if start_from else None
         # a search trial learnt from a user sample: further from the full fit than a refit
         iterations = s.als_sample_start_iterations if start_from == "search" else None
-        sources[name] = source.warm(state, iterations).fit(data)
-        log.info(
-            "fitted %s%s in %.1f s",
-            sources[name],
-            " (warm start)" if state else "",
-            time.perf_counter() - started,
-        )
+        if judge is not None and isinstance(source, AlsSource):
+            source.stop_when_flat(_validation_ndcg(judge))
+        sources[name] = fitted = source.warm(state, iterations).fit(data)
+        how = ""
+        if state:
+            ran = f", {fitted.iterations_run} iterations" if isinstance(fitted, AlsSource) else ""
+            how = f" (warm start{ran})"
+        log.info("fitted %s%s in %.1f s", fitted, how, time.perf_counter() - started)
         if save_as:
             run.save_state(save_as, name, choice.params, sources[name].state())
     return sources
+
+
+def _validation_ndcg(truth: Truth) -> Callable[[Source], float]:
+    """Mean NDCG@10 of a source's lists for ``truth``'s users."""
+    return lambda src: float(ndcg_per_user(recommend_batched(src, truth.users, 10), truth).mean())
 
 
 def validation_split(truth: Truth, settings: Settings) -> tuple[np.ndarray, ...]:
@@ -334,10 +346,13 @@ def stage_rank(run: RunContext) -> None:
 
     s = run.settings
     data, truth, (fit_rows, stop_rows, valid_rows) = _validation(run)
-    sources = _fit_sources(run, data, start_from="search", save_as="rank")
+    # the ALS fit stops on the ranker's early-stopping users: they judge fits, the
+    # choosing users only the final comparison
+    stop = truth.subset(stop_rows)
+    sources = _fit_sources(run, data, start_from="search", save_as="rank", judge=stop)
     model = train_ranker(
         training_set(data, sources, truth.subset(fit_rows), s),
-        training_set(data, sources, truth.subset(stop_rows), s),
+        training_set(data, sources, stop, s),
         s,
     )
     valid = truth.subset(valid_rows)

@@ -124,10 +124,17 @@ class Settings(BaseSettings):
     als_sample_start_iterations: int = Field(
         8,
         ge=1,
-        description="iterations of the first full ALS fits (for the ranker, and the "
+        description="most iterations of the first full ALS fits (for the ranker, and the "
         "plain baseline of the report), which start from the search trial's factors learnt "
-        "from the user sample; on `small` from a 8 % sample, 8 iterations match a cold "
-        "15-iteration fit within the interval and 3 do not for plain ALS",
+        "from the user sample. The ranker's fit stops earlier, once an iteration gains less "
+        "than als_stop_gain NDCG@10 on the ranker's early-stopping users; the plain baseline "
+        "has no validation users at its cut-off and runs them all",
+    )
+    als_stop_gain: float = Field(
+        0.01,
+        ge=0,
+        description="a warm ALS fit judged on validation users stops once an iteration "
+        "improves their NDCG@10 by less than this share (0 = only when it gets worse)",
     )
     als_regularization: float = Field(0.1, ge=0, description="of the configured ALS trial")
     als_alpha: float = Field(

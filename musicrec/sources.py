@@ -14,8 +14,10 @@ granularity, so a six-year log with month-granular dates gets sensible candidate
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -425,6 +427,43 @@ class PopularSource(Source):
         return Lists.from_flat(users.size, local[keep], tracks[keep], self.scores[tracks[keep]])
 
 
+class _Flat(Exception):
+    """Raised by ``_StopWhenFlat`` to end implicit's fit loop early."""
+
+
+class _StopWhenFlat:
+    """implicit fit callback: scores the factors after each iteration, and stops the fit once
+    an iteration gains less than ``gain`` (relative) over the one before. The first score
+    only sets the reference: warm factors of users the earlier fit did not know are random."""
+
+    def __init__(
+        self,
+        source: AlsSource,
+        model: AlternatingLeastSquares,
+        judge: Callable[[AlsSource], float],
+        gain: float,
+    ) -> None:
+        self.source, self.model, self.judge, self.gain = source, model, judge, gain
+        self.scores: list[float] = []
+
+    @property
+    def iterations(self) -> int:
+        return len(self.scores)
+
+    def __call__(self, iteration: int, elapsed: float, loss: float | None) -> None:
+        self.source._set_model(self.model)
+        self.scores.append(self.judge(self.source))
+        log.info(
+            "ALS %s warm iteration %d: %.1f s, validation score %.4f",
+            self.source.params,
+            iteration + 1,
+            elapsed,
+            self.scores[-1],
+        )
+        if len(self.scores) >= 2 and self.scores[-1] < self.scores[-2] * (1 + self.gain):
+            raise _Flat
+
+
 class AlsSource(Source):
     """implicit ALS with confidence 1 + alpha * strength (strength = plays, recency-decayed
     when a half-life is set); alpha 0 is plain ALS on the 0/1 matrix."""
@@ -471,24 +510,42 @@ class AlsSource(Source):
         warm = getattr(self, "_warm", None)
         if warm is not None and warm["user_factors"].shape[1] != p["factors"]:
             warm = None  # factors of another size: nothing to carry over
+        h = data.listens
+        judge = getattr(self, "_judge", None) if warm is not None else None
+        stop = None
         if warm is not None:
             # the factors of an earlier cut-off for the users and tracks it knew, small random
             # ones (implicit's own start) for the new; a few iterations reach the cold fit
             rng = np.random.default_rng(s.seed)
-            h = data.listens
             model.user_factors = _carry(warm["user_ids"], warm["user_factors"], h.users, rng)
             model.item_factors = _carry(warm["track_ids"], warm["item_factors"], h.tracks, rng)
             model.iterations = getattr(self, "_warm_iterations", None) or s.als_refit_iterations
+            if judge is not None:
+                stop = _StopWhenFlat(self, model, judge, s.als_stop_gain)
         started = time.perf_counter()
-        with threadpool_limits(limits=1, user_api="blas"):
-            model.fit(matrix, show_progress=False)
+        # a stop leaves the factors of the last iteration, updated in place
+        with threadpool_limits(limits=1, user_api="blas"), contextlib.suppress(_Flat):
+            model.fit(matrix, show_progress=False, callback=stop)
         log.debug("ALS %s fitted in %.1f s", self.params, time.perf_counter() - started)
         del matrix  # the heard filter needs only the pattern: the shared 0/1 matrix has it
-        h = data.listens
-        self.model = AlsModel(
-            model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32), data.binary()
-        )
+        self._set_model(model)
+        self.iterations_run = stop.iterations if stop else model.iterations
         self.index = item_index(self.model, s)
+        return self
+
+    def _set_model(self, model: AlternatingLeastSquares) -> None:
+        h = self.data.listens
+        self.model = AlsModel(
+            model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32), self.data.binary()
+        )
+        self.index = None
+
+    def stop_when_flat(self, judge: Callable[[AlsSource], float]) -> AlsSource:
+        """Let the next warm fit stop early: after each iteration ``judge`` scores the source
+        as it stands (higher is better: NDCG on validation users), and the fit ends once an
+        iteration gains less than ``als_stop_gain`` of the score before it. The warm
+        iterations are then a maximum, and how many a log needs is learnt on it."""
+        self._judge = judge
         return self
 
     def state(self) -> dict[str, np.ndarray]:
