@@ -37,6 +37,8 @@ from musicrec.online import first_codes, fold_in_arrays
 from musicrec.progress import Steps
 from musicrec.selection import (
     Choice,
+    ListsSettled,
+    NdcgPlateau,
     Trial,
     Truth,
     ndcg_per_user,
@@ -201,7 +203,7 @@ def _fit_sources(
     """The chosen sources fitted on ``data``; those with a state (ALS factors) start from the
     state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``.
     With ``judge`` (validation listens after ``data``'s cut-off), a warm ALS fit stops once
-    its NDCG@10 on those users stops improving (``AlsSource.stop_when_flat``)."""
+    its NDCG@10 on those users stops improving (``NdcgPlateau``)."""
     s = run.settings
     sources = {}
     for name, choice in run.choices().items():
@@ -211,7 +213,7 @@ def _fit_sources(
         # a search trial learnt from a user sample: further from the full fit than a refit
         iterations = s.als_sample_start_iterations if start_from == "search" else None
         if judge is not None and isinstance(source, AlsSource):
-            source.stop_when_flat(_validation_ndcg(judge))
+            source.stop_when(NdcgPlateau(judge, s.als_stop_gain))
         sources[name] = fitted = source.warm(state, iterations).fit(data)
         how = ""
         if state:
@@ -221,11 +223,6 @@ def _fit_sources(
         if save_as:
             run.save_state(save_as, name, choice.params, sources[name].state())
     return sources
-
-
-def _validation_ndcg(truth: Truth) -> Callable[[Source], float]:
-    """Mean NDCG@10 of a source's lists for ``truth``'s users."""
-    return lambda src: float(ndcg_per_user(recommend_batched(src, truth.users, 10), truth).mean())
 
 
 def validation_split(truth: Truth, settings: Settings) -> tuple[np.ndarray, ...]:
@@ -421,13 +418,18 @@ def stage_evaluate(run: RunContext) -> None:
         # exact top-k: weakly regularised factors spread their norms so far that an IVF index
         # serves almost no list whole, and the norm-pruned exact scan is cheap on them
         exact = s.model_copy(update={"topk_method": "exact"})
-        baseline = (
-            make_source("als", exact, plain).warm(state, s.als_sample_start_iterations).fit(data)
-        )
+        # no validation period follows this cut-off: the fit stops once its lists settle,
+        # watched on a random sample of users (not the test users: their lists only score)
+        rng = np.random.default_rng(s.seed)
+        watched = np.sort(rng.choice(h.n_users, min(s.search_users, h.n_users), replace=False))
+        baseline = make_source("als", exact, plain)
+        assert isinstance(baseline, AlsSource)
+        baseline.stop_when(ListsSettled(watched, s.als_stop_overlap))
+        baseline.warm(state, s.als_sample_start_iterations).fit(data)
         log.info(
             "fitted the plain ALS baseline %s %s in %.1f s",
             baseline,
-            f"from the search's sample fit, {s.als_sample_start_iterations} iterations"
+            f"from the search's sample fit, {baseline.iterations_run} iterations"
             if state
             else "from scratch",
             time.perf_counter() - started,

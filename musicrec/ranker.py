@@ -281,6 +281,7 @@ def train_ranker(
         loss_function="YetiRank",
         eval_metric="NDCG:top=10",
         iterations=settings.ranker_iterations,
+        learning_rate=settings.ranker_learning_rate,
         random_seed=settings.seed,
         thread_count=settings.threads,
         verbose=False,
@@ -289,11 +290,13 @@ def train_ranker(
     started = time.perf_counter()
     model.fit(train.pool(), eval_set=stop.pool(), early_stopping_rounds=50, use_best_model=True)
     log.info(
-        "CatBoostRanker: %d pairs, %d positives, best iteration %d of %d in %.1f s",
+        "CatBoostRanker: %d pairs, %d positives, best iteration %d of %d (learning rate %g) "
+        "in %.1f s",
         len(train.target),
         positives,
         model.get_best_iteration(),
         settings.ranker_iterations,
+        settings.ranker_learning_rate,
         time.perf_counter() - started,
     )
     importance = sorted(

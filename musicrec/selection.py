@@ -107,6 +107,56 @@ def recommend_batched(source: Source, users: np.ndarray, n: int, batch: int = 40
     )
 
 
+class NdcgPlateau:
+    """A stop rule for an iterative fit (``AlsSource.stop_when``): NDCG@10 on validation
+    users after each iteration; stop once an iteration gains less than ``gain`` of the score
+    before it."""
+
+    def __init__(self, truth: Truth, gain: float) -> None:
+        self.truth, self.gain = truth, gain
+        self.scores: list[float] = []
+
+    def __call__(self, source: Source) -> bool:
+        lists = recommend_batched(source, self.truth.users, 10)
+        self.scores.append(float(ndcg_per_user(lists, self.truth).mean()))
+        log.info(
+            "%s, iteration %d: NDCG@10 %.4f on %d validation users",
+            source,
+            len(self.scores),
+            self.scores[-1],
+            self.truth.users.size,
+        )
+        return len(self.scores) >= 2 and self.scores[-1] < self.scores[-2] * (1 + self.gain)
+
+
+class ListsSettled:
+    """A stop rule that needs no labels (a fit with no validation period after its cut-off):
+    the top-10 lists of ``users`` after each iteration; stop once at least ``overlap`` of
+    their entries were in the lists of the iteration before. Lists that stopped moving keep
+    any metric of them where it is."""
+
+    def __init__(self, users: np.ndarray, overlap: float) -> None:
+        self.users, self.overlap = users, overlap
+        self.previous: np.ndarray | None = None
+        self.shares: list[float] = []
+
+    def __call__(self, source: Source) -> bool:
+        lists = recommend_batched(source, self.users, 10)
+        keys = np.sort(lists.local().astype(np.int64) * source.data.listens.n_tracks + lists.tracks)
+        previous, self.previous = self.previous, keys
+        if previous is None:
+            return False
+        self.shares.append(float(in_sorted(previous, keys).mean()) if keys.size else 1.0)
+        log.info(
+            "%s, iteration %d: %.1f%% of %d users' top-10 entries unchanged",
+            source,
+            len(self.shares) + 1,
+            100 * self.shares[-1],
+            self.users.size,
+        )
+        return self.shares[-1] >= self.overlap
+
+
 @dataclass
 class Trial:
     source: str

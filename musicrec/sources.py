@@ -427,41 +427,25 @@ class PopularSource(Source):
         return Lists.from_flat(users.size, local[keep], tracks[keep], self.scores[tracks[keep]])
 
 
-class _Flat(Exception):
-    """Raised by ``_StopWhenFlat`` to end implicit's fit loop early."""
+class _Stop(Exception):
+    """Raised by ``_Judged`` to end implicit's fit loop early."""
 
 
-class _StopWhenFlat:
-    """implicit fit callback: scores the factors after each iteration, and stops the fit once
-    an iteration gains less than ``gain`` (relative) over the one before. The first score
-    only sets the reference: warm factors of users the earlier fit did not know are random."""
+class _Judged:
+    """implicit fit callback: after each iteration, installs the factors as they stand in the
+    source and asks ``judge`` whether the fit may stop."""
 
     def __init__(
-        self,
-        source: AlsSource,
-        model: AlternatingLeastSquares,
-        judge: Callable[[AlsSource], float],
-        gain: float,
+        self, source: AlsSource, model: AlternatingLeastSquares, judge: Callable[[Source], bool]
     ) -> None:
-        self.source, self.model, self.judge, self.gain = source, model, judge, gain
-        self.scores: list[float] = []
-
-    @property
-    def iterations(self) -> int:
-        return len(self.scores)
+        self.source, self.model, self.judge = source, model, judge
+        self.iterations = 0
 
     def __call__(self, iteration: int, elapsed: float, loss: float | None) -> None:
+        self.iterations += 1
         self.source._set_model(self.model)
-        self.scores.append(self.judge(self.source))
-        log.info(
-            "ALS %s warm iteration %d: %.1f s, validation score %.4f",
-            self.source.params,
-            iteration + 1,
-            elapsed,
-            self.scores[-1],
-        )
-        if len(self.scores) >= 2 and self.scores[-1] < self.scores[-2] * (1 + self.gain):
-            raise _Flat
+        if self.judge(self.source):
+            raise _Stop
 
 
 class AlsSource(Source):
@@ -512,7 +496,7 @@ class AlsSource(Source):
             warm = None  # factors of another size: nothing to carry over
         h = data.listens
         judge = getattr(self, "_judge", None) if warm is not None else None
-        stop = None
+        stop: _Judged | None = None
         if warm is not None:
             # the factors of an earlier cut-off for the users and tracks it knew, small random
             # ones (implicit's own start) for the new; a few iterations reach the cold fit
@@ -521,10 +505,10 @@ class AlsSource(Source):
             model.item_factors = _carry(warm["track_ids"], warm["item_factors"], h.tracks, rng)
             model.iterations = getattr(self, "_warm_iterations", None) or s.als_refit_iterations
             if judge is not None:
-                stop = _StopWhenFlat(self, model, judge, s.als_stop_gain)
+                stop = _Judged(self, model, judge)
         started = time.perf_counter()
         # a stop leaves the factors of the last iteration, updated in place
-        with threadpool_limits(limits=1, user_api="blas"), contextlib.suppress(_Flat):
+        with threadpool_limits(limits=1, user_api="blas"), contextlib.suppress(_Stop):
             model.fit(matrix, show_progress=False, callback=stop)
         log.debug("ALS %s fitted in %.1f s", self.params, time.perf_counter() - started)
         del matrix  # the heard filter needs only the pattern: the shared 0/1 matrix has it
@@ -540,11 +524,12 @@ class AlsSource(Source):
         )
         self.index = None
 
-    def stop_when_flat(self, judge: Callable[[AlsSource], float]) -> AlsSource:
-        """Let the next warm fit stop early: after each iteration ``judge`` scores the source
-        as it stands (higher is better: NDCG on validation users), and the fit ends once an
-        iteration gains less than ``als_stop_gain`` of the score before it. The warm
-        iterations are then a maximum, and how many a log needs is learnt on it."""
+    def stop_when(self, judge: Callable[[Source], bool]) -> AlsSource:
+        """Let the next warm fit stop early: after each iteration ``judge`` looks at the
+        source as it stands (its lists come from the factors so far) and says whether to
+        stop (``selection.NdcgPlateau``, ``selection.ListsSettled``). The warm iterations are
+        then a maximum, and how many a log needs is learnt on it. A cold fit is never
+        judged: its first iterations start from random factors."""
         self._judge = judge
         return self
 

@@ -186,7 +186,8 @@ def test_search_on_a_user_sample(
     with caplog.at_level("INFO", logger="musicrec.pipeline"):
         pipeline.run_stage("rank", sampled.model_copy(update={"als_sample_start_iterations": 2}))
     fitted = [line for line in caplog.messages if line.startswith("fitted als(")]
-    assert len(fitted) == 1 and "(warm start)" in fitted[0]
+    # judged on validation users, but never before two iterations: the first sets the mark
+    assert len(fitted) == 1 and "(warm start, 2 iterations)" in fitted[0]
 
 
 def test_without_a_ranker_the_best_source_is_served(tmp_path: Path) -> None:
@@ -235,7 +236,8 @@ def test_refits_start_from_the_previous_cut_off(
     with caplog.at_level("INFO", logger="musicrec.pipeline"):
         pipeline.run_stage("serve", settings)
     fitted = [line for line in caplog.messages if line.startswith("fitted als(")]
-    assert len(fitted) == 1 and "(warm start)" in fitted[0]
+    refit = settings.als_refit_iterations
+    assert len(fitted) == 1 and f"(warm start, {refit} iterations)" in fitted[0]
     saved = run.load_state("evaluate", "als", params)
     np.testing.assert_array_equal(saved["item_factors"], state["item_factors"])
     assert run.load_state("evaluate", "als", {**params, "factors": 3}) is None

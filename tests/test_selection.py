@@ -3,6 +3,7 @@ source's steps (applied to the best configuration so far, repeats skipped, bound
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -134,3 +135,54 @@ def test_search_trials_start_from_the_best_trial_so_far(
         ({"a": 1, "b": 0}, 2),
         ({"a": 1, "b": 1}, 2),
     ]
+
+
+class StepSource(Source):
+    """Its lists are ``steps[i]`` (the same tracks for every user) after the i-th call to
+    ``step``: an iterative fit whose lists move as scripted."""
+
+    name: ClassVar[str] = "step"
+
+    def __init__(self, steps: list[list[int]]) -> None:
+        super().__init__(Settings())
+        self.steps, self.i = steps, -1
+        self._data = SimpleNamespace(listens=SimpleNamespace(n_tracks=100))  # type: ignore[assignment]
+
+    def recommend(self, users: np.ndarray, n: int) -> Lists:
+        row = np.array(self.steps[self.i][:n], np.int32)
+        return Lists.from_flat(
+            users.size,
+            np.repeat(np.arange(users.size), row.size),
+            np.tile(row, users.size),
+            np.tile(-np.arange(row.size, dtype=np.float32), users.size),
+        )
+
+
+def _judge_until_stop(source: StepSource, judge: Any) -> int:
+    """Iterations an ``AlsSource.stop_when`` fit would run with ``judge``."""
+    for i in range(len(source.steps)):
+        source.i = i
+        if judge(source):
+            return i + 1
+    return len(source.steps)
+
+
+def test_ndcg_plateau_stops_once_an_iteration_gains_too_little() -> None:
+    # track 0, every user's answer, at ranks 5, 3, 1, 1 (NDCG 0.39, 0.5, 1, 1)
+    ranks = [5, 3, 1, 1, 1]
+    steps = [list(range(1, r)) + [0] + list(range(r, 10)) for r in ranks]
+    judge = selection.NdcgPlateau(TRUTH, gain=0.01)
+    assert _judge_until_stop(StepSource(steps), judge) == 4
+    np.testing.assert_allclose(judge.scores, [1 / np.log2(6), 0.5, 1.0, 1.0])
+    # a worse iteration stops it too
+    judge = selection.NdcgPlateau(TRUTH, gain=0.0)
+    assert _judge_until_stop(StepSource([steps[2], steps[0], steps[2]]), judge) == 2
+
+
+@pytest.mark.parametrize(("overlap", "iterations"), [(0.9, 3), (0.95, 4), (0.5, 2)])
+def test_lists_settled_stops_once_the_lists_stop_moving(overlap: float, iterations: int) -> None:
+    # each user's top 10: tracks 0-9, then 5-14 (half kept), 6-15 (9 of 10), 6-15 (all)
+    steps = [list(range(0, 10)), list(range(5, 15)), list(range(6, 16)), list(range(6, 16))]
+    judge = selection.ListsSettled(np.arange(4, dtype=np.int64), overlap)
+    assert _judge_until_stop(StepSource(steps), judge) == iterations
+    np.testing.assert_allclose(judge.shares, [0.5, 0.9, 1.0][: iterations - 1])

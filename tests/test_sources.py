@@ -356,44 +356,43 @@ def test_als_warm_start_carries_known_factors_and_refits_in_a_few_iterations() -
     assert isinstance(first, AlsSource)
 
 
-def test_a_judged_warm_fit_stops_once_an_iteration_stops_paying() -> None:
-    from musicrec.sources import AlsSource
+def test_a_judged_warm_fit_stops_when_its_judge_says_so() -> None:
+    from musicrec.sources import AlsSource, Source
 
     rows = random_rows(seed=6, users=40, tracks=30, n=700)
     early = _hand_history([r for r in rows if r[2] < 15], cutoff=15)
     later = _hand_history(rows, cutoff=20)
     params = {"factors": 4, "regularization": 0.1, "alpha": 2.0, "half_life": None}
-    settings = SETTINGS.model_copy(update={"als_iterations": 10, "als_stop_gain": 0.01})
+    settings = SETTINGS.model_copy(update={"als_iterations": 10})
     state = AlsSource(settings, **params).fit(early).state()
 
-    def judge_with(scores: list[float]) -> tuple[list[np.ndarray], Callable[[AlsSource], float]]:
+    def judge_with(stop_at: int) -> tuple[list[np.ndarray], Callable[[Source], bool]]:
         judged: list[np.ndarray] = []
-        left = iter(scores)
 
-        def judge(src: AlsSource) -> float:
+        def judge(src: Source) -> bool:
             # the source answers from the factors as they stand after this iteration
+            assert isinstance(src, AlsSource)
             assert src.recommend(np.arange(5, dtype=np.int64), 3).n_users == 5
             judged.append(src.model.model.item_factors.copy())
-            return next(left)
+            return len(judged) == stop_at
 
         return judged, judge
 
-    # 0.302 gains less than 1 % over 0.300: the fit stops after its fourth iteration
-    judged, judge = judge_with([0.10, 0.20, 0.30, 0.302, 0.5, 0.6])
-    warm = AlsSource(settings, **params).stop_when_flat(judge).warm(state, 8).fit(later)
-    assert warm.iterations_run == 4 and len(judged) == 4
+    judged, judge = judge_with(3)
+    warm = AlsSource(settings, **params).stop_when(judge).warm(state, 8).fit(later)
+    assert warm.iterations_run == 3 and len(judged) == 3
     assert not np.array_equal(judged[0], judged[1]), "each judgement follows an iteration"
     np.testing.assert_array_equal(warm.model.model.item_factors, judged[-1])
     assert warm.recommend(np.arange(5, dtype=np.int64), 3).n_users == 5
 
-    # a score that keeps rising runs every warm iteration, and no more
-    judged, judge = judge_with([0.1 * (i + 1) for i in range(20)])
-    warm = AlsSource(settings, **params).stop_when_flat(judge).warm(state, 6).fit(later)
+    # a judge that never stops it runs every warm iteration, and no more
+    judged, judge = judge_with(-1)
+    warm = AlsSource(settings, **params).stop_when(judge).warm(state, 6).fit(later)
     assert warm.iterations_run == 6 and len(judged) == 6
 
     # a cold fit is never judged: the factors of new users start random
-    judged, judge = judge_with([])
-    cold = AlsSource(settings, **params).stop_when_flat(judge).fit(later)
+    judged, judge = judge_with(1)
+    cold = AlsSource(settings, **params).stop_when(judge).fit(later)
     assert cold.iterations_run == 10 and judged == []
 
 
