@@ -26,15 +26,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from musicrec.arrays import distinct  # noqa: E402
-from musicrec.columns import Columns as C  # noqa: E402
 from musicrec.metrics import bootstrap_interval, evaluate  # noqa: E402
-from musicrec.pipeline import RunContext, _fit_sources, _frame, _validation  # noqa: E402
+from musicrec.pipeline import (  # noqa: E402
+    RunContext,
+    _fit_sources,
+    _frame,
+    _validation,
+    report_users,
+    train_pairs,
+)
 from musicrec.ranker import TrackFeatures, candidates, train_ranker, training_set  # noqa: E402
 from musicrec.selection import ndcg_per_user, recommend_batched  # noqa: E402
 from musicrec.settings import Settings  # noqa: E402
@@ -44,22 +48,11 @@ log = logging.getLogger("bench")
 
 
 def iterations(run: RunContext, steps: list[int]) -> None:
-    s, dates = run.settings, run.dates()
-    data = run.train_data(dates.test_start)
+    s = run.settings
+    data = run.train_data(run.dates().test_start)
     h = data.listens
-    test = run.later(dates.test_start)
-    codes = h.users.codes(distinct(test[C.user].to_numpy()))
-    users = np.sort(codes[codes >= 0]).astype(np.int64)
-    if s.report_users is not None and users.size > s.report_users:
-        rng = np.random.default_rng(s.seed)
-        users = np.sort(rng.choice(users, s.report_users, replace=False))
-    test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
-    train = pd.DataFrame(
-        {
-            C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
-            C.track: h.tracks.ids[h.track_codes],
-        }
-    )
+    users, test = report_users(run, h)
+    train = train_pairs(h)
     run.release_events()
     exact = s.model_copy(update={"topk_method": "exact"})
     plain = AlsSource.space(s)[0]

@@ -386,6 +386,31 @@ def stage_rank(run: RunContext) -> None:
     )
 
 
+def report_users(run: RunContext, h: Listens) -> tuple[np.ndarray, pd.DataFrame]:
+    """The test period's users the report scores (codes of ``h``, the log before the test
+    period; a seeded sample of ``report_users``), and their test events."""
+    s = run.settings
+    test = run.later(run.dates().test_start)
+    codes = h.users.codes(distinct(test[C.user].to_numpy()))
+    users = np.sort(codes[codes >= 0]).astype(np.int64)
+    if s.report_users is not None and users.size > s.report_users:
+        rng = np.random.default_rng(s.seed)
+        users = np.sort(rng.choice(users, s.report_users, replace=False))
+        test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
+    return users, test
+
+
+def train_pairs(h: Listens) -> pd.DataFrame:
+    """Every (user, track) event of ``h`` in input ids: what ``metrics.evaluate`` checks
+    heard tracks against."""
+    return pd.DataFrame(
+        {
+            C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
+            C.track: h.tracks.ids[h.track_codes],
+        }
+    )
+
+
 def stage_evaluate(run: RunContext) -> None:
     """Refit the chosen sources before the test period and score every list on it, with
     bootstrap intervals, by user activity, and the candidates' recall."""
@@ -396,13 +421,7 @@ def stage_evaluate(run: RunContext) -> None:
     s, dates = run.settings, run.dates()
     data = run.train_data(dates.test_start)
     h = data.listens
-    test = run.later(dates.test_start)
-    test_users = h.users.codes(distinct(test[C.user].to_numpy()))
-    users = np.sort(test_users[test_users >= 0]).astype(np.int64)
-    if s.report_users is not None and users.size > s.report_users:
-        rng = np.random.default_rng(s.seed)
-        users = np.sort(rng.choice(users, s.report_users, replace=False))
-        test = test[np.isin(test[C.user].to_numpy(), h.users.ids[users])]
+    users, test = report_users(run, h)
     log.info("test period: %d users with history are evaluated", users.size)
     run.release_events()  # ~3 GB at full scale; the serve stage reads them again (~15 s)
     steps = Steps("evaluate", 4, s.progress)
@@ -455,12 +474,7 @@ def stage_evaluate(run: RunContext) -> None:
     del lists
     selection = run.selection()
     recs["served"] = recs[selection["winner"]]
-    train = pd.DataFrame(
-        {
-            C.user: h.users.ids[np.repeat(np.arange(h.n_users), h.counts())],
-            C.track: h.tracks.ids[h.track_codes],
-        }
-    )
+    train = train_pairs(h)
     candidates = {name: recs[name] for name in sources}
     steps.step("candidate recall")
     recall = candidate_recall(candidates, test, train, users=h.users.ids[users])
