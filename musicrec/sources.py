@@ -495,7 +495,6 @@ class AlsSource(Source):
         if warm is not None and warm["user_factors"].shape[1] != p["factors"]:
             warm = None  # factors of another size: nothing to carry over
         h = data.listens
-        judge = getattr(self, "_judge", None) if warm is not None else None
         stop: _Judged | None = None
         if warm is not None:
             # the factors of an earlier cut-off for the users and tracks it knew, small random
@@ -504,6 +503,7 @@ class AlsSource(Source):
             model.user_factors = _carry(warm["user_ids"], warm["user_factors"], h.users, rng)
             model.item_factors = _carry(warm["track_ids"], warm["item_factors"], h.tracks, rng)
             model.iterations = getattr(self, "_warm_iterations", None) or s.als_refit_iterations
+            judge = getattr(self, "_judge", None)
             if judge is not None:
                 stop = _Judged(self, model, judge)
         started = time.perf_counter()
@@ -518,6 +518,8 @@ class AlsSource(Source):
         return self
 
     def _set_model(self, model: AlternatingLeastSquares) -> None:
+        """Answer from ``model``'s factors as they stand (exact top-k until ``fit`` builds
+        the index)."""
         h = self.data.listens
         self.model = AlsModel(
             model, h.users.ids.astype(np.int32), h.tracks.ids.astype(np.int32), self.data.binary()
