@@ -13,8 +13,9 @@ test users (exact top-k). The curve shows where more iterations stop paying.
 
 `ranker`: the rank stage's candidates and labels (sources fitted before the validation period,
 the ALS from the rank stage's factors), then one CatBoost ranker per learning rate, each
-early-stopped on the early-stopping users as the pipeline does; NDCG@10 on the choosing users,
-and its paired difference to the first rate with a 95 % interval.
+early-stopped on the early-stopping users as the pipeline does; NDCG@10 of its ranking
+(``ranker.rank``) on the choosing users, and its paired difference to the first rate with a
+95 % interval.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from musicrec.pipeline import (  # noqa: E402
     report_users,
     train_pairs,
 )
-from musicrec.ranker import TrackFeatures, candidates, train_ranker, training_set  # noqa: E402
+from musicrec.ranker import rank, train_ranker, training_set  # noqa: E402
 from musicrec.selection import ndcg_per_user, recommend_batched  # noqa: E402
 from musicrec.settings import Settings  # noqa: E402
-from musicrec.sources import AlsSource, Lists, join_lists  # noqa: E402
+from musicrec.sources import AlsSource  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -92,9 +93,6 @@ def ranker(run: RunContext, rates: list[float]) -> None:
         training_set(data, sources, truth.subset(rows), s) for rows in (fit_rows, stop_rows)
     )
     valid = truth.subset(valid_rows)
-    features = TrackFeatures.build(data)
-    batches = [valid.users[start : start + 2000] for start in range(0, valid.users.size, 2000)]
-    parts = [(b.size, candidates(data, sources, features, b, s.n_candidates)) for b in batches]
     first = None
     for rate in rates:
         started = time.perf_counter()
@@ -103,11 +101,8 @@ def ranker(run: RunContext, rates: list[float]) -> None:
         if model is None:
             print(f"learning rate {rate}: too few positives for a ranker", flush=True)
             continue
-        lists = []
-        for n_users, part in parts:
-            score = model.predict(part.features, thread_count=s.threads).astype(np.float32)
-            lists.append(Lists.best(n_users, part.local, part.tracks, score, 10))
-        values = ndcg_per_user(join_lists(lists), valid)
+        lists = rank(model, data, sources, valid.users, 10, s.n_candidates, threads=s.threads)
+        values = ndcg_per_user(lists, valid)
         first = values if first is None else first
         low, high = bootstrap_interval(values - first, 1000, 0)
         print(

@@ -441,9 +441,7 @@ def stage_evaluate(run: RunContext) -> None:
         # watched on a random sample of users (not the test users: their lists only score)
         rng = np.random.default_rng(s.seed)
         watched = np.sort(rng.choice(h.n_users, min(s.search_users, h.n_users), replace=False))
-        baseline = make_source("als", exact, plain)
-        assert isinstance(baseline, AlsSource)
-        baseline.stop_when(ListsSettled(watched, s.als_stop_overlap))
+        baseline = AlsSource(exact, **plain).stop_when(ListsSettled(watched, s.als_stop_overlap))
         baseline.warm(state, s.als_sample_start_iterations).fit(data)
         log.info(
             "fitted the plain ALS baseline %s %s in %.1f s",
