@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -258,6 +258,9 @@ class Artefacts:
     answers: dict[tuple[int, int, str, float], tuple[tuple[int, int], Answer]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # files mapped on the word of the verified record, their CRC-32 still to check (in the
+    # background, ``Recommendations.load``)
+    pending: served.PendingChecks | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_served(cls, arrays: dict[str, Any], **fields: Any) -> Artefacts:
@@ -412,8 +415,10 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
 
     Checks, in order: every parquet file is there; sizes and row counts match manifest.json
     (one run). Then, when the manifest records the served form (``musicrec.served``) made
-    from these parquet files: each served file's size, CRC-32 and array header against the
-    manifest, then it is memory-mapped (shared by every worker through the page cache).
+    from these parquet files: each served file's size, array header and CRC-32 against the
+    manifest, then it is memory-mapped (shared by every worker through the page cache). A
+    file some process verified before and that has not changed since (``served.VERIFIED``)
+    is mapped at once: its CRC-32 is left to ``Artefacts.pending``, for the caller to check.
     Otherwise (a folder made before the served form, or hand-made): the parquet files are
     read into this worker's memory with every content check (columns and types, no empty
     values, rows sorted, every track id in items.parquet, finite scores, page checksums), and
@@ -431,7 +436,7 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
     state = served.served_state(parquet_dir, manifest)
     if state.usable:
         assert manifest is not None
-        arrays, identities = served.open_served(parquet_dir, manifest)
+        arrays, identities, pending = served.open_served(parquet_dir, manifest, trust_verified=True)
         watched = {parquet_dir / name: identity for name, identity in identities.items()}
     else:
         log.warning(
@@ -443,15 +448,20 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
         )
         watched = {path: _identity(path) for path in paths.values()}
         arrays = served.read_parquet_set(paths)
-
-    for path, identity in watched.items():
-        if not path.exists() or _identity(path) != identity:
-            raise DataError(
-                f"{path}: changed while it was being read (a pipeline run is "
-                "publishing a new set?); the next reload will pick the new set up"
-            )
-    if manifest != read_manifest(parquet_dir):
-        raise DataError(f"{parquet_dir / io.MANIFEST}: changed while the artefacts were read")
+        pending = None
+    try:
+        for path, identity in watched.items():
+            if not path.exists() or _identity(path) != identity:
+                raise DataError(
+                    f"{path}: changed while it was being read (a pipeline run is "
+                    "publishing a new set?); the next reload will pick the new set up"
+                )
+        if manifest != read_manifest(parquet_dir):
+            raise DataError(f"{parquet_dir / io.MANIFEST}: changed while the artefacts were read")
+    except BaseException:
+        if pending is not None:
+            pending.close()
+        raise
 
     built_at = manifest.get("built_at") if manifest else None
     run_id = manifest.get("run_id") if manifest else None
@@ -466,15 +476,19 @@ def load_artefacts(parquet_dir: Path) -> Artefacts:
         mapped=state.usable,
         built_at=built_at,
         run_id=None if run_id is None else str(run_id),
+        pending=pending if pending is not None and pending.files else None,
     )
     seconds = time.perf_counter() - started
     object.__setattr__(art, "load_seconds", round(seconds, 3))
     log.info(
-        "artefacts of run %s from %s %s in %.1f s",
+        "artefacts of run %s from %s %s in %.1f s%s",
         run_id,
         parquet_dir,
         "mapped" if state.usable else "read",
         seconds,
+        f" ({len(art.pending.files)} files verified before: CRC-32 in the background)"
+        if art.pending
+        else "",
     )
     return art
 
@@ -583,6 +597,7 @@ class Recommendations:
         self.settings = settings
         self.store = store
         self._artefacts: Artefacts | None = None
+        self.damaged: str | None = None  # why the set stopped serving (a failed CRC-32)
         self._stats = dict.fromkeys(KINDS, 0)
         self._stats_lock = threading.Lock()
         self._answers_lock = threading.Lock()
@@ -597,12 +612,49 @@ class Recommendations:
 
     def load(self, parquet_dir: Path | None = None) -> Artefacts:
         """Read the artefacts and switch to them at once (the old set serves until then).
-        Raises DataError naming the bad file; the old set (if any) then stays in place."""
+        Raises DataError naming the bad file; the old set (if any) then stays in place.
+        Files mapped on the word of the verified record get their CRC-32 checked in a
+        background thread (``check_pending``)."""
         with self._reload_lock:
             artefacts = load_artefacts(Path(parquet_dir or self.settings.parquet_dir))
             # one reference assignment: a request holds either the old set or the new one
             self._artefacts = artefacts
+            self.damaged = None
+        if artefacts.pending is not None:
+            threading.Thread(
+                target=self.check_pending, args=(artefacts,), name="artefact-check", daemon=True
+            ).start()
         return artefacts
+
+    def check_pending(self, art: Artefacts) -> None:
+        """Compute the CRC-32 of the files ``art`` mapped unchecked, at the lowest CPU
+        priority. A damaged file ends the serving of ``art`` (if it still serves): requests
+        and /health answer 503 naming the damage, and the file is dropped from the
+        verified record, so a restart or reload checks it in full and refuses it."""
+        pending = art.pending
+        if pending is None:
+            return
+        started = time.perf_counter()
+        size = pending.bytes
+        with suppress(OSError):  # Linux: a thread id names this thread only
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            count = pending.run()
+        except DataError as exc:
+            log.error("run %s: %s; this worker stops serving it", art.run_id, exc)
+            with self._reload_lock:
+                if self._artefacts is art:
+                    self._artefacts = None
+                    self.damaged = _without_folder(str(exc), art.parquet_dir)
+            return
+        log.info(
+            "run %s: the %d files mapped before their check (%.0f MB) match their CRC-32 "
+            "(%.1f s in the background)",
+            art.run_id,
+            count,
+            size / 1e6,
+            time.perf_counter() - started,
+        )
 
     def reload(self, reason: str = "request") -> dict[str, Any]:
         """Load the folder's current set and switch to it, or keep the old one if the new
@@ -765,7 +817,7 @@ class Recommendations:
     @property
     def artefacts(self) -> Artefacts:
         if self._artefacts is None:
-            raise NotReadyError("artefacts are not loaded")
+            raise NotReadyError(self.damaged or "artefacts are not loaded")
         return self._artefacts
 
     @property
@@ -1226,6 +1278,9 @@ class Health(BaseModel):
     history_store: bool
     run_id: str | None = None
     reload_error: str | None = Field(None, description="why the last reload was refused")
+    artefacts_damaged: str | None = Field(
+        None, description="why the loaded set stopped serving (a file failed its CRC-32)"
+    )
     manifest_watch: ManifestWatch | None = Field(
         None, description="the reload watcher (only when it is configured)"
     )
@@ -1859,6 +1914,7 @@ async def health(request: Request) -> JSONBytes:
         "history_store": store_ok,
         "run_id": art.run_id if art is not None else None,
         "reload_error": _short_error(last["error"]) if last and last["error"] else None,
+        "artefacts_damaged": recs.damaged if recs is not None else None,
     }
     if recs is not None and recs.watch is not None:
         body["manifest_watch"] = dict(recs.watch)

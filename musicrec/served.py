@@ -15,23 +15,33 @@ finite scores, parquet page checksums), so a bad table is refused once, when it 
 and records each file's size, array shape and CRC-32 in the manifest.
 
 Reading (:func:`open_served`): each file is opened once; its size and CRC-32 are checked
-against the manifest by reading it through that descriptor (zlib's crc32 runs at ~3.5 GB/s,
-so the whole full-size set costs well under a second, synchronously, before the set is used:
-no byte is served unverified), then the same descriptor is mapped, so what is verified is
-what is mapped even if a new run renames its files in meanwhile. Files are replaced by rename
-only (``io.atomic_path``), never rewritten in place, so a live mapping never changes under a
-worker. CRC-32 guards against truncation, half copies and flipped bits, which is the threat
-here; it is not a defence against a deliberate forgery (neither would a hash in the same
-manifest be).
+against the manifest by reading it through that descriptor, then the same descriptor is
+mapped, so what is verified is what is mapped even if a new run renames its files in
+meanwhile. Files are replaced by rename only (``io.atomic_path``), never rewritten in place,
+so a live mapping never changes under a worker. CRC-32 guards against truncation, half copies
+and flipped bits, which is the threat here; it is not a defence against a deliberate forgery
+(neither would a hash in the same manifest be).
+
+The checksum pass reads every byte: ~0.8 s for the 2.2 GB full-size set from the page cache,
+but ~4 s from disk (a reboot, files pushed out by other work). So a process that verified a
+file records its identity (device, inode, size, mtime and ctime, in ns) with the CRC in
+``served_verified.json`` beside it. A later start whose file has the very same identity (no
+write, rename or copy since: the kernel sets ctime, no tool can) maps it at once and leaves
+its CRC to :class:`PendingChecks`, which the service runs in a background thread; a file
+found damaged there is dropped from the record and the service stops serving the set (see
+``recommendation_service``). Like git's stat cache, a file changed within a second of being
+recorded is not recorded (timestamps are coarse).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import mmap
 import os
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +103,8 @@ ITEM_COLUMNS = (C.track, C.name, C.artists, C.albums, C.genres)
 PUBLISH_COMMAND = "python -m musicrec publish --parquet-dir {folder}"
 READ_CHUNK = 2**20  # bytes per read of the checksum pass (one small reused buffer)
 CHECK_THREADS = 2  # files checksummed at once when a set is opened
+VERIFIED = "served_verified.json"  # identity and CRC-32 of each file some process verified
+SETTLED_NS = 1_000_000_000  # only a file unchanged this long is recorded (coarse timestamps)
 
 
 # --- reading the parquet tables, with every content check ----------------------------------------
@@ -516,9 +528,87 @@ def served_state(folder: Path, manifest: dict[str, Any] | None) -> ServedState:
     return ServedState(True, "")
 
 
-def _open_one(path: Path, entry: dict[str, Any]) -> tuple[Any, tuple[int, int, int]]:
-    """Verify ``path`` against its manifest entry (size, CRC-32, header) and map it; the
-    array (or Arrow table) and the identity (inode, size, mtime) of what was mapped."""
+def _identity_of(stat: os.stat_result) -> list[int]:
+    """What must stay equal for a file to be the bytes once verified (see the module doc)."""
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def read_verified(folder: Path) -> dict[str, Any]:
+    """``served_verified.json`` of ``folder``; {} when missing or unreadable (nothing
+    trusted: every file is checked in full)."""
+    try:
+        record = json.loads((Path(folder) / VERIFIED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def update_verified(folder: Path, changes: Mapping[str, dict[str, Any] | None]) -> None:
+    """Record (or, for None, forget) verified files in ``folder``'s record, atomically. Best
+    effort: a folder this process may not write (read-only artefacts) only means every start
+    checks every file in full."""
+    record = read_verified(folder)
+    for name, entry in changes.items():
+        if entry is None:
+            record.pop(name, None)
+        else:
+            record[name] = entry
+    try:
+        io.write_json(record, Path(folder) / VERIFIED)
+    except OSError as exc:
+        log.info("%s: cannot record the verified files (%s); each start checks all", folder, exc)
+
+
+@dataclass
+class PendingChecks:
+    """Files mapped on the word of the verified record, their CRC-32 still to compute, each
+    through a descriptor of the very file that was mapped. :meth:`run` (in a background
+    thread) checks them all and closes the descriptors."""
+
+    folder: Path
+    files: list[tuple[str, int, str]]  # name, duplicated descriptor, CRC-32 of the manifest
+
+    @property
+    def bytes(self) -> int:
+        return sum(os.fstat(fd).st_size for _, fd, _ in self.files)
+
+    def run(self) -> int:
+        """Check every file; DataError naming the first damaged one (then dropped from the
+        record, so the next start checks it in full and refuses it). Returns the count."""
+        try:
+            for name, fd, want in self.files:
+                path = self.folder / name
+                try:
+                    crc = _crc32_of(fd)
+                except OSError as exc:
+                    crc = f"unreadable ({exc})"
+                if crc != want:
+                    update_verified(self.folder, {name: None})
+                    raise DataError(
+                        f"{path}: CRC-32 {crc}, but {io.MANIFEST} records {want}: the served "
+                        "file was damaged after it was verified"
+                    )
+            return len(self.files)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for _, fd, _ in self.files:
+            os.close(fd)
+        self.files = []
+
+
+@dataclass
+class _Opened:
+    value: Any  # the array (or Arrow table)
+    identity: tuple[int, int, int]  # inode, size, mtime: to tell later whether it was replaced
+    verified: dict[str, Any] | None  # the verified record's new entry (None: nothing new)
+    pending: int | None  # a descriptor whose CRC-32 is still to check (trusted identity)
+
+
+def _open_one(path: Path, entry: dict[str, Any], trusted: Any) -> _Opened:
+    """Verify ``path`` against its manifest entry (size, header and CRC-32, or its identity
+    when ``trusted``, its verified record's entry, still matches) and map it."""
     try:
         file = open(path, "rb")  # noqa: SIM115 - closed below; the mapping outlives it
     except OSError as exc:
@@ -530,84 +620,126 @@ def _open_one(path: Path, entry: dict[str, Any]) -> tuple[Any, tuple[int, int, i
                 f"{path}: {stat.st_size} bytes, but {io.MANIFEST} records {entry.get('bytes')}: "
                 "the served file is truncated or from another run"
             )
-        crc = _crc32_of(file.fileno())
-        if crc != entry.get("crc32"):
-            raise DataError(
-                f"{path}: CRC-32 {crc}, but {io.MANIFEST} records "
-                f"{entry.get('crc32')}: the served file is damaged"
-            )
-        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if stat.st_size == 0:
             raise DataError(f"{path}: empty file")
-        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-        # requests touch a row here and there: no disk read-ahead around each fault (the
-        # checksum pass has just put the file in the page cache; this matters once evicted)
-        mapped.madvise(mmap.MADV_RANDOM)
-        if path.suffix == ".arrow":
-            try:
-                table = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
-            except (pa.ArrowException, OSError) as exc:
-                raise DataError(f"{path}: not a readable Arrow file: {exc}") from exc
-            return table, identity
-        try:
-            file.seek(0)
-            version = np.lib.format.read_magic(file)
-            read_header = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }.get(version)
-            if read_header is None:
-                raise ValueError(f"unsupported .npy version {version}")
-            shape, fortran, dtype = read_header(file)
-        except ValueError as exc:
-            raise DataError(f"{path}: not a readable .npy file: {exc}") from exc
+        identity = _identity_of(stat)
+        verified = pending = None
         if (
-            fortran
-            or dtype.hasobject
-            or dtype.str != entry.get("dtype")
-            or list(shape) != entry.get("shape")
+            isinstance(trusted, dict)
+            and trusted.get("identity") == identity
+            and trusted.get("crc32") == entry.get("crc32")
         ):
-            raise DataError(
-                f"{path}: array {dtype.str} {list(shape)}, but {io.MANIFEST} "
-                f"records {entry.get('dtype')} {entry.get('shape')}"
-            )
-        count = int(np.prod(shape))
-        array = np.frombuffer(mapped, dtype=dtype, count=count, offset=file.tell())
-        return array.reshape(shape), identity
+            pending = os.dup(file.fileno())
+        else:
+            crc = _crc32_of(file.fileno())
+            if crc != entry.get("crc32"):
+                raise DataError(
+                    f"{path}: CRC-32 {crc}, but {io.MANIFEST} records "
+                    f"{entry.get('crc32')}: the served file is damaged"
+                )
+            if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS:
+                verified = {"identity": identity, "crc32": crc}
+        try:
+            value = _map(path, file, entry)
+        except BaseException:
+            if pending is not None:
+                os.close(pending)
+            raise
+    return _Opened(value, (stat.st_ino, stat.st_size, stat.st_mtime_ns), verified, pending)
 
 
-def open_served(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _map(path: Path, file: Any, entry: dict[str, Any]) -> Any:
+    """The array (or Arrow table) of an open served file, over a read-only mapping."""
+    mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    # requests touch a row here and there: no disk read-ahead around each fault (the
+    # checksum pass has just put the file in the page cache; this matters once evicted)
+    mapped.madvise(mmap.MADV_RANDOM)
+    if path.suffix == ".arrow":
+        try:
+            return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f"{path}: not a readable Arrow file: {exc}") from exc
+    try:
+        file.seek(0)
+        version = np.lib.format.read_magic(file)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_header(file)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a readable .npy file: {exc}") from exc
+    if (
+        fortran
+        or dtype.hasobject
+        or dtype.str != entry.get("dtype")
+        or list(shape) != entry.get("shape")
+    ):
+        raise DataError(
+            f"{path}: array {dtype.str} {list(shape)}, but {io.MANIFEST} "
+            f"records {entry.get('dtype')} {entry.get('shape')}"
+        )
+    count = int(np.prod(shape))
+    array = np.frombuffer(mapped, dtype=dtype, count=count, offset=file.tell())
+    return array.reshape(shape)
+
+
+def open_served(
+    folder: Path, manifest: dict[str, Any], *, trust_verified: bool = False
+) -> tuple[dict[str, Any], dict[str, Any], PendingChecks]:
     """The served arrays of ``folder``, mapped read-only after verifying each file against
     ``manifest``; also each file's identity, to tell later whether it was replaced.
+
+    With ``trust_verified`` (the service), a file whose identity the verified record holds
+    is mapped at once and its CRC-32 left to the returned :class:`PendingChecks` (which the
+    caller must ``run`` or ``close``); each file checked in full now is recorded. Else the
+    checks pass is empty.
 
     The arrays are plain ndarrays over an ``mmap`` (not ``np.memmap``, whose Python-level
     subclass hooks would cost on every slice of the hot path); the mapping is released when
     the last array over it is."""
+    folder = Path(folder)
     artefacts = manifest["artefacts"]
     recorded = [name for name in ALS_NAMES if isinstance(artefacts.get(name), dict)]
     if recorded and len(recorded) < len(ALS_NAMES):
         raise DataError(
-            f"{Path(folder) / io.MANIFEST}: records only some ALS served files "
+            f"{folder / io.MANIFEST}: records only some ALS served files "
             f"({', '.join(recorded)}); republish the folder"
         )
     names = [*SERVED_FILES, *recorded]
+    trusted = read_verified(folder) if trust_verified else {}
     # two threads: pread and zlib's crc32 release the GIL, so the checksum pass over ~2.5 GB
     # at full scale takes half the time; the largest files first, so the threads end together
     names.sort(key=lambda name: -int(artefacts[name].get("bytes") or 0))
+    pending = PendingChecks(folder, [])
     with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
-        opened = dict(
-            zip(
-                names,
-                pool.map(lambda name: _open_one(Path(folder) / name, artefacts[name]), names),
-                strict=True,
-            )
-        )
-    arrays = {name: opened[name][0] for name in names}
-    identities = {name: opened[name][1] for name in names}
-    _check_structure(folder, arrays)
-    if recorded:
-        _check_factors(folder, arrays)
-    return arrays, identities
+        futures = {
+            name: pool.submit(_open_one, folder / name, artefacts[name], trusted.get(name))
+            for name in names
+        }
+    opened: dict[str, _Opened] = {}
+    try:
+        for name, future in futures.items():  # every descriptor kept, even after a failure
+            if future.exception() is None:
+                opened[name] = one = future.result()
+                if one.pending is not None:
+                    pending.files.append((name, one.pending, artefacts[name]["crc32"]))
+        for future in futures.values():
+            future.result()  # the first failure, in size order
+        arrays = {name: opened[name].value for name in names}
+        _check_structure(folder, arrays)
+        if recorded:
+            _check_factors(folder, arrays)
+    except BaseException:
+        pending.close()
+        raise
+    if trust_verified:
+        fresh = {name: o.verified for name, o in opened.items() if o.verified is not None}
+        if fresh:
+            update_verified(folder, fresh)
+    return arrays, {name: opened[name].identity for name in names}, pending
 
 
 def factor_arrays(arrays: dict[str, Any]) -> dict[str, np.ndarray] | None:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -129,6 +130,95 @@ def test_an_older_folder_is_read_with_a_warning_naming_the_fix(
         art = load_artefacts(folder)
     assert not art.mapped and len(art.offline) == 1
     assert "made from another recommendations.parquet" in caplog.text
+
+
+def _flip_under_the_record(folder: Path, name: str) -> None:
+    """Flip a byte of ``name`` and record its new identity as verified: bit rot that no
+    timestamp shows (the record still vouches for the file)."""
+    path = folder / name
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x5A
+    path.write_bytes(bytes(data))
+    record = served.read_verified(folder)
+    stat = path.stat()
+    record[name]["identity"] = [
+        stat.st_dev,
+        stat.st_ino,
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ctime_ns,
+    ]
+    (folder / served.VERIFIED).write_text(json.dumps(record))
+
+
+def test_a_verified_file_is_mapped_at_once_and_checked_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start checks every file in full and records it; a later start maps an unchanged
+    file at once and leaves its CRC-32 to the pending checks; a file written, copied or
+    renamed since is checked in full again; bit rot under the record is found by the
+    pending check, which drops the file from the record, so the next start refuses it."""
+    monkeypatch.setattr(served, "SETTLED_NS", 0)  # the test's files are seconds old
+    folder = published(tmp_path)
+    names = {*served.SERVED_FILES}
+    first = load_artefacts(folder)
+    assert first.pending is None  # nothing recorded yet: every file checked now
+    assert set(served.read_verified(folder)) == names
+
+    second = load_artefacts(folder)
+    assert second.pending is not None
+    assert {name for name, _, _ in second.pending.files} == names
+    assert second.pending.run() == len(names) and second.pending.files == []
+
+    # replaced by a copy of the same bytes: another inode, so no longer vouched for
+    copy = folder / "copy.tmp"
+    shutil.copyfile(folder / served.POPULAR, copy)
+    os.replace(copy, folder / served.POPULAR)
+    third = load_artefacts(folder)
+    assert third.pending is not None
+    assert served.POPULAR not in {name for name, _, _ in third.pending.files}
+    third.pending.close()
+
+    # bit rot under the record: mapped on its word, found by the pending check
+    _flip_under_the_record(folder, served.OFFLINE_VALUES)
+    rotten = load_artefacts(folder)
+    assert rotten.pending is not None
+    with pytest.raises(DataError, match="served_offline_values.npy: CRC-32 .* damaged after"):
+        rotten.pending.run()
+    assert served.OFFLINE_VALUES not in served.read_verified(folder)
+    with pytest.raises(DataError, match="served_offline_values.npy: CRC-32 .* file is damaged"):
+        load_artefacts(folder)
+
+
+def test_a_file_found_damaged_in_the_background_stops_the_worker_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's background check: a damaged file ends the serving of its set (503 for
+    lists and /health, naming the file); a set that passes serves on."""
+    monkeypatch.setattr(served, "SETTLED_NS", 0)
+    folder = published(tmp_path)
+    load_artefacts(folder)  # records every file
+    with TestClient(create_app(make_settings(folder))) as client:
+        recs = client.app.state.recs  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 20
+        while recs._artefacts.pending.files and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.get("/health").status_code == 200
+        assert client.get("/recommendations/1").status_code == 200
+
+    _flip_under_the_record(folder, served.SIMILAR_SCORES)
+    with TestClient(create_app(make_settings(folder))) as client:
+        recs = client.app.state.recs  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 20
+        while recs.damaged is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert "served_similar_scores.npy: CRC-32" in health.json()["artefacts_damaged"]
+        assert str(folder) not in health.json()["artefacts_damaged"]
+        answer = client.get("/recommendations/1")
+        assert answer.status_code == 503
+        assert "damaged after it was verified" in answer.text
 
 
 def test_the_pipeline_publishes_the_served_form() -> None:

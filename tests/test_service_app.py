@@ -107,6 +107,7 @@ def test_root_and_health(client: TestClient) -> None:
         "history_store": True,
         "run_id": "test-run",
         "reload_error": None,
+        "artefacts_damaged": None,
     }
 
 

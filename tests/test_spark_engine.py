@@ -167,7 +167,7 @@ def test_the_command_line_selects_the_engine(
 def _fold_in_model(folder: Path) -> online.FoldInModel:
     manifest = io.read_json(folder / io.MANIFEST)
     assert served.verify_files(folder, manifest)  # sizes and CRC-32 of every served file
-    arrays, _ = served.open_served(folder, manifest)
+    arrays, _, _ = served.open_served(folder, manifest)
     factors = served.factor_arrays(arrays)
     assert factors is not None, "no fold-in files"
     return online.model_from_arrays(factors)
