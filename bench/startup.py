@@ -125,7 +125,7 @@ def main() -> None:
             path.write_bytes(found)
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nstart-up to healthy, one worker, medians of {args.runs} rounds (rounds in brackets)\n")
+    print(f"\nstart-up to healthy, one worker, medians of {args.runs} rounds (each round)\n")
     print("| page cache | verified record | to healthy | artefact load | background check |")
     print("|---|---|---:|---:|---:|")
     for (cache, with_record), got in rows.items():

@@ -32,9 +32,15 @@ each valid while the change counter of its user's bucket is unchanged. The count
 small file beside the database (``<db>-changes``), mapped by every process that opens the
 store, and ``append`` adds one to the user's counter after its commit and before it answers.
 So a history read from the cache is never older than the last write any process acknowledged:
-the service answers a user whose history did not change without a thread hop and a query. A
-write made outside this class (the sqlite3 shell) is not counted; restart the service after
-one. WAL already needs every process on one machine, and so does the mapped file.
+the service answers a user whose history did not change without a thread hop and a query.
+A counter still at zero says more: no write to its bucket was ever acknowledged, so its users
+have no history, and ``cached`` answers ``[]`` without a read, for any process, cache or not
+(most users, those who did not play anything since the offline run, until their buckets fill:
+one in ``CHANGE_BUCKETS`` users with a history touches a bucket). A new counters file (or one
+of an older, smaller size) starts with one count in the bucket of every user the database
+already holds. A write made outside this class (the sqlite3 shell) is not counted: stop the
+service, delete the counters file, start it again. WAL already needs every process on one
+machine, and so does the mapped file.
 
 Failures are typed so the service can answer each one properly: ``HistoryStoreBusy`` (the
 file is locked longer than the busy timeout: 503 with Retry-After), ``HistoryStoreFull`` (disk
@@ -53,11 +59,13 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,7 @@ DEFAULT_MAX_EVENTS = 1_000
 DEFAULT_IDEMPOTENCY_SECONDS = 86_400.0
 MAX_KEY_LENGTH = 255
 
-CHANGE_BUCKETS = 1 << 18  # 2 MiB of counters: users share a bucket only ~1 in 262,144
+CHANGE_BUCKETS = 1 << 21  # 16 MiB of counters, shared: users share a bucket ~1 in 2 M
 CHANGES_SUFFIX = "-changes"
 
 # primary result codes (https://sqlite.org/rescode.html); the extended code's low byte
@@ -172,19 +180,30 @@ class ChangeCounters:
     bump is a read-add-write under ``flock``, so two processes never lose one; a read is one
     load from shared memory (8-byte aligned: never torn)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, known_users: Callable[[], Iterable[int]]) -> None:
+        """``known_users``: the users the store holds a history for; each gets a count in
+        its bucket when the file is new or of another size (zero says: no history)."""
         self.path = path
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             size = CHANGE_BUCKETS * 8
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                if os.fstat(self._fd).st_size < size:  # new (or short): zeros, never shrunk
+                if os.fstat(self._fd).st_size != size:  # new or of an older size
+                    os.ftruncate(self._fd, 0)
                     os.ftruncate(self._fd, size)
+                    self._map = mmap.mmap(self._fd, size)
+                    counts = np.frombuffer(self._map, dtype=np.uint64)
+                    users = np.fromiter(known_users(), dtype=np.int64)
+                    counts[np.unique(users % CHANGE_BUCKETS)] = 1
+                    del counts
+                else:
+                    self._map = mmap.mmap(self._fd, size)
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-            self._map = mmap.mmap(self._fd, size)
-        except OSError:
+        except BaseException:  # OSError, or the database failing to list its users
+            if hasattr(self, "_map"):
+                self._map.close()
             os.close(self._fd)
             raise
         self._counts = memoryview(self._map).cast("Q")
@@ -331,7 +350,10 @@ class SQLiteHistoryStore:
                 raise HistoryStoreError(f"{self.path}: cannot switch to WAL (got {mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self._create_schema(conn)
-            counters = ChangeCounters(self.path.with_name(self.path.name + CHANGES_SUFFIX))
+            counters = ChangeCounters(
+                self.path.with_name(self.path.name + CHANGES_SUFFIX),
+                lambda: (row[0] for row in conn.execute("SELECT user_id FROM history_users")),
+            )
         except (sqlite3.Error, OSError) as exc:
             raise HistoryStoreError(f"cannot open history store {self.path}: {exc}") from exc
         self._conn: sqlite3.Connection | None = conn
@@ -526,7 +548,11 @@ class SQLiteHistoryStore:
         return list(history)
 
     def cached(self, user_id: int) -> list[int] | None:
-        return None if self._closed else self._cache.get(int(user_id))
+        if self._closed:
+            return None
+        if self._counters.value(int(user_id)) == 0:  # no write ever: no history
+            return []
+        return self._cache.get(int(user_id))
 
     def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
         conn = self._read_connection()

@@ -68,7 +68,7 @@ def test_without_a_budget_nothing_is_cached(tmp_path: Path) -> None:
 
 
 def test_the_cache_keeps_its_event_budget_dropping_the_oldest(tmp_path: Path) -> None:
-    counters = ChangeCounters(tmp_path / "c")
+    counters = ChangeCounters(tmp_path / "c", tuple)
     cache = HistoryCache(counters, max_events=10)
     cache.put(1, counters.value(1), [1, 2, 3, 4])  # 5 with its entry
     cache.put(2, counters.value(2), [5, 6, 7])  # 9
@@ -84,14 +84,48 @@ def test_the_cache_keeps_its_event_budget_dropping_the_oldest(tmp_path: Path) ->
 
 
 def test_counters_are_shared_through_the_file(tmp_path: Path) -> None:
-    first, second = ChangeCounters(tmp_path / "c"), ChangeCounters(tmp_path / "c")
+    first, second = ChangeCounters(tmp_path / "c", tuple), ChangeCounters(tmp_path / "c", tuple)
     assert first.value(7) == 0
     second.bump(7)
     second.bump(7)
     assert first.value(7) == 2 and first.value(8) == 0
     first.close()
     second.close()
-    assert ChangeCounters(tmp_path / "c").value(7) == 2  # kept in the file
+    assert ChangeCounters(tmp_path / "c", tuple).value(7) == 2  # kept in the file
+
+
+def test_a_user_of_a_bucket_never_written_has_no_history_without_a_read(tmp_path: Path) -> None:
+    """A zero counter: no write to the bucket was ever acknowledged, so ``cached`` answers
+    ``[]`` with the caches off; a write to the user, or to another of its bucket, ends that."""
+    store = SQLiteHistoryStore(tmp_path / "h.db")  # cache_events=0: no history cache
+    assert store.cached(5) == [] and store.cached(5 + CHANGE_BUCKETS) == []
+    store.add(5 + CHANGE_BUCKETS, [10])
+    assert store.cached(5) is None and store.get(5) == []  # its bucket was written to
+    assert store.cached(6) == []
+    store.add(6, [20])
+    assert store.cached(6) is None and store.get(6) == [20]
+    store.close()
+
+
+def test_a_new_counters_file_counts_the_users_the_database_holds(tmp_path: Path) -> None:
+    """Counters lost, or of an older size: every user with a history gets a count again, so
+    none of them is taken for a user without one."""
+    db, changes = tmp_path / "h.db", tmp_path / "h.db-changes"
+    store = SQLiteHistoryStore(db)
+    store.add(1, [10])
+    store.add(2, [20, 30])
+    store.close()
+    for damage in ("deleted", "an older size"):
+        if damage == "deleted":
+            changes.unlink()
+        else:
+            changes.write_bytes(bytes(8 << 18))
+        store = SQLiteHistoryStore(db)
+        assert changes.stat().st_size == CHANGE_BUCKETS * 8, damage
+        assert store.cached(1) is None and store.cached(2) is None, damage
+        assert store.get(2) == [20, 30]
+        assert store.cached(3) == []
+        store.close()
 
 
 def test_answers_are_kept_per_history_and_per_set(tmp_path: Path) -> None:
