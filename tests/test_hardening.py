@@ -295,6 +295,8 @@ def test_busy_store_is_a_503_with_retry_after(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = client.app.state.recs.store
+    track = client.get("/top_popular/1").json()[0]
+    assert client.post("/history/1", json=[track]).status_code == 200  # user 1 has a history
 
     def busy(*_: object, **__: object) -> list[int]:
         raise HistoryStoreBusy(f"history store {store.path}: database is locked (SQLITE_BUSY)")
@@ -318,6 +320,8 @@ def test_a_read_that_hangs_does_not_hold_the_loop(
     settings = settings_for(folder, history_read_timeout_ms=100)
     with TestClient(create_app(settings)) as c:
         store = c.app.state.recs.store
+        track = c.get("/top_popular/1").json()[0]
+        assert c.post("/history/1", json=[track]).status_code == 200  # a read is needed
         monkeypatch.setattr(store, "get", lambda *_: release.wait(10) and [])
         monkeypatch.setattr(store, "ping", lambda: release.wait(10))
         started = time.perf_counter()
