@@ -104,6 +104,7 @@ PUBLISH_COMMAND = "python -m musicrec publish --parquet-dir {folder}"
 READ_CHUNK = 2**20  # bytes per read of the checksum pass (one small reused buffer)
 CHECK_THREADS = 2  # files checksummed at once when a set is opened
 VERIFIED = "served_verified.json"  # identity and CRC-32 of each file some process verified
+PREFETCH_BYTES = 128 * 2**20  # smaller files are read ahead when mapped (the big ones: rows)
 SETTLED_NS = 1_000_000_000  # only a file unchanged this long is recorded (coarse timestamps)
 
 
@@ -654,6 +655,8 @@ def _map(path: Path, file: Any, entry: dict[str, Any]) -> Any:
     # requests touch a row here and there: no disk read-ahead around each fault (the
     # checksum pass has just put the file in the page cache; this matters once evicted)
     mapped.madvise(mmap.MADV_RANDOM)
+    if len(mapped) <= PREFETCH_BYTES:  # read whole at start-up (checks, the artists column):
+        mapped.madvise(mmap.MADV_WILLNEED)  # from disk in large reads, not page by page
     if path.suffix == ".arrow":
         try:
             return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
