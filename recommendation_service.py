@@ -2089,13 +2089,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.max_body_bytes = current.max_body_bytes
         app.state.retry_after = current.retry_after_seconds
         recs = Recommendations(current)
-        recs.load()  # raises DataError naming the file: the service refuses to start
+        # raises DataError naming the file: the service refuses to start. ``art``, not
+        # ``recs.artefacts``: a background check may already have found the set damaged
+        art = recs.load()
         recs.open_store()
         if current.metrics_enabled:  # files shared by the workers of this server
             recs.metrics = ServiceMetrics(
                 *metrics_directory(current.metrics_dir), current.metrics_flush_seconds
             )
-            recs.metrics.set_run(recs.artefacts.run_id)
+            recs.metrics.set_run(art.run_id)
         app.state.metrics = recs.metrics
         app.state.recs = recs
         stop = threading.Event()
@@ -2106,7 +2108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 name="manifest-watch",
                 daemon=True,
             ).start()
-        log.info("ready: run %s, history store %s", recs.artefacts.run_id, current.history_url)
+        log.info("ready: run %s, history store %s", art.run_id, current.history_url)
         try:
             yield
         finally:
