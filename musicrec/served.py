@@ -22,8 +22,8 @@ so a live mapping never changes under a worker. CRC-32 guards against truncation
 and flipped bits, which is the threat here; it is not a defence against a deliberate forgery
 (neither would a hash in the same manifest be).
 
-The checksum pass reads every byte: ~0.8 s for the 2.2 GB full-size set from the page cache,
-but ~4 s from disk (a reboot, files pushed out by other work). So a process that verified a
+The checksum pass reads every byte: ~0.9 s for the 2.2 GB full-size set from the page cache,
+2–2.7 s from disk (a reboot, files pushed out by other work). So a process that verified a
 file records its identity (device, inode, size, mtime and ctime, in ns) with the CRC in
 ``served_verified.json`` beside it. A later start whose file has the very same identity (no
 write, rename or copy since: the kernel sets ctime, no tool can) maps it at once and leaves
@@ -652,8 +652,8 @@ def _open_one(path: Path, entry: dict[str, Any], trusted: Any) -> _Opened:
 def _map(path: Path, file: Any, entry: dict[str, Any]) -> Any:
     """The array (or Arrow table) of an open served file, over a read-only mapping."""
     mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    # requests touch a row here and there: no disk read-ahead around each fault (the
-    # checksum pass has just put the file in the page cache; this matters once evicted)
+    # requests touch a row here and there: no disk read-ahead around each fault (matters
+    # when the file is not in the page cache: mapped unchecked, or evicted since)
     mapped.madvise(mmap.MADV_RANDOM)
     if len(mapped) <= PREFETCH_BYTES:  # read whole at start-up (checks, the artists column):
         mapped.madvise(mmap.MADV_WILLNEED)  # from disk in large reads, not page by page
