@@ -5,7 +5,7 @@ Four cases per round, on the given (published) artefacts, one uvicorn worker eac
 * page cache warm or cold: cold means every file of the folder was dropped from the page
   cache first (``posix_fadvise(DONTNEED)``: no root needed; what a reboot or other work
   that pushed the files out leaves). Python's own modules stay cached in both cases;
-* with or without the verified record (``served_verified.json``): without it the worker
+* with or without the verified record (``.served_verified.json``): without it the worker
   computes the CRC-32 of every served file before it answers; with it, files unchanged since
   a verified start are mapped at once and checked in a background thread.
 

@@ -25,7 +25,7 @@ and flipped bits, which is the threat here; it is not a defence against a delibe
 The checksum pass reads every byte: ~0.9 s for the 2.2 GB full-size set from the page cache,
 2–2.7 s from disk (a reboot, files pushed out by other work). So a process that verified a
 file records its identity (device, inode, size, mtime and ctime, in ns) with the CRC in
-``served_verified.json`` beside it. A later start whose file has the very same identity (no
+``.served_verified.json`` beside it. A later start whose file has the very same identity (no
 write, rename or copy since: the kernel sets ctime, no tool can) maps it at once and leaves
 its CRC to :class:`PendingChecks`, which the service runs in a background thread; a file
 found damaged there is dropped from the record and the service stops serving the set (see
@@ -103,7 +103,9 @@ ITEM_COLUMNS = (C.track, C.name, C.artists, C.albums, C.genres)
 PUBLISH_COMMAND = "python -m musicrec publish --parquet-dir {folder}"
 READ_CHUNK = 2**20  # bytes per read of the checksum pass (one small reused buffer)
 CHECK_THREADS = 2  # files checksummed at once when a set is opened
-VERIFIED = "served_verified.json"  # identity and CRC-32 of each file some process verified
+# identity and CRC-32 of each file some process of this machine verified (a dot file: not an
+# artefact, so neither kept with a run nor pushed to S3)
+VERIFIED = ".served_verified.json"
 PREFETCH_BYTES = 128 * 2**20  # smaller files are read ahead when mapped (the big ones: rows)
 SETTLED_NS = 1_000_000_000  # only a file unchanged this long is recorded (coarse timestamps)
 
@@ -535,7 +537,7 @@ def _identity_of(stat: os.stat_result) -> list[int]:
 
 
 def read_verified(folder: Path) -> dict[str, Any]:
-    """``served_verified.json`` of ``folder``; {} when missing or unreadable (nothing
+    """``.served_verified.json`` of ``folder``; {} when missing or unreadable (nothing
     trusted: every file is checked in full)."""
     try:
         record = json.loads((Path(folder) / VERIFIED).read_text(encoding="utf-8"))
