@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     """Every path and parameter of the pipeline and the service."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MUSICREC_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="MUSICREC_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_parse_none_str="null",  # MUSICREC_REPORT_USERS=null: None, as `--set x=null`
     )
 
     # --- locations -------------------------------------------------------------------------

@@ -148,6 +148,18 @@ def test_set_refuses_an_invalid_value_naming_the_setting(
     assert "setting port = '0' (from MUSICREC_PORT or .env)" in capsys.readouterr().err
 
 
+def test_null_in_the_environment_unsets_an_optional_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``MUSICREC_X=null`` is None where the setting allows it, as ``--set x=null`` is; a
+    setting that needs a value refuses it, naming the setting."""
+    monkeypatch.setenv("MUSICREC_REPORT_USERS", "null")
+    assert Settings().report_users is None
+    monkeypatch.setenv("MUSICREC_SEED", "null")
+    assert main(["config"]) == 2
+    assert "setting seed = None (from MUSICREC_SEED or .env)" in capsys.readouterr().err
+
+
 def test_set_reaches_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``generate`` with the preset and seed given only through --set."""
     assert (
