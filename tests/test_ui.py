@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -92,6 +92,20 @@ def _list(browser: webdriver.Chrome, element_id: str) -> list[tuple[int, str]]:
     return [(int(track), name) for track, name in rows]
 
 
+def _click(browser: webdriver.Chrome, selector: str) -> None:
+    """Click the first element of ``selector``, looked up again if the page redrew it
+    between the look-up and the click."""
+
+    def click() -> bool:
+        try:
+            browser.find_element(By.CSS_SELECTOR, selector).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    _wait(browser, click, f"a click on {selector}")
+
+
 def _wait(browser: webdriver.Chrome, condition, what: str):  # noqa: ANN001, ANN202
     try:
         return WebDriverWait(browser, WAIT, poll_frequency=0.05).until(lambda _: condition())
@@ -124,7 +138,7 @@ def test_the_page_shows_a_users_list_and_follows_an_event(
     # one click on "listen" posts the first track as an online event: the list changes (a
     # heard track is never recommended), the history and the source show it
     first = shown[0][0]
-    browser.find_element(By.CSS_SELECTOR, "#recs li[data-track-id] .listen").click()
+    _click(browser, "#recs li[data-track-id] .listen")
     after = _wait(
         browser,
         lambda: (lambda now: now if now and now[0][0] != first else None)(_list(browser, "recs")),
@@ -174,7 +188,7 @@ def test_the_page_shows_a_users_list_and_follows_an_event(
 
     # a click on a name shows that track's similar tracks
     track = _list(browser, "recs")[0]
-    browser.find_element(By.CSS_SELECTOR, "#recs li[data-track-id] .name").click()
+    _click(browser, "#recs li[data-track-id] .name")
     similar = requests.get(
         f"{service.url}/similar/10", params={"track_id": track[0]}, timeout=5
     ).json()
