@@ -65,12 +65,13 @@ def warm(folder: Path) -> None:
                     pass
 
 
-def one_start(folder: Path, work: Path, cache: str, record: dict[str, bytes]) -> dict[str, Any]:
-    """Start one worker in the given state of page cache and record; its figures."""
+def one_start(folder: Path, work: Path, cache: str, record: bytes | None) -> dict[str, Any]:
+    """Start one worker with the page cache ``cache`` and the verified record ``record``
+    (None: none); its figures."""
     path = folder / VERIFIED
     path.unlink(missing_ok=True)
-    if record:
-        path.write_bytes(record["bytes"])
+    if record is not None:
+        path.write_bytes(record)
     (warm if cache == "warm" else evict)(folder)
     log = work / f"service-{time.monotonic_ns()}.log"
     env = {
@@ -85,7 +86,7 @@ def one_start(folder: Path, work: Path, cache: str, record: dict[str, bytes]) ->
         load = requests.get(server.url + "/", timeout=5).json().get("load_seconds")
         background = None
         deadline = time.monotonic() + 120
-        while record and time.monotonic() < deadline:
+        while record is not None and time.monotonic() < deadline:
             found = BACKGROUND.search(log.read_text(errors="replace"))
             if found:
                 background = float(found.group(1))
@@ -107,15 +108,15 @@ def main() -> None:
     found = path.read_bytes() if path.exists() else None
     try:
         # a verified start writes the record (files must be older than a second)
-        one_start(folder, work, "warm", {})
+        one_start(folder, work, "warm", None)
         if not path.exists():
             sys.exit(f"{path} was not written: is the folder writable, are the files settled?")
-        record = {"bytes": path.read_bytes()}
+        record = path.read_bytes()
         print(f"load average before: {os.getloadavg()}", file=sys.stderr)
         rows: dict[tuple[str, bool], list[dict[str, Any]]] = {case: [] for case in CASES}
         for round_ in range(args.runs):
             for cache, with_record in CASES:
-                got = one_start(folder, work, cache, record if with_record else {})
+                got = one_start(folder, work, cache, record if with_record else None)
                 rows[(cache, with_record)].append(got)
                 print(f"round {round_ + 1} {cache} record={with_record}: {got}", file=sys.stderr)
         print(f"load average after: {os.getloadavg()}", file=sys.stderr)
