@@ -38,9 +38,11 @@ have no history, and ``cached`` answers ``[]`` without a read, for any process, 
 (most users, those who did not play anything since the offline run, until their buckets fill:
 one in ``CHANGE_BUCKETS`` users with a history touches a bucket). A new counters file (or one
 of an older, smaller size) starts with one count in the bucket of every user the database
-already holds. A write made outside this class (the sqlite3 shell) is not counted: stop the
-service, delete the counters file, start it again. WAL already needs every process on one
-machine, and so does the mapped file.
+already holds; processes of a version with another bucket count must not run beside it (stop
+them all before an upgrade: one uvicorn server restarts all its workers together). A write
+made outside this class (the sqlite3 shell) is not counted: stop the service, delete the
+counters file, start it again. WAL already needs every process on one machine, and so does
+the mapped file.
 
 Failures are typed so the service can answer each one properly: ``HistoryStoreBusy`` (the
 file is locked longer than the busy timeout: 503 with Retry-After), ``HistoryStoreFull`` (disk
