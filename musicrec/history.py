@@ -241,10 +241,13 @@ class HistoryCache:
         self._size = 0
         self._lock = threading.Lock()
 
-    def get(self, user_id: int) -> list[int] | None:
-        """The user's history (a copy) when the cached one is current, else None."""
+    def get(self, user_id: int, version: int | None = None) -> list[int] | None:
+        """The user's history (a copy) when the cached one is current, else None.
+        ``version``: the user's counter, when the caller has just read it."""
         entry = self._entries.get(user_id)
-        if entry is None or entry[0] != self.counters.value(user_id):
+        if version is None:
+            version = self.counters.value(user_id)
+        if entry is None or entry[0] != version:
             return None
         return list(entry[1])
 
@@ -552,9 +555,11 @@ class SQLiteHistoryStore:
     def cached(self, user_id: int) -> list[int] | None:
         if self._closed:
             return None
-        if self._counters.value(int(user_id)) == 0:  # no write ever: no history
+        user_id = int(user_id)
+        version = self._counters.value(user_id)
+        if version == 0:  # no write ever: no history
             return []
-        return self._cache.get(int(user_id))
+        return self._cache.get(user_id, version)
 
     def page(self, user_id: int, limit: int, before: int | None = None) -> HistoryPage:
         conn = self._read_connection()
