@@ -52,6 +52,12 @@ def _status(field: str) -> int:
     return 0
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -78,11 +84,13 @@ class StageWatch(logging.Handler):
             if what == "started":
                 _reset_peak()
                 self._current = stage
-                self.stages[stage] = {"start": time.perf_counter()}
+                self.stages[stage] = {"start": time.perf_counter(), "cpu_start": _cpu()}
             else:
                 entry = self.stages[stage]
                 entry["seconds"] = time.perf_counter() - entry["start"]
+                entry["cpu_seconds"] = _cpu() - entry["cpu_start"]
                 entry["peak_bytes"] = _status("VmHWM")
+                entry["load"] = os.getloadavg()[0]
         if DETAIL.search(message):
             elapsed = time.perf_counter() - self._t0
             self.details.append(f"{elapsed:7.0f} s  {record.name}: {message.splitlines()[0]}")
@@ -121,7 +129,7 @@ def run_pipeline(args: argparse.Namespace) -> dict:
             [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, *stage_peaks]
         ),
         "stages": {
-            k: {"seconds": v["seconds"], "peak_bytes": v["peak_bytes"]}
+            k: {key: v[key] for key in ("seconds", "cpu_seconds", "peak_bytes", "load")}
             for k, v in watch.stages.items()
         },
         "details": watch.details,
@@ -198,6 +206,10 @@ def prepare_preset(args: argparse.Namespace) -> None:
     args.data_dir = data
 
 
+def _use(cpu_seconds: float | None, wall_seconds: float) -> str:
+    return "?" if not cpu_seconds else f"{cpu_seconds / max(wall_seconds, 1e-9):.2f}"
+
+
 def _gb(value: float) -> str:
     return f"{value / 2**30:.2f}"
 
@@ -225,14 +237,22 @@ def markdown(label: str, command: str, result: dict) -> str:
         f"{s['threads']}, validation users {s['validation_users']:,}",
         f"- split: {run['split']}",
         "",
-        "| stage | wall time | peak memory (GB) |",
-        "|---|---:|---:|",
+        "CPU use: the process's user + system CPU time over the stage's wall time (2.0 = both "
+        "cores busy throughout); load: the 1-minute load average at the stage's end.",
+        "",
+        "| stage | wall time | CPU use | load | peak memory (GB) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for stage, v in run["stages"].items():
-        lines.append(f"| {stage} | {v['seconds']:.0f} s | {_gb(v['peak_bytes'])} |")
+        lines.append(
+            f"| {stage} | {v['seconds']:.0f} s | {_use(v.get('cpu_seconds'), v['seconds'])} | "
+            f"{v.get('load', float('nan')):.1f} | {_gb(v['peak_bytes'])} |"
+        )
+    cpu = sum(v.get("cpu_seconds", 0.0) for v in run["stages"].values())
     lines.append(
         f"| **whole pipeline** | **{run['wall_seconds']:.0f} s "
-        f"({run['wall_seconds'] / 60:.1f} min)** | **{_gb(run['peak_bytes'])}** |"
+        f"({run['wall_seconds'] / 60:.1f} min)** | {_use(cpu, run['wall_seconds'])} | | "
+        f"**{_gb(run['peak_bytes'])}** |"
     )
     if bare:
         ratio = run["wall_seconds"] / bare["fit_seconds"]
@@ -240,7 +260,7 @@ def markdown(label: str, command: str, result: dict) -> str:
             f"| bare implicit ALS fit ({bare['factors']} factors, {bare['iterations']} "
             f"iterations, {bare['threads']} threads; {bare['users']:,} x {bare['tracks']:,}, "
             f"{bare['events']:,} events) | {bare['fit_seconds']:.0f} s "
-            f"(+{bare['prepare_seconds']:.0f} s to read events and build the matrix) | "
+            f"(+{bare['prepare_seconds']:.0f} s to read events and build the matrix) | | | "
             f"{_gb(bare['peak_bytes']) if bare.get('peak_bytes') else 'not measured'} |",
             "",
             f"**Ratio whole pipeline / bare ALS fit: {ratio:.2f}** "

@@ -203,7 +203,8 @@ def _fit_sources(
     """The chosen sources fitted on ``data``; those with a state (ALS factors) start from the
     state saved under ``start_from`` by an earlier stage, and save theirs as ``save_as``.
     With ``judge`` (validation listens after ``data``'s cut-off), a warm ALS fit stops once
-    its NDCG@10 on those users stops improving (``NdcgPlateau``)."""
+    its NDCG@10 on those users stops improving (``NdcgPlateau``); without, a refit from an
+    earlier cut-off's factors stops once its lists settle (``ListsSettled``)."""
     s = run.settings
     sources = {}
     for name, choice in run.choices().items():
@@ -212,12 +213,20 @@ def _fit_sources(
         state = run.load_state(start_from, name, choice.params) if start_from else None
         # a search trial learnt from a user sample: further from the full fit than a refit
         iterations = s.als_sample_start_iterations if start_from == "search" else None
-        if judge is not None and isinstance(source, AlsSource):
-            source.stop_when(NdcgPlateau(judge, s.als_stop_gain))
+        if isinstance(source, AlsSource):
+            source.stop_when(
+                NdcgPlateau(judge, s.als_stop_gain)
+                if judge is not None
+                else ListsSettled.watching(data.listens.n_users, s)
+            )
         sources[name] = fitted = source.warm(state, iterations).fit(data)
         how = ""
         if state:
-            ran = f", {fitted.iterations_run} iterations" if isinstance(fitted, AlsSource) else ""
+            ran = (
+                f", {fitted.iterations_run} iteration{'s' * (fitted.iterations_run != 1)}"
+                if isinstance(fitted, AlsSource)
+                else ""
+            )
             how = f" (warm start{ran})"
         log.info("fitted %s%s in %.1f s", fitted, how, time.perf_counter() - started)
         if save_as:
@@ -439,9 +448,7 @@ def stage_evaluate(run: RunContext) -> None:
         exact = s.model_copy(update={"topk_method": "exact"})
         # no validation period follows this cut-off: the fit stops once its lists settle,
         # watched on a random sample of users (not the test users: their lists only score)
-        rng = np.random.default_rng(s.seed)
-        watched = np.sort(rng.choice(h.n_users, min(s.search_users, h.n_users), replace=False))
-        baseline = AlsSource(exact, **plain).stop_when(ListsSettled(watched, s.als_stop_overlap))
+        baseline = AlsSource(exact, **plain).stop_when(ListsSettled.watching(h.n_users, s))
         baseline.warm(state, s.als_sample_start_iterations).fit(data)
         log.info(
             "fitted the plain ALS baseline %s %s in %.1f s",

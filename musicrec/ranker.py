@@ -168,11 +168,10 @@ def candidates(
     f["track_age_days"] = (h.cutoff - t.first_day[tracks]).astype(np.float32)
     f["track_rank_in_artist"] = t.rank_in_artist[tracks]
 
-    rows = data.binary()[users]
-    per_user = np.maximum(np.diff(rows.indptr), 1).astype(np.float32)
-    scale = sp.diags(1.0 / per_user)
-    for name, attr in (("artist_share", data.artists), ("genre_share", data.genres)):
-        f[name] = _max_over_attributes((scale @ (rows @ attr)).tocsr(), attr, local, tracks)
+    for name, attribute in (("artist_share", "artists"), ("genre_share", "genres")):
+        f[name] = _max_over_attributes(
+            data.shares(users, attribute), getattr(data, attribute), local, tracks
+        )
 
     starts, ends = h.indptr[users], h.indptr[users + 1]
     positions, owner = gather_rows(h.indptr, users)

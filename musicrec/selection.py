@@ -23,6 +23,7 @@ from musicrec.listens import Listens
 from musicrec.settings import Settings
 from musicrec.sources import (
     SOURCES,
+    AlsSource,
     HeardFilter,
     Lists,
     Source,
@@ -109,8 +110,8 @@ def recommend_batched(source: Source, users: np.ndarray, n: int, batch: int = 40
 
 class NdcgPlateau:
     """A stop rule for an iterative fit (``AlsSource.stop_when``): NDCG@10 on validation
-    users after each iteration; stop once an iteration gains less than ``gain`` of the score
-    before it."""
+    users at the start and after each iteration; stop once an iteration gains less than
+    ``gain`` of the score before it."""
 
     def __init__(self, truth: Truth, gain: float) -> None:
         self.truth, self.gain = truth, gain
@@ -122,7 +123,7 @@ class NdcgPlateau:
         log.info(
             "%s, iteration %d: NDCG@10 %.4f on %d validation users",
             source,
-            len(self.scores),
+            len(self.scores) - 1,
             self.scores[-1],
             self.truth.users.size,
         )
@@ -131,14 +132,22 @@ class NdcgPlateau:
 
 class ListsSettled:
     """A stop rule that needs no labels (a fit with no validation period after its cut-off):
-    the top-10 lists of ``users`` after each iteration; stop once at least ``overlap`` of
-    their entries were in the lists of the iteration before. Lists that stopped moving keep
-    any metric of them where it is."""
+    the top-10 lists of ``users`` at the start and after each iteration; stop once at least
+    ``overlap`` of their entries were in the lists before the iteration. Lists that stopped
+    moving keep any metric of them where it is."""
 
     def __init__(self, users: np.ndarray, overlap: float) -> None:
         self.users, self.overlap = users, overlap
         self.previous: np.ndarray | None = None
         self.shares: list[float] = []
+
+    @classmethod
+    def watching(cls, n_users: int, settings: Settings) -> ListsSettled:
+        """The rule on a seeded random sample of ``settings.search_users`` of ``n_users``
+        user codes, with ``settings.als_stop_overlap``."""
+        rng = np.random.default_rng(settings.seed)
+        users = np.sort(rng.choice(n_users, min(settings.search_users, n_users), replace=False))
+        return cls(users, settings.als_stop_overlap)
 
     def __call__(self, source: Source) -> bool:
         lists = recommend_batched(source, self.users, 10)
@@ -150,7 +159,7 @@ class ListsSettled:
         log.info(
             "%s, iteration %d: %.1f%% of %d users' top-10 entries unchanged",
             source,
-            len(self.shares) + 1,
+            len(self.shares),
             100 * self.shares[-1],
             self.users.size,
         )
@@ -223,8 +232,12 @@ def search(
             t0 = time.perf_counter()
             source = make_source(name, settings, params)
             if best_state is not None and warm_iterations < settings.als_iterations:
-                # a step changes one parameter of the best so far: its factors are close
+                # a step changes one parameter of the best so far: its factors are close, and
+                # the trial stops once its lists settle (a label-free rule: the scoring users'
+                # labels do not decide how long it runs)
                 source.warm(best_state, warm_iterations)
+                if isinstance(source, AlsSource):
+                    source.stop_when(ListsSettled.watching(data.listens.n_users, settings))
             source = source.fit(data)
             lists = recommend_batched(source, truth.users, 10)
             score = float(ndcg_per_user(lists, truth).mean())

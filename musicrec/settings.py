@@ -100,9 +100,10 @@ class Settings(BaseSettings):
     search_warm_iterations: int | None = Field(
         8,
         ge=1,
-        description="iterations of a search trial that starts from the factors of the best "
-        "trial so far (ALS, same factor count; a step changes one parameter, so the two are "
-        "close); None, or not fewer than als_iterations = every trial from scratch",
+        description="most iterations of a search trial that starts from the factors of the "
+        "best trial so far (ALS, same factor count; a step changes one parameter, so the two "
+        "are close); it stops once als_stop_overlap of sampled users' top-10 lists stay as "
+        "they were. None, or not fewer than als_iterations = every trial from scratch",
     )
     search_users: int = Field(
         10_000, ge=1, description="validation users that score each search trial"
@@ -122,8 +123,9 @@ class Settings(BaseSettings):
     als_refit_iterations: int = Field(
         3,
         ge=1,
-        description="iterations of the refits before the test period and on the whole "
-        "log, which start from the factors of the previous cut-off",
+        description="most iterations of the refits before the test period and on the whole "
+        "log, which start from the factors of the previous cut-off; each stops once "
+        "als_stop_overlap of sampled users' top-10 lists stay as they were",
     )
     als_sample_start_iterations: int = Field(
         8,
@@ -145,9 +147,10 @@ class Settings(BaseSettings):
         0.9,
         ge=0,
         le=1,
-        description="a warm ALS fit without validation users stops once this share of the "
-        "entries of sampled users' top-10 lists are those of the iteration before "
-        "(1 = only once they no longer change)",
+        description="a warm ALS fit without validation users (a search trial, the plain "
+        "baseline, a refit) stops once this share of the entries of search_users sampled "
+        "users' top-10 lists are those before the iteration (1 = only once they no longer "
+        "change)",
     )
     als_regularization: float = Field(0.1, ge=0, description="of the configured ALS trial")
     als_alpha: float = Field(

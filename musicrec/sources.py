@@ -244,18 +244,34 @@ class TrainData:
             self._cache["binary"] = matrix
         return self._cache["binary"]
 
-    def heard(self, users: np.ndarray) -> HeardFilter:
-        """The heard filter of a batch of users; the last few are kept, as every source of a
-        candidate batch asks for the same (one batch per ranking thread)."""
+    def _per_batch(self, kind: str, users: np.ndarray, make: Callable[[], Any]) -> Any:
+        """``make()`` for a batch of users, of which the last few are kept: every source of
+        a candidate batch, and its features, ask for the same (one batch per ranking
+        thread)."""
         key = np.asarray(users).tobytes()
-        recent: dict[bytes, HeardFilter] = self._cache.setdefault("heard", {})
+        recent: dict[bytes, Any] = self._cache.setdefault(kind, {})
         found = recent.get(key)
         if found is None:
-            found = HeardFilter(self.listens, users)
+            found = make()
             if len(recent) >= 4:
                 recent.pop(next(iter(recent)), None)
             recent[key] = found
         return found
+
+    def heard(self, users: np.ndarray) -> HeardFilter:
+        """The heard filter of a batch of users."""
+        return self._per_batch("heard", users, lambda: HeardFilter(self.listens, users))
+
+    def shares(self, users: np.ndarray, attribute: str) -> sp.csr_matrix:
+        """batch x ``attribute`` ("artists", "genres"): each user's share of heard tracks
+        that have it."""
+
+        def make() -> sp.csr_matrix:
+            rows = self.binary()[users]
+            scale = sp.diags(1.0 / np.maximum(np.diff(rows.indptr), 1).astype(np.float32))
+            return (scale @ (rows @ getattr(self, attribute))).tocsr()
+
+        return self._per_batch(f"shares:{attribute}", users, make)
 
     def knn_window(self, max_pairs: float) -> int:
         """The most recent events per user whose all-pairs pass stays within ``max_pairs``
@@ -505,6 +521,10 @@ class AlsSource(Source):
             model.iterations = getattr(self, "_warm_iterations", None) or s.als_refit_iterations
             judge = getattr(self, "_judge", None)
             if judge is not None:
+                # the judge sees the start too: a refit whose first iteration barely moves
+                # the carried factors' lists may stop after it
+                self._set_model(model)
+                judge(self)
                 stop = _Judged(self, model, judge)
         started = time.perf_counter()
         # a stop leaves the factors of the last iteration, updated in place
@@ -527,11 +547,12 @@ class AlsSource(Source):
         self.index = None
 
     def stop_when(self, judge: Callable[[Source], bool]) -> AlsSource:
-        """Let the next warm fit stop early: after each iteration ``judge`` looks at the
-        source as it stands (its lists come from the factors so far) and says whether to
-        stop (``selection.NdcgPlateau``, ``selection.ListsSettled``). The warm iterations are
-        then a maximum, and how many a log needs is learnt on it. A cold fit is never
-        judged: its first iterations start from random factors."""
+        """Let the next warm fit stop early: ``judge`` looks at the source as it stands (its
+        lists come from the factors so far) once at the start, with the carried factors, and
+        after each iteration, when it says whether to stop (``selection.NdcgPlateau``,
+        ``selection.ListsSettled``; what it says of the start is ignored). The warm
+        iterations are then a maximum, and how many a log needs is learnt on it. A cold fit
+        is never judged: its first iterations start from random factors."""
         self._judge = judge
         return self
 
@@ -756,8 +777,7 @@ class ArtistSource(Source):
         return self
 
     def recommend(self, users: np.ndarray, n: int) -> Lists:
-        rows = self.data.binary()[users]
-        shares = sp.diags(1.0 / np.maximum(np.diff(rows.indptr), 1)) @ (rows @ self.data.artists)
+        shares = self.data.shares(users, "artists")
         return _sparse_top(shares @ self.artist_tracks, self.data.heard(users), n)
 
 

@@ -159,12 +159,15 @@ class StepSource(Source):
 
 
 def _judge_until_stop(source: StepSource, judge: Any) -> int:
-    """Iterations an ``AlsSource.stop_when`` fit would run with ``judge``."""
-    for i in range(len(source.steps)):
+    """Iterations an ``AlsSource.stop_when`` fit would run with ``judge``: the first step is
+    the start (what the judge says of it is ignored), each later one an iteration."""
+    source.i = 0
+    judge(source)
+    for i in range(1, len(source.steps)):
         source.i = i
         if judge(source):
-            return i + 1
-    return len(source.steps)
+            return i
+    return len(source.steps) - 1
 
 
 def test_ndcg_plateau_stops_once_an_iteration_gains_too_little() -> None:
@@ -172,17 +175,18 @@ def test_ndcg_plateau_stops_once_an_iteration_gains_too_little() -> None:
     ranks = [5, 3, 1, 1, 1]
     steps = [list(range(1, r)) + [0] + list(range(r, 10)) for r in ranks]
     judge = selection.NdcgPlateau(TRUTH, gain=0.01)
-    assert _judge_until_stop(StepSource(steps), judge) == 4
+    assert _judge_until_stop(StepSource(steps), judge) == 3
     np.testing.assert_allclose(judge.scores, [1 / np.log2(6), 0.5, 1.0, 1.0])
     # a worse iteration stops it too
     judge = selection.NdcgPlateau(TRUTH, gain=0.0)
-    assert _judge_until_stop(StepSource([steps[2], steps[0], steps[2]]), judge) == 2
+    assert _judge_until_stop(StepSource([steps[2], steps[0], steps[2]]), judge) == 1
 
 
-@pytest.mark.parametrize(("overlap", "iterations"), [(0.9, 3), (0.95, 4), (0.5, 2)])
+@pytest.mark.parametrize(("overlap", "iterations"), [(0.9, 2), (0.95, 3), (0.5, 1)])
 def test_lists_settled_stops_once_the_lists_stop_moving(overlap: float, iterations: int) -> None:
-    # each user's top 10: tracks 0-9, then 5-14 (half kept), 6-15 (9 of 10), 6-15 (all)
+    # each user's top 10: tracks 0-9 at the start, then 5-14 (half kept), 6-15 (9 of 10),
+    # 6-15 (all)
     steps = [list(range(0, 10)), list(range(5, 15)), list(range(6, 16)), list(range(6, 16))]
     judge = selection.ListsSettled(np.arange(4, dtype=np.int64), overlap)
     assert _judge_until_stop(StepSource(steps), judge) == iterations
-    np.testing.assert_allclose(judge.shares, [0.5, 0.9, 1.0][: iterations - 1])
+    np.testing.assert_allclose(judge.shares, [0.5, 0.9, 1.0][:iterations])

@@ -374,21 +374,28 @@ def test_a_judged_warm_fit_stops_when_its_judge_says_so() -> None:
             assert isinstance(src, AlsSource)
             assert src.recommend(np.arange(5, dtype=np.int64), 3).n_users == 5
             judged.append(src.model.model.item_factors.copy())
-            return len(judged) == stop_at
+            return 0 < stop_at <= len(judged)
 
         return judged, judge
 
-    judged, judge = judge_with(3)
+    # the judge sees the carried factors, then each iteration's: it stops at its fourth look
+    judged, judge = judge_with(4)
     warm = AlsSource(settings, **params).stop_when(judge).warm(state, 8).fit(later)
-    assert warm.iterations_run == 3 and len(judged) == 3
-    assert not np.array_equal(judged[0], judged[1]), "each judgement follows an iteration"
+    assert warm.iterations_run == 3 and len(judged) == 4
+    np.testing.assert_array_equal(judged[0], state["item_factors"])  # no track is new
+    assert not np.array_equal(judged[1], judged[2]), "each judgement follows an iteration"
     np.testing.assert_array_equal(warm.model.model.item_factors, judged[-1])
     assert warm.recommend(np.arange(5, dtype=np.int64), 3).n_users == 5
+
+    # what it says of the start is ignored: at least one iteration runs
+    judged, judge = judge_with(1)
+    warm = AlsSource(settings, **params).stop_when(judge).warm(state, 8).fit(later)
+    assert warm.iterations_run == 1 and len(judged) == 2
 
     # a judge that never stops it runs every warm iteration, and no more
     judged, judge = judge_with(-1)
     warm = AlsSource(settings, **params).stop_when(judge).warm(state, 6).fit(later)
-    assert warm.iterations_run == 6 and len(judged) == 6
+    assert warm.iterations_run == 6 and len(judged) == 7
 
     # a cold fit is never judged: the factors of new users start random
     judged, judge = judge_with(1)
