@@ -23,7 +23,6 @@ from musicrec.listens import Listens
 from musicrec.settings import Settings
 from musicrec.sources import (
     SOURCES,
-    AlsSource,
     HeardFilter,
     Lists,
     Source,
@@ -232,12 +231,8 @@ def search(
             t0 = time.perf_counter()
             source = make_source(name, settings, params)
             if best_state is not None and warm_iterations < settings.als_iterations:
-                # a step changes one parameter of the best so far: its factors are close, and
-                # the trial stops once its lists settle (a label-free rule: the scoring users'
-                # labels do not decide how long it runs)
+                # a step changes one parameter of the best so far: its factors are close
                 source.warm(best_state, warm_iterations)
-                if isinstance(source, AlsSource):
-                    source.stop_when(ListsSettled.watching(data.listens.n_users, settings))
             source = source.fit(data)
             lists = recommend_batched(source, truth.users, 10)
             score = float(ndcg_per_user(lists, truth).mean())

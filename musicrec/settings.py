@@ -100,10 +100,9 @@ class Settings(BaseSettings):
     search_warm_iterations: int | None = Field(
         8,
         ge=1,
-        description="most iterations of a search trial that starts from the factors of the "
-        "best trial so far (ALS, same factor count; a step changes one parameter, so the two "
-        "are close); it stops once als_stop_overlap of sampled users' top-10 lists stay as "
-        "they were. None, or not fewer than als_iterations = every trial from scratch",
+        description="iterations of a search trial that starts from the factors of the best "
+        "trial so far (ALS, same factor count; a step changes one parameter, so the two are "
+        "close); None, or not fewer than als_iterations = every trial from scratch",
     )
     search_users: int = Field(
         10_000, ge=1, description="validation users that score each search trial"
@@ -147,8 +146,8 @@ class Settings(BaseSettings):
         0.9,
         ge=0,
         le=1,
-        description="a warm ALS fit without validation users (a search trial, the plain "
-        "baseline, a refit) stops once this share of the entries of search_users sampled "
+        description="a warm ALS fit without validation users (the plain baseline, a "
+        "refit) stops once this share of the entries of search_users sampled "
         "users' top-10 lists are those before the iteration (1 = only once they no longer "
         "change)",
     )
